@@ -1,0 +1,92 @@
+//! `check` and `setup --apply`: talk to both sides and say plainly what is missing.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+use crate::sink::kafka::KafkaSink;
+use crate::source::polling::{self, PollingSource};
+use crate::source::Mode;
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Prints one line per side and returns whether both are usable.
+pub async fn run(config: &Config) -> bool {
+    let pg = check_postgres(config).await;
+    match &pg {
+        Ok(what) => println!("postgres: ok ({what})"),
+        Err(e) => println!("postgres: FAILED: {e:#}"),
+    }
+    let kafka = check_kafka(config).await;
+    match &kafka {
+        Ok(n) => println!("kafka: ok ({n} broker(s) at {})", config.sink.brokers),
+        Err(e) => println!("kafka: FAILED: {e:#}"),
+    }
+    pg.is_ok() && kafka.is_ok()
+}
+
+async fn check_postgres(config: &Config) -> anyhow::Result<String> {
+    let src = &config.source;
+    match src.mode {
+        Mode::Polling => {
+            // Connecting as the relay would checks table, columns and privileges.
+            PollingSource::connect(src).await?;
+            Ok(format!(
+                "{}, table {} readable and deletable",
+                src.redacted_url(),
+                src.table
+            ))
+        }
+        Mode::Logical => {
+            let client = polling::connect(&src.pg).await?;
+            let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+            anyhow::ensure!(
+                wal_level == "logical",
+                "wal_level is {wal_level:?}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
+            );
+            let may_replicate: bool = client
+                .query_one(
+                    "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+                    &[],
+                )
+                .await?
+                .get(0);
+            anyhow::ensure!(
+                may_replicate,
+                "role {} lacks the REPLICATION attribute: ALTER ROLE {} REPLICATION",
+                src.pg.get_user().unwrap_or("?"),
+                src.pg.get_user().unwrap_or("?")
+            );
+            Ok(format!(
+                "{}, wal_level=logical, REPLICATION granted",
+                src.redacted_url()
+            ))
+        }
+    }
+}
+
+async fn check_kafka(config: &Config) -> anyhow::Result<usize> {
+    let sink = KafkaSink::new(&config.sink)?;
+    tokio::task::spawn_blocking(move || sink.ping(KAFKA_TIMEOUT))
+        .await?
+        .with_context(|| {
+            format!(
+                "no metadata from {} within {KAFKA_TIMEOUT:?}",
+                config.sink.brokers
+            )
+        })
+}
+
+/// Applies the shipped SQL, in order, with the configured connection.
+pub async fn apply_setup(config: &Config) -> anyhow::Result<()> {
+    let client = polling::connect(&config.source.pg).await?;
+    for (name, sql) in crate::SETUP_SQL {
+        client
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("applying {name}"))?;
+        println!("applied {name}");
+    }
+    Ok(())
+}

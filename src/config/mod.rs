@@ -1,0 +1,163 @@
+//! Loading and validating the relay's configuration (SPEC §5).
+//!
+//! Configuration is read in two stages, so that an operator sees every problem in one
+//! go instead of fixing them one restart at a time:
+//!
+//! 1. **Raw**: the TOML file, overlaid by `OUTBOX_RELAY__SECTION__KEY` environment
+//!    variables, is deserialized into plain serde structs (`Raw*`, each living beside the
+//!    component it configures). Unknown keys are collected, not fatal at the first one.
+//! 2. **Validated**: each component turns its raw struct into typed values (`Duration`,
+//!    `NonZeroUsize`, parsed templates), pushing every problem it finds into [`Problems`]
+//!    with the full key that caused it.
+//!
+//! Only when both stages report nothing does [`load`] return a [`Config`].
+
+mod problems;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use problems::{Problem, Problems};
+
+use crate::http::{HttpConfig, RawHttpConfig};
+use crate::relay::{RawRelayConfig, RelayConfig};
+use crate::sink::kafka::{KafkaSinkConfig, RawKafkaSinkConfig};
+use crate::source::{RawSourceConfig, SourceConfig};
+
+/// Prefix of the environment variables that override file keys:
+/// `OUTBOX_RELAY__SOURCE__DATABASE_URL` overrides `source.database_url`.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY";
+
+/// The whole, validated configuration of one relay process.
+///
+/// Deliberately not `Serialize` and not `Debug`-printed anywhere: it holds the database
+/// credentials (see [`SourceConfig::redacted_url`] for what may be shown).
+pub struct Config {
+    pub source: SourceConfig,
+    pub sink: KafkaSinkConfig,
+    pub relay: RelayConfig,
+    pub http: HttpConfig,
+}
+
+/// Why a configuration could not be loaded. Every variant maps to exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} not found (pass an existing file with --config)")]
+    NotFound { path: PathBuf },
+    #[error("cannot read config {path}: {message}")]
+    Unreadable { path: PathBuf, message: String },
+    #[error("invalid configuration in {path}:\n{problems}")]
+    Invalid { path: PathBuf, problems: Problems },
+}
+
+impl ConfigError {
+    /// The individual problems, when the file was readable but wrong.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems.as_slice(),
+            _ => &[],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    source: Option<RawSourceConfig>,
+    sink: Option<RawSinkConfig>,
+    #[serde(default)]
+    relay: RawRelayConfig,
+    #[serde(default)]
+    http: RawHttpConfig,
+}
+
+#[derive(Deserialize)]
+struct RawSinkConfig {
+    kafka: Option<RawKafkaSinkConfig>,
+}
+
+/// Loads `path`, applies the process environment's `OUTBOX_RELAY__…` overrides and
+/// validates the result.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_env(path, std::env::vars().collect())
+}
+
+/// [`load`] with an explicit environment, so tests never touch the process's own.
+pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let env: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .collect();
+    let merged = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize::<serde_json::Value>())
+        .map_err(|e| ConfigError::Unreadable {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    from_value(merged).map_err(|problems| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        problems,
+    })
+}
+
+/// Validates an already merged configuration tree.
+pub fn from_value(value: serde_json::Value) -> Result<Config, Problems> {
+    let mut problems = Problems::default();
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let raw: Result<RawConfig, _> = serde_ignored::deserialize(
+        serde_path_to_error::Deserializer::new(&value, &mut track),
+        |path| unknown.push(path.to_string()),
+    );
+    for key in unknown {
+        problems.push(
+            key,
+            "unknown key: remove it or fix its spelling (every key is listed in the README, \"Configuration\")",
+        );
+    }
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push(track.path().to_string(), e.to_string());
+            return Err(problems);
+        }
+    };
+
+    let source = problems
+        .required("source", raw.source)
+        .and_then(|s| s.validate(&mut problems));
+    let sink = problems
+        .required("sink", raw.sink)
+        .and_then(|s| problems.required("sink.kafka", s.kafka))
+        .and_then(|k| k.validate(&mut problems));
+    let relay = raw.relay.validate(&mut problems);
+    let http = raw.http.validate(&mut problems);
+
+    match (source, sink, relay, http) {
+        (Some(source), Some(sink), Some(relay), Some(http)) if problems.is_empty() => Ok(Config {
+            source,
+            sink,
+            relay,
+            http,
+        }),
+        _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod tests;

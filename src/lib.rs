@@ -1,0 +1,40 @@
+//! # outbox-relay
+//!
+//! Relays a PostgreSQL transactional outbox to Kafka. A service writes its business
+//! change and an event row in one local transaction; this crate guarantees the event
+//! reaches Kafka — never lost, in order per aggregate — with no distributed transaction.
+//!
+//! The modules follow one event's path:
+//!
+//! * [`source`] — where events come from: [`source::polling`] reads rows in `seq` order
+//!   (and explains the visibility rule that keeps per-aggregate order), `logical` tails
+//!   the write-ahead log.
+//! * [`relay`] — the loop: batch, publish, acknowledge only what Kafka acknowledged.
+//! * [`sink::kafka`] — maps an [`event::OutboxEvent`] to its Kafka message
+//!   ([`sink::kafka::message`]) and produces it with an idempotent producer.
+//!
+//! Around them: [`config`] (TOML + environment, validated with every problem named),
+//! [`cli`] (the `outbox-relay` commands), and [`testkit`] (ephemeral PostgreSQL and
+//! Kafka-protocol broker processes for tests, the demo and benchmarks).
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod relay;
+pub mod sink;
+pub mod source;
+pub mod testkit;
+
+/// The SQL the project ships in `sql/`, in the order to apply it.
+pub const SETUP_SQL: [(&str, &str); 3] = [
+    ("sql/001_outbox.sql", include_str!("../sql/001_outbox.sql")),
+    (
+        "sql/002_publication.sql",
+        include_str!("../sql/002_publication.sql"),
+    ),
+    (
+        "sql/003_relay_role.sql",
+        include_str!("../sql/003_relay_role.sql"),
+    ),
+];

@@ -1,0 +1,174 @@
+//! The loop between source and sink: read a batch, publish it, acknowledge what Kafka
+//! acknowledged, repeat — and survive everything in between.
+//!
+//! One event's path: [`Source::next_batch`] returns it (a row, in `seq` order) →
+//! [`KafkaSink::publish`] hands it to librdkafka and waits for its delivery report →
+//! [`Source::ack`] forgets it (deletes the row). Only events whose report said "durable"
+//! are acknowledged, and only as an unbroken prefix of the batch: if event 7 of 10
+//! failed, events 1–6 are acknowledged and 7–10 are read and sent again, so a retry can
+//! never put an aggregate's later event ahead of an earlier one that is still missing.
+//!
+//! # Shutdown
+//!
+//! The `shutdown` token stops reading at once. A batch already handed to Kafka is given
+//! `relay.shutdown_grace` to be acknowledged, then acknowledged to PostgreSQL, and the
+//! loop returns. What was not acknowledged by then is simply read again by the next run.
+
+mod config;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::{RawRelayConfig, RelayConfig};
+
+use crate::config::Config;
+use crate::sink::kafka::{Delivery, KafkaSink, SinkError};
+use crate::source::polling::PollingSource;
+use crate::source::{Mode, Source, SourceError};
+
+/// First pause after a failure; it doubles up to `relay.max_backoff`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(
+        "source.mode = \"logical\" is not available in this build yet: use mode = \"polling\""
+    )]
+    ModeUnavailable,
+    #[error(
+        "shutdown grace period ({0:?}) ran out with events still unacknowledged by Kafka; \
+         they stay in the outbox and are published by the next run"
+    )]
+    GraceExpired(Duration),
+}
+
+/// Runs the relay until `shutdown` fires or an error no retry can fix.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+    if config.source.mode == Mode::Logical {
+        return Err(RelayError::ModeUnavailable);
+    }
+    let sink = KafkaSink::new(&config.sink)?;
+    let batch_size = config.source.polling.batch_size.get();
+    let mut backoff = Backoff::new(config.relay.max_backoff);
+    tracing::info!(
+        database = %config.source.redacted_url(),
+        table = %config.source.table,
+        brokers = %config.sink.brokers,
+        "relay starting in polling mode"
+    );
+    loop {
+        let outcome = async {
+            let mut source = PollingSource::connect(&config.source).await?;
+            if !source.lead(&shutdown).await? {
+                return Ok(());
+            }
+            pump(
+                &mut source,
+                &sink,
+                batch_size,
+                &config.relay,
+                &shutdown,
+                &mut backoff,
+            )
+            .await
+        }
+        .await;
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(RelayError::Source(e)) if e.is_retryable() => {
+                let pause = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?pause, "lost PostgreSQL; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Moves batches from `source` to `sink` until shutdown or a source error.
+async fn pump<S: Source>(
+    source: &mut S,
+    sink: &KafkaSink,
+    batch_size: usize,
+    config: &RelayConfig,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), RelayError> {
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            batch = source.next_batch(batch_size) => batch?,
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let outcomes = tokio::select! {
+            outcomes = sink.publish(&batch) => outcomes,
+            _ = grace_expired(shutdown, config.shutdown_grace) => {
+                return Err(RelayError::GraceExpired(config.shutdown_grace));
+            }
+        };
+        let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
+        source.ack(&batch[..durable]).await?;
+        for (event, outcome) in batch.iter().zip(&outcomes) {
+            if let Delivery::Failed(e) = outcome {
+                tracing::warn!(
+                    event_id = event.id.as_deref().unwrap_or("?"),
+                    aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
+                    position = %event.position,
+                    error = %e,
+                    "event not acknowledged by Kafka; it will be sent again"
+                );
+            }
+        }
+        tracing::debug!(batch = batch.len(), acknowledged = durable, "batch done");
+        if durable < batch.len() {
+            let pause = backoff.next();
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        } else {
+            backoff.reset();
+        }
+    }
+}
+
+/// Resolves `grace` after `shutdown` fired; never before.
+async fn grace_expired(shutdown: &CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
+}
+
+/// Capped exponential backoff.
+struct Backoff {
+    current: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            current: FIRST_BACKOFF.min(max),
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let pause = self.current;
+        self.current = (self.current * 2).min(self.max);
+        pause
+    }
+
+    fn reset(&mut self) {
+        self.current = FIRST_BACKOFF.min(self.max);
+    }
+}

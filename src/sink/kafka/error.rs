@@ -1,0 +1,54 @@
+//! Errors at the Kafka boundary.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot create the Kafka producer: {0}")]
+    Create(#[source] KafkaError),
+    #[error("Kafka did not acknowledge the event for topic {topic}: {source}")]
+    Delivery {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("the dead-letter topic {topic} did not take a poison event ({reason}): {source}")]
+    DeadLetter {
+        topic: String,
+        reason: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+impl SinkError {
+    /// A short, stable label for logs and the failures metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SinkError::Create(_) => "producer",
+            SinkError::Delivery { .. } => "delivery",
+            SinkError::DeadLetter { .. } => "dead_letter",
+        }
+    }
+}
+
+/// True for broker answers that no retry can change: the event itself is the problem
+/// (too large, a topic name the broker refuses, not allowed to write there), so it
+/// belongs on the dead-letter topic. Everything else is retried, never dropped.
+pub fn is_poison(error: &KafkaError) -> bool {
+    let code = match error {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidArgument
+    )
+}

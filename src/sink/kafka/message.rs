@@ -1,0 +1,229 @@
+//! Mapping an [`OutboxEvent`] to its Kafka message (SPEC §3).
+//!
+//! This is the one place that decides topic, key, value and headers, so both capture
+//! modes produce byte-identical messages for the same event.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::prelude::{Engine as _, BASE64_STANDARD};
+use serde_json::value::RawValue;
+
+use super::config::{Format, KafkaSinkConfig};
+use super::topic::validate_topic_name;
+use crate::event::OutboxEvent;
+
+/// Headers the relay sets itself; a `headers` column key of the same name is ignored so
+/// that consumers can trust them (Java's `lastHeader("id")` included).
+pub const RESERVED_HEADERS: [&str; 3] = ["id", "event_type", "aggregate_type"];
+
+/// A message ready to produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaMessage {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Why an event cannot become a normal message: it goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Poison(pub String);
+
+/// Builds the message for `event`, or says why it is poison.
+pub fn to_message(event: &OutboxEvent, config: &KafkaSinkConfig) -> Result<KafkaMessage, Poison> {
+    let id = required(&event.id, "id")?;
+    let aggregate_type = required(&event.aggregate_type, "aggregate_type")?;
+    let aggregate_id = required(&event.aggregate_id, "aggregate_id")?;
+    let event_type = required(&event.event_type, "event_type")?;
+    let payload = event
+        .payload
+        .as_ref()
+        .ok_or_else(|| Poison("payload is missing (NULL)".into()))?;
+    let topic = match &event.topic {
+        Some(topic) if !topic.is_empty() => topic.clone(),
+        _ => config
+            .topic_overrides
+            .get(aggregate_type)
+            .unwrap_or(&config.topic)
+            .render(aggregate_type, event_type),
+    };
+    validate_topic_name(&topic).map_err(Poison)?;
+
+    let mut headers = vec![
+        ("id".to_owned(), id.as_bytes().to_vec()),
+        ("event_type".to_owned(), event_type.as_bytes().to_vec()),
+        (
+            "aggregate_type".to_owned(),
+            aggregate_type.as_bytes().to_vec(),
+        ),
+    ];
+    if let Some(extra) = &event.headers {
+        headers.extend(
+            extra_headers(extra)?
+                .into_iter()
+                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())),
+        );
+    }
+
+    let value = match config.format {
+        Format::Raw => payload.clone(),
+        Format::CloudEvents => {
+            cloudevent(event, id, aggregate_type, aggregate_id, event_type, payload)?
+        }
+    };
+    Ok(KafkaMessage {
+        topic,
+        key: Some(aggregate_id.as_bytes().to_vec()),
+        value,
+        headers,
+        timestamp_ms: event.timestamp_ms,
+    })
+}
+
+/// The dead-letter message for a poison event: its original bytes, key and headers where
+/// they exist, plus `error` and `source_position`.
+pub fn to_dead_letter(event: &OutboxEvent, error: &str, config: &KafkaSinkConfig) -> KafkaMessage {
+    let mut headers = Vec::new();
+    for (name, value) in [
+        ("id", &event.id),
+        ("event_type", &event.event_type),
+        ("aggregate_type", &event.aggregate_type),
+    ] {
+        if let Some(v) = value {
+            headers.push((name.to_owned(), v.as_bytes().to_vec()));
+        }
+    }
+    match event.headers.as_deref().map(extra_headers) {
+        Some(Ok(extra)) => headers.extend(
+            extra
+                .into_iter()
+                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())),
+        ),
+        // Unparseable headers are kept verbatim, so nothing of the event is lost.
+        Some(Err(_)) => headers.push((
+            "headers".to_owned(),
+            event.headers.clone().unwrap_or_default().into_bytes(),
+        )),
+        None => {}
+    }
+    headers.push(("error".to_owned(), error.as_bytes().to_vec()));
+    headers.push((
+        "source_position".to_owned(),
+        event.position.to_string().into_bytes(),
+    ));
+    KafkaMessage {
+        topic: config.dead_letter_topic.clone(),
+        key: event
+            .aggregate_id
+            .as_ref()
+            .filter(|k| !k.is_empty())
+            .map(|k| k.as_bytes().to_vec()),
+        value: event.payload.clone().unwrap_or_default(),
+        headers,
+        timestamp_ms: event.timestamp_ms,
+    }
+}
+
+fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, Poison> {
+    match value.as_deref() {
+        Some(v) if !v.is_empty() => Ok(v),
+        Some(_) => Err(Poison(format!("{name} is empty"))),
+        None => Err(Poison(format!("{name} is missing (NULL)"))),
+    }
+}
+
+/// The `headers` object's entries: strings as-is, any other JSON value as its JSON text.
+fn extra_headers(json: &str) -> Result<Vec<(String, Vec<u8>)>, Poison> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| Poison(format!("headers is not valid JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Poison(format!(
+            "headers must be a JSON object, got {}",
+            kind(&value)
+        )));
+    };
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| {
+            let bytes = match v {
+                serde_json::Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            (k, bytes)
+        })
+        .collect())
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A CloudEvents 1.0 structured-mode envelope; JSON payloads are embedded verbatim as
+/// `data`, byte payloads as `data_base64`.
+fn cloudevent(
+    event: &OutboxEvent,
+    id: &str,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    event_type: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, Poison> {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        specversion: &'static str,
+        id: &'a str,
+        source: String,
+        #[serde(rename = "type")]
+        ty: &'a str,
+        subject: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        time: Option<String>,
+        datacontenttype: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
+    }
+    let raw_json;
+    let (data, data_base64, content_type) = if event.payload_is_json {
+        let text =
+            std::str::from_utf8(payload).map_err(|_| Poison("payload is not UTF-8 JSON".into()))?;
+        raw_json = serde_json::from_str::<&RawValue>(text)
+            .map_err(|e| Poison(format!("payload is not valid JSON: {e}")))?;
+        (Some(raw_json), None, "application/json")
+    } else {
+        (
+            None,
+            Some(BASE64_STANDARD.encode(payload)),
+            "application/octet-stream",
+        )
+    };
+    let time = event.timestamp_ms.and_then(|ms| {
+        let t = UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(ms).ok()?))?;
+        Some(humantime::format_rfc3339_millis(t).to_string())
+    });
+    let envelope = Envelope {
+        specversion: "1.0",
+        id,
+        source: format!("/outbox/{aggregate_type}"),
+        ty: event_type,
+        subject: aggregate_id,
+        time,
+        datacontenttype: content_type,
+        data,
+        data_base64,
+    };
+    serde_json::to_vec(&envelope).map_err(|e| Poison(format!("cannot encode CloudEvent: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

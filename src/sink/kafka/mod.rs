@@ -1,0 +1,199 @@
+//! The Kafka sink: one idempotent producer, delivery reports in, outcomes out.
+//!
+//! Delivery is **at-least-once**: the relay acknowledges an event to PostgreSQL only
+//! after [`KafkaSink::publish`] reported it [`Delivery::Published`] (the broker has it,
+//! `acks=all`) or [`Delivery::DeadLettered`] (the dead-letter topic has it). A failed
+//! delivery comes back as [`Delivery::Failed`] and the event is simply read again.
+//!
+//! Order per aggregate rests on two things: the key is the aggregate id, so an aggregate
+//! lives on one partition, and the idempotent producer keeps a partition's messages in
+//! the order they were handed over, through its own retries.
+
+mod config;
+mod error;
+pub mod message;
+pub mod topic;
+
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+pub use config::{Format, KafkaSinkConfig, RawKafkaSinkConfig};
+pub use error::{is_poison, SinkError};
+pub use message::{KafkaMessage, Poison};
+
+use crate::event::OutboxEvent;
+
+/// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
+/// applied after them and can override them (at the operator's own risk).
+const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("compression.type", "lz4"),
+    // Java clients hash keys with murmur2: so do we, so keys land where they would.
+    ("partitioner", "murmur2_random"),
+    ("client.id", "outbox-relay"),
+];
+
+/// How long to wait before retrying an enqueue that found the local queue full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
+/// What became of one event handed to [`KafkaSink::publish`].
+#[derive(Debug)]
+pub enum Delivery {
+    /// The broker acknowledged it on its topic.
+    Published,
+    /// It was poison and the dead-letter topic acknowledged it.
+    DeadLettered { reason: String },
+    /// Not acknowledged: the event must be published again.
+    Failed(SinkError),
+}
+
+impl Delivery {
+    /// May the source forget this event?
+    pub fn is_durable(&self) -> bool {
+        !matches!(self, Delivery::Failed(_))
+    }
+}
+
+pub struct KafkaSink {
+    producer: FutureProducer,
+    config: KafkaSinkConfig,
+}
+
+impl KafkaSink {
+    pub fn new(config: &KafkaSinkConfig) -> Result<KafkaSink, SinkError> {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &config.brokers);
+        for (key, value) in PRODUCER_DEFAULTS {
+            client.set(key, value);
+        }
+        for (key, value) in &config.librdkafka {
+            client.set(key, value);
+        }
+        let producer = client.create().map_err(SinkError::Create)?;
+        Ok(KafkaSink {
+            producer,
+            config: config.clone(),
+        })
+    }
+
+    /// Publishes `events` in order and reports, per event and in the same order, what
+    /// became of it. Returns when every event has an outcome.
+    pub async fn publish(&self, events: &[OutboxEvent]) -> Vec<Delivery> {
+        // Hand the whole batch to librdkafka first, so it is pipelined on the wire,
+        // then collect the delivery reports in order.
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            pending.push(match message::to_message(event, &self.config) {
+                Ok(msg) => match self.enqueue(&msg).await {
+                    Ok(delivery) => Pending::Sent(msg.topic, delivery),
+                    Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
+                    Err(e) => Pending::Failed(SinkError::Delivery {
+                        topic: msg.topic,
+                        source: e,
+                    }),
+                },
+                Err(Poison(reason)) => Pending::Poison(reason),
+            });
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        for (event, pending) in events.iter().zip(pending) {
+            let outcome = match pending {
+                Pending::Sent(topic, delivery) => match delivery.await {
+                    Ok(Ok(_)) => Delivery::Published,
+                    Ok(Err((e, _))) if is_poison(&e) => {
+                        self.dead_letter(event, e.to_string()).await
+                    }
+                    Ok(Err((e, _))) => Delivery::Failed(SinkError::Delivery { topic, source: e }),
+                    Err(_canceled) => Delivery::Failed(SinkError::Delivery {
+                        topic,
+                        source: KafkaError::Canceled,
+                    }),
+                },
+                Pending::Poison(reason) => self.dead_letter(event, reason).await,
+                Pending::Failed(e) => Delivery::Failed(e),
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    async fn dead_letter(&self, event: &OutboxEvent, reason: String) -> Delivery {
+        tracing::warn!(
+            event_id = event.id.as_deref().unwrap_or("?"),
+            aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
+            position = %event.position,
+            %reason,
+            "poison event, sending it to the dead-letter topic"
+        );
+        let msg = message::to_dead_letter(event, &reason, &self.config);
+        let result = match self.enqueue(&msg).await {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(KafkaError::Canceled),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => Delivery::DeadLettered { reason },
+            Err(source) => Delivery::Failed(SinkError::DeadLetter {
+                topic: msg.topic,
+                reason,
+                source,
+            }),
+        }
+    }
+
+    /// Hands one message to librdkafka, waiting while its local queue is full: a full
+    /// queue is backpressure, never a failure.
+    async fn enqueue(&self, msg: &KafkaMessage) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
+        for (key, value) in &msg.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::to(&msg.topic)
+            .payload(&msg.value)
+            .headers(headers);
+        if let Some(key) = &msg.key {
+            record = record.key(key);
+        }
+        if let Some(ts) = msg.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for everything queued to be delivered, up to `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+
+    /// Asks the brokers for cluster metadata: proves they are reachable.
+    pub fn ping(&self, timeout: Duration) -> Result<usize, KafkaError> {
+        let md = self.producer.client().fetch_metadata(None, timeout)?;
+        Ok(md.brokers().len())
+    }
+}
+
+enum Pending {
+    Sent(String, DeliveryFuture),
+    Poison(String),
+    Failed(SinkError),
+}

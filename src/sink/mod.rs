@@ -1,0 +1,3 @@
+//! Where events go. One sink today: Kafka.
+
+pub mod kafka;

@@ -1,0 +1,317 @@
+//! `[source]`: which database, which table, which columns, which capture mode.
+
+use std::path::PathBuf;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::logical::{LogicalConfig, RawLogicalConfig};
+use super::polling::{PollingConfig, RawPollingConfig};
+use crate::config::Problems;
+
+const DEFAULT_TABLE: &str = "public.outbox";
+
+#[derive(Deserialize)]
+pub struct RawSourceConfig {
+    mode: Option<String>,
+    database_url: Option<SecretString>,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_table")]
+    table: String,
+    #[serde(default)]
+    columns: RawColumns,
+    #[serde(default)]
+    polling: RawPollingConfig,
+    #[serde(default)]
+    logical: RawLogicalConfig,
+}
+
+fn default_table() -> String {
+    DEFAULT_TABLE.to_owned()
+}
+
+/// How events are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Select rows in `seq` order, publish, delete.
+    Polling,
+    /// Tail the write-ahead log through a logical replication slot.
+    Logical,
+}
+
+/// Validated `[source]` section.
+pub struct SourceConfig {
+    pub mode: Mode,
+    /// Connection settings, password included (tokio-postgres redacts it in `Debug`).
+    pub pg: tokio_postgres::Config,
+    pub table: TableName,
+    pub columns: Columns,
+    pub polling: PollingConfig,
+    pub logical: LogicalConfig,
+}
+
+impl SourceConfig {
+    /// `user@host:port/dbname`, safe to print: never the password.
+    pub fn redacted_url(&self) -> String {
+        let host = self
+            .pg
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .unwrap_or_else(|| "localhost".into());
+        let port = self.pg.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{}@{}:{}/{}",
+            self.pg.get_user().unwrap_or("?"),
+            host,
+            port,
+            self.pg.get_dbname().unwrap_or("?")
+        )
+    }
+}
+
+impl RawSourceConfig {
+    pub fn validate(self, problems: &mut Problems) -> Option<SourceConfig> {
+        let mode = match self.mode.as_deref() {
+            Some("polling") => Some(Mode::Polling),
+            Some("logical") => Some(Mode::Logical),
+            Some(other) => {
+                problems.push(
+                    "source.mode",
+                    format!("unknown mode {other:?}: use \"polling\" or \"logical\""),
+                );
+                None
+            }
+            None => {
+                problems.push("source.mode", "missing: set \"polling\" or \"logical\"");
+                None
+            }
+        };
+        let pg = problems
+            .required("source.database_url", self.database_url)
+            .and_then(|url| parse_database_url(url.expose_secret(), problems));
+        let pg = pg.and_then(|mut pg| {
+            if let Some(file) = &self.password_file {
+                match std::fs::read_to_string(file) {
+                    Ok(pw) => {
+                        pg.password(pw.trim_end_matches(['\n', '\r']));
+                    }
+                    Err(e) => {
+                        problems.push(
+                            "source.password_file",
+                            format!("cannot read {}: {e}", file.display()),
+                        );
+                        return None;
+                    }
+                }
+            }
+            Some(pg)
+        });
+        let table = TableName::parse(&self.table)
+            .map_err(|e| problems.push("source.table", e))
+            .ok();
+        let columns = self.columns.validate(problems);
+        let polling = self.polling.validate(problems);
+        let logical = self.logical.validate(problems);
+        Some(SourceConfig {
+            mode: mode?,
+            pg: pg?,
+            table: table?,
+            columns: columns?,
+            polling: polling?,
+            logical: logical?,
+        })
+    }
+}
+
+fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgres::Config> {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(mut pg) => {
+            if pg.get_user().is_none() {
+                problems.push(
+                    "source.database_url",
+                    "names no user: write postgres://USER@HOST:PORT/DBNAME",
+                );
+                return None;
+            }
+            if pg.get_dbname().is_none() {
+                let user = pg.get_user().unwrap_or_default().to_owned();
+                pg.dbname(user);
+            }
+            pg.application_name("outbox-relay");
+            Some(pg)
+        }
+        Err(e) => {
+            // The parser's message never echoes the URL, so no secret leaks through it.
+            problems.push(
+                "source.database_url",
+                format!(
+                    "not a PostgreSQL connection URL ({e}); write postgres://USER@HOST:PORT/DBNAME"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A schema-qualified table name, quoted safely for SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn parse(raw: &str) -> Result<TableName, String> {
+        let parts: Vec<&str> = raw.split('.').collect();
+        let (schema, name) = match parts.as_slice() {
+            [name] => ("public", *name),
+            [schema, name] => (*schema, *name),
+            _ => {
+                return Err(format!(
+                    "{raw:?} is not a table name: write \"table\" or \"schema.table\""
+                ))
+            }
+        };
+        if schema.is_empty() || name.is_empty() {
+            return Err(format!(
+                "{raw:?} is not a table name: write \"table\" or \"schema.table\""
+            ));
+        }
+        Ok(TableName {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// `"schema"."name"`, for use inside SQL text.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// `schema.name` as a string literal's content, for `'…'::regclass`.
+    pub fn regclass_literal(&self) -> String {
+        self.quoted().replace('\'', "''")
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier, doubling embedded quotes.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawColumns {
+    id: String,
+    seq: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    payload: String,
+    headers: String,
+    created_at: String,
+    topic: String,
+}
+
+impl Default for RawColumns {
+    fn default() -> Self {
+        RawColumns {
+            id: "id".into(),
+            seq: "seq".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            created_at: "created_at".into(),
+            topic: String::new(),
+        }
+    }
+}
+
+/// The outbox's column names. Optional columns are `None` when configured as `""`.
+#[derive(Debug, Clone)]
+pub struct Columns {
+    pub id: String,
+    pub seq: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub headers: Option<String>,
+    pub created_at: Option<String>,
+    pub topic: Option<String>,
+}
+
+impl RawColumns {
+    fn validate(self, problems: &mut Problems) -> Option<Columns> {
+        let mut ok = true;
+        for (key, value) in [
+            ("id", &self.id),
+            ("seq", &self.seq),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("event_type", &self.event_type),
+            ("payload", &self.payload),
+        ] {
+            if value.is_empty() {
+                problems.push(
+                    format!("source.columns.{key}"),
+                    "must name a column (this one is required)",
+                );
+                ok = false;
+            }
+        }
+        let optional = |s: String| (!s.is_empty()).then_some(s);
+        ok.then(|| Columns {
+            id: self.id,
+            seq: self.seq,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            event_type: self.event_type,
+            payload: self.payload,
+            headers: optional(self.headers),
+            created_at: optional(self.created_at),
+            topic: optional(self.topic),
+        })
+    }
+}
+
+/// A quoted column name, or SQL `NULL` for an optional column that is not configured.
+pub fn quote_ident_opt(ident: Option<&str>) -> String {
+    ident.map(quote_ident).unwrap_or_else(|| "NULL".to_owned())
+}
+
+impl Columns {
+    /// Every configured column with its config key, required ones first.
+    pub fn all(&self) -> Vec<(&'static str, &str)> {
+        let mut all = vec![
+            ("id", self.id.as_str()),
+            ("seq", self.seq.as_str()),
+            ("aggregate_type", self.aggregate_type.as_str()),
+            ("aggregate_id", self.aggregate_id.as_str()),
+            ("event_type", self.event_type.as_str()),
+            ("payload", self.payload.as_str()),
+        ];
+        for (key, col) in [
+            ("headers", &self.headers),
+            ("created_at", &self.created_at),
+            ("topic", &self.topic),
+        ] {
+            if let Some(col) = col {
+                all.push((key, col.as_str()));
+            }
+        }
+        all
+    }
+}

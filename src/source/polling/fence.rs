@@ -1,0 +1,106 @@
+//! The fence of the polling visibility rule (see the parent module's docs).
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, Statement};
+
+use super::next_pause;
+use crate::source::{quote_ident, SourceError, TableName};
+
+/// First pause while waiting for outbox writers to finish; it doubles up to the poll
+/// interval.
+const FIRST_WAIT: Duration = Duration::from_millis(1);
+
+pub(super) struct Fence {
+    /// Every row with `seq <= settled` is committed or gone for good.
+    settled: i64,
+    oid: u32,
+    max_seq: Statement,
+    writers: Statement,
+    still_writing: Statement,
+}
+
+impl Fence {
+    pub(super) async fn prepare(
+        client: &Client,
+        table: &TableName,
+        seq_column: &str,
+        oid: u32,
+    ) -> Result<Fence, SourceError> {
+        let prepare = |sql: String| async move {
+            client
+                .prepare(&sql)
+                .await
+                .map_err(SourceError::pg("preparing the fence queries"))
+        };
+        let max_seq = prepare(format!(
+            "SELECT coalesce(max({}), 0)::int8 FROM {}",
+            quote_ident(seq_column),
+            table.quoted()
+        ))
+        .await?;
+        // Prepared transactions hold their locks with no pid: they count as writers too.
+        let writers = prepare(
+            "SELECT coalesce(array_agg(virtualtransaction), '{}')::text[] FROM pg_locks \
+             WHERE locktype = 'relation' AND relation = $1 AND mode = 'RowExclusiveLock' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND pid IS DISTINCT FROM pg_backend_pid()"
+                .to_owned(),
+        )
+        .await?;
+        let still_writing = prepare(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND relation = $1 \
+             AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY($2::text[])"
+                .to_owned(),
+        )
+        .await?;
+        Ok(Fence {
+            settled: 0,
+            oid,
+            max_seq,
+            writers,
+            still_writing,
+        })
+    }
+
+    pub(super) fn seq(&self) -> i64 {
+        self.settled
+    }
+
+    /// Moves the fence up to the highest visible `seq`, after waiting for every outbox
+    /// writer that might still hold a lower one. The order of the two reads matters.
+    pub(super) async fn advance(
+        &mut self,
+        client: &Client,
+        max_pause: Duration,
+    ) -> Result<(), SourceError> {
+        let high: i64 = client
+            .query_one(&self.max_seq, &[])
+            .await
+            .map_err(SourceError::pg("reading the highest seq"))?
+            .get(0);
+        if high <= self.settled {
+            return Ok(());
+        }
+        let writers: Vec<String> = client
+            .query_one(&self.writers, &[&self.oid])
+            .await
+            .map_err(SourceError::pg("listing outbox writers"))?
+            .get(0);
+        let mut pause = FIRST_WAIT;
+        while !writers.is_empty() {
+            let running: i64 = client
+                .query_one(&self.still_writing, &[&self.oid, &writers])
+                .await
+                .map_err(SourceError::pg("waiting for outbox writers"))?
+                .get(0);
+            if running == 0 {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = next_pause(pause, max_pause);
+        }
+        self.settled = high;
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! Kafka helpers for tests and the demo: create topics, read everything back.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// One message as read back from the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Consumed {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    pub fn key_str(&self) -> &str {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or("")
+    }
+
+    pub fn value_str(&self) -> &str {
+        std::str::from_utf8(&self.value).unwrap_or("<binary>")
+    }
+}
+
+/// Creates topics (ignoring "already exists").
+pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) => {}
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// A consumer that reads `topics` from the beginning of every partition, without a
+/// consumer group (tansu makes a new group wait seconds for its first message).
+pub struct Reader {
+    consumer: BaseConsumer,
+}
+
+impl Reader {
+    pub fn new(brokers: &str, topics: &[&str]) -> anyhow::Result<Reader> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "outbox-relay-testkit")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in topics {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+                }
+            }
+        }
+        consumer.assign(&tpl)?;
+        Ok(Reader { consumer })
+    }
+
+    /// The next message, waiting up to `timeout`.
+    pub fn next(&self, timeout: Duration) -> anyhow::Result<Option<Consumed>> {
+        match self.consumer.poll(timeout) {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(m)) => Ok(Some(Consumed {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                timestamp_ms: m.timestamp().to_millis(),
+            })),
+        }
+    }
+
+    /// Reads until `count` messages arrived or `timeout` passed; returns what arrived, in
+    /// arrival order (per partition that is offset order).
+    pub fn read(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<Consumed>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(count);
+        let mut seen = HashSet::new();
+        while out.len() < count && Instant::now() < deadline {
+            if let Some(m) = self.next(Duration::from_millis(100))? {
+                // A reassignment can redeliver; the broker's offsets are the truth.
+                if seen.insert((m.topic.clone(), m.partition, m.offset)) {
+                    out.push(m);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads `count` messages from `topics` (blocking; call from `spawn_blocking`).
+pub fn read_all(
+    brokers: &str,
+    topics: &[&str],
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Consumed>> {
+    Reader::new(brokers, topics)?.read(count, timeout)
+}

@@ -1,0 +1,245 @@
+//! An ephemeral PostgreSQL cluster: `initdb` in a temp dir, a free port,
+//! `wal_level=logical`, durability off (it is thrown away). Dropping it stops the server
+//! and deletes the directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, User};
+
+use super::free_port;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Postgres {
+    port: u16,
+    child: Child,
+    data: PathBuf,
+    // Declared last: removed after the server is gone.
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// Starts a fresh cluster. Runs the server as the `postgres` system user when this
+    /// process is root (PostgreSQL refuses to run as root).
+    pub fn start() -> std::io::Result<Postgres> {
+        let bin = bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pg-")
+            .tempdir()?;
+        let data = dir.path().join("data");
+        let as_user = server_user()?;
+        if let Some(user) = &as_user {
+            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_server_user(&mut initdb, &as_user);
+        let out = initdb.output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let port = free_port()?;
+        let mut cmd = Command::new(bin.join("postgres"));
+        cmd.arg("-D").arg(&data).args(["-p", &port.to_string()]);
+        for setting in [
+            "listen_addresses=127.0.0.1",
+            "unix_socket_directories=",
+            "wal_level=logical",
+            "max_wal_senders=20",
+            "max_replication_slots=20",
+            "max_connections=200",
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+            "log_min_messages=fatal",
+        ] {
+            cmd.args(["-c", setting]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_server_user(&mut cmd, &as_user);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn()?;
+        let mut pg = Postgres {
+            port,
+            child,
+            data,
+            _dir: dir,
+        };
+        pg.wait_ready(&bin)?;
+        Ok(pg)
+    }
+
+    fn wait_ready(&mut self, bin: &Path) -> std::io::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "postgres exited at start: {status}"
+                )));
+            }
+            let ready = Command::new(bin.join("pg_isready"))
+                .args([
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .status()?;
+            if ready.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(
+                    "postgres did not become ready in 30 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// A connection URL for `dbname` as the superuser `postgres`.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// Creates a database and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String, tokio_postgres::Error> {
+        let admin = self.connect("postgres").await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
+        Ok(self.url(name))
+    }
+
+    /// A client on `dbname`, its connection driven by a background task.
+    pub async fn connect(
+        &self,
+        dbname: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.url(dbname), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Immediate shutdown: the data is disposable, so no checkpoint is worth waiting for.
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGQUIT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else `pg_config --bindir`.
+pub fn bin_dir() -> std::io::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .map_err(|_| {
+            std::io::Error::other(
+                "no PostgreSQL server binaries found: run scripts/install (or set PG_BIN)",
+            )
+        })?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn server_user() -> std::io::Result<Option<User>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    User::from_name("postgres")
+        .map_err(std::io::Error::other)?
+        .map(Some)
+        .ok_or_else(|| {
+            std::io::Error::other(
+                "running as root, but there is no `postgres` user to run the server as",
+            )
+        })
+}
+
+fn as_server_user(cmd: &mut Command, user: &Option<User>) {
+    use std::os::unix::process::CommandExt;
+    if let Some(user) = user {
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        cmd.env("HOME", "/tmp");
+    }
+}
+
+/// Kills the child if the process that started it dies first (a killed test run), so no
+/// server outlives its test. Runs after the uid switch, which would otherwise clear it.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests against real parts: an ephemeral PostgreSQL cluster and a tansu
+//! broker process per test (see `outbox_relay::testkit`), or librdkafka's mock cluster
+//! where faults must be injected. One module per feature; each reads as a spec.
+
+mod support;
+
+mod kafka_sink;
+mod polling;
+mod process;

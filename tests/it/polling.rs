@@ -1,0 +1,175 @@
+//! Polling mode: rows are published in `seq` order, deleted only once acked, and never
+//! overtaken by a later row that committed first.
+
+use std::time::Duration;
+
+use crate::support::{insert_event, Env, RunningRelay};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_rows_with_topic_key_headers_and_deletes_them() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.customer"], 3)
+        .await;
+    let db = env.client().await;
+    let id1 = insert_event(
+        &db,
+        "order",
+        "o-1",
+        "OrderPlaced",
+        r#"{"n": 1, "b": [true, null]}"#,
+    )
+    .await;
+    let id2 = insert_event(
+        &db,
+        "customer",
+        "c-9",
+        "CustomerJoined",
+        r#"{"name": "ada"}"#,
+    )
+    .await;
+    db.execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
+         VALUES ('order', 'o-1', 'OrderPaid', '{\"n\": 2}', '{\"traceparent\": \"00-abc-01\", \"attempt\": 3, \"id\": \"spoof\"}')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let relay = RunningRelay::start(env.config(""));
+    let orders = env.consume(&["outbox.order"], 2, 20).await;
+    let customers = env.consume(&["outbox.customer"], 1, 20).await;
+    relay.stop().await;
+
+    assert_eq!(orders.len(), 2, "both order events arrive");
+    assert_eq!(customers.len(), 1);
+    let placed = &orders[0];
+    assert_eq!(placed.key_str(), "o-1");
+    // jsonb's own text form, byte for byte.
+    assert_eq!(placed.value_str(), r#"{"b": [true, null], "n": 1}"#);
+    assert_eq!(placed.header("id"), Some(id1.as_str()));
+    assert_eq!(placed.header("event_type"), Some("OrderPlaced"));
+    assert_eq!(placed.header("aggregate_type"), Some("order"));
+    assert!(
+        placed.timestamp_ms.unwrap() > 1_700_000_000_000,
+        "created_at is the timestamp"
+    );
+    let paid = &orders[1];
+    assert_eq!(
+        paid.header("event_type"),
+        Some("OrderPaid"),
+        "per-key order holds"
+    );
+    assert_eq!(
+        paid.header("traceparent"),
+        Some("00-abc-01"),
+        "string header as-is"
+    );
+    assert_eq!(
+        paid.header("attempt"),
+        Some("3"),
+        "non-string header as JSON text"
+    );
+    assert_eq!(
+        paid.headers.iter().filter(|(k, _)| k == "id").count(),
+        1,
+        "a headers key cannot spoof the event id"
+    );
+    assert_eq!(customers[0].header("id"), Some(id2.as_str()));
+    assert_eq!(customers[0].key_str(), "c-9");
+    assert_eq!(env.outbox_count().await, 0, "acked rows are deleted");
+}
+
+/// The visibility rule: T1 takes seq 1, T2 takes seq 2 for the same aggregate, T2
+/// commits first. Publishing what is visible would send 2 before 1; the relay must hold
+/// 2 back until T1 has ended, then send 1, 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_early_does_not_overtake_a_lower_seq_still_open() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let t1 = env.client().await;
+    let t2 = env.client().await;
+    // T1 writes a business row first, so its xid is the lower one while its seq will be
+    // the higher... and the other way round for T2: both orders of xid and seq covered.
+    t1.batch_execute("BEGIN; CREATE TEMP TABLE t1_marker(x int); INSERT INTO t1_marker VALUES (1)")
+        .await
+        .unwrap();
+    t2.batch_execute("BEGIN").await.unwrap();
+    insert_event(&t2, "order", "o-1", "First", r#"{"step": 1}"#).await;
+    insert_event(&t1, "order", "o-1", "Second", r#"{"step": 2}"#).await;
+    t1.batch_execute("COMMIT").await.unwrap();
+
+    let relay = RunningRelay::start(env.config(""));
+    let early = env.consume(&["outbox.order"], 1, 2).await;
+    assert!(
+        early.is_empty(),
+        "the later seq must wait for the open transaction: {early:?}"
+    );
+    assert_eq!(
+        env.outbox_count().await,
+        1,
+        "nothing deleted while held back"
+    );
+
+    t2.batch_execute("COMMIT").await.unwrap();
+    let got = env.consume(&["outbox.order"], 2, 20).await;
+    relay.stop().await;
+    let steps: Vec<_> = got
+        .iter()
+        .map(|m| m.header("event_type").unwrap().to_owned())
+        .collect();
+    assert_eq!(steps, ["First", "Second"], "seq order per aggregate");
+    assert_eq!(env.outbox_count().await, 0);
+}
+
+/// Rolled-back transactions leave gaps in `seq`; they must not stall the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaps_from_rolled_back_transactions_do_not_stall() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    db.batch_execute("BEGIN").await.unwrap();
+    insert_event(&db, "order", "o-1", "Lost", "{}").await;
+    db.batch_execute("ROLLBACK").await.unwrap();
+    insert_event(&db, "order", "o-1", "Kept", "{}").await;
+
+    let relay = RunningRelay::start(env.config(""));
+    let got = env.consume(&["outbox.order"], 1, 20).await;
+    relay.stop().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header("event_type"), Some("Kept"));
+}
+
+/// One leader per outbox: a second relay waits, and takes over when the first stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_waits_as_standby_and_takes_over() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+
+    let leader = RunningRelay::start(env.config(""));
+    insert_event(&db, "order", "o-1", "One", "{}").await;
+    assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);
+
+    let standby = RunningRelay::start(env.config(""));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let holders: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holders, 1, "exactly one relay holds the leader lock");
+
+    leader.stop().await;
+    insert_event(&db, "order", "o-1", "Two", "{}").await;
+    let got = env.consume(&["outbox.order"], 2, 20).await;
+    standby.stop().await;
+    let types: Vec<_> = got
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(types, ["One", "Two"], "the standby took over and published");
+    assert_eq!(env.outbox_count().await, 0);
+}

@@ -1,0 +1,167 @@
+//! Fixtures shared by the integration tests.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use outbox_relay::config::{self, Config};
+use outbox_relay::testkit::kafka::{self, Consumed};
+use outbox_relay::testkit::postgres::Postgres;
+use outbox_relay::testkit::tansu::Tansu;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A database with the shipped outbox table, and a broker.
+pub struct Env {
+    pub pg: Postgres,
+    pub kafka: Tansu,
+    pub db_url: String,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        init_logs();
+        let pg = Postgres::start().expect("start PostgreSQL");
+        let kafka = Tansu::start().expect("start tansu");
+        let db_url = pg.create_database("app").await.expect("create database");
+        let env = Env { pg, kafka, db_url };
+        let client = env.client().await;
+        for (name, sql) in outbox_relay::SETUP_SQL {
+            client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        env
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.pg.connect("app").await.expect("connect to app")
+    }
+
+    /// The relay's configuration for this environment, plus `extra` TOML lines that go
+    /// into the `[source]` table (before any sub-table).
+    pub fn config_toml(&self, mode: &str, extra_source: &str, extra: &str) -> String {
+        format!(
+            r#"
+[source]
+mode = "{mode}"
+database_url = "{db}"
+{extra_source}
+
+[source.polling]
+interval = "20ms"
+batch_size = 500
+standby_retry = "100ms"
+
+[sink.kafka]
+brokers = "{brokers}"
+
+[relay]
+shutdown_grace = "10s"
+max_backoff = "1s"
+
+[http]
+listen = "127.0.0.1:0"
+{extra}
+"#,
+            db = self.db_url,
+            brokers = self.kafka.brokers(),
+        )
+    }
+
+    pub fn config(&self, extra: &str) -> Config {
+        load_toml(&self.config_toml("polling", "", extra))
+    }
+
+    pub async fn outbox_count(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Reads `count` messages from `topics` (from the beginning), waiting up to `secs`.
+    pub async fn consume(&self, topics: &[&str], count: usize, secs: u64) -> Vec<Consumed> {
+        let brokers = self.kafka.brokers();
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            kafka::read_all(&brokers, &topics, count, Duration::from_secs(secs))
+        })
+        .await
+        .unwrap()
+        .expect("consume")
+    }
+
+    pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
+        kafka::create_topics(&self.kafka.brokers(), topics, partitions)
+            .await
+            .expect("create topics");
+    }
+}
+
+/// Validates TOML text exactly as `outbox-relay check` would (no environment).
+pub fn load_toml(toml: &str) -> Config {
+    try_load_toml(toml, HashMap::new()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn try_load_toml(
+    toml: &str,
+    env: HashMap<String, String>,
+) -> Result<Config, config::ConfigError> {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(toml.as_bytes()).unwrap();
+    config::load_with_env(file.path(), env)
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), outbox_relay::relay::RelayError>>,
+}
+
+impl RunningRelay {
+    pub fn start(config: Config) -> RunningRelay {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(outbox_relay::relay::run(config, shutdown.clone()));
+        RunningRelay { shutdown, task }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("relay task").expect("relay result");
+    }
+}
+
+/// Inserts one outbox event and returns its id.
+pub async fn insert_event(
+    client: &tokio_postgres::Client,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    event_type: &str,
+    payload: &str,
+) -> String {
+    client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ($1, $2, $3, $4::text::jsonb) RETURNING id::text",
+            &[&aggregate_type, &aggregate_id, &event_type, &payload],
+        )
+        .await
+        .expect("insert event")
+        .get(0)
+}
+
+/// Relay logs in test output (RUST_LOG=debug for more).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "outbox_relay=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
