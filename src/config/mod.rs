@@ -122,7 +122,7 @@ pub fn from_value(value: serde_json::Value) -> Result<Config, Problems> {
     let mut track = serde_path_to_error::Track::new();
     let raw: Result<RawConfig, _> = serde_ignored::deserialize(
         serde_path_to_error::Deserializer::new(&value, &mut track),
-        |path| unknown.push(path.to_string()),
+        |path| unknown.push(dotted(&path)),
     );
     for key in unknown {
         problems.push(
@@ -156,6 +156,27 @@ pub fn from_value(value: serde_json::Value) -> Result<Config, Problems> {
             http,
         }),
         _ => Err(problems),
+    }
+}
+
+/// `source.polling.intervall` rather than serde_ignored's `source.?.polling.intervall`:
+/// the key as the operator wrote it.
+fn dotted(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
+        Path::Map { parent, key } => {
+            let parent = dotted(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => dotted(parent),
     }
 }
 

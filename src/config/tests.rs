@@ -1,1 +1,286 @@
+//! Configuration: every problem named by key, all of them at once.
 
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use super::*;
+
+const VALID: &str = r#"
+[source]
+mode = "polling"
+database_url = "postgres://relay:s3cret@db.internal:5433/app"
+table = "public.outbox"
+
+[source.polling]
+interval = "250ms"
+batch_size = 200
+
+[sink.kafka]
+brokers = "k1:9092,k2:9092"
+topic = "app.{aggregate_type}.{event_type}"
+dead_letter_topic = "app.dlq"
+
+[sink.kafka.topic_overrides]
+OrderLine = "orders"
+
+[sink.kafka.librdkafka]
+"linger.ms" = 20
+"compression.type" = "zstd"
+"#;
+
+fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(toml.as_bytes()).unwrap();
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    load_with_env(file.path(), env)
+}
+
+/// The keys of every reported problem, in order.
+fn problem_keys(result: Result<Config, ConfigError>) -> Vec<String> {
+    match result {
+        Ok(_) => panic!("expected the configuration to be refused"),
+        Err(e) => e.problems().iter().map(|p| p.key.clone()).collect(),
+    }
+}
+
+fn problem_text(result: Result<Config, ConfigError>) -> String {
+    match result {
+        Ok(_) => panic!("expected the configuration to be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_complete_file_loads_into_typed_values() {
+    let c = load_str(VALID, &[]).unwrap();
+    assert_eq!(c.source.mode, crate::source::Mode::Polling);
+    assert_eq!(c.source.polling.interval, Duration::from_millis(250));
+    assert_eq!(c.source.polling.batch_size.get(), 200);
+    assert_eq!(c.source.redacted_url(), "relay@db.internal:5433/app");
+    assert_eq!(c.sink.brokers, "k1:9092,k2:9092");
+    assert_eq!(c.sink.topic.render("Order", "Placed"), "app.Order.Placed");
+    assert_eq!(
+        c.sink.topic_overrides["OrderLine"].render("OrderLine", "X"),
+        "orders",
+        "override keys keep their case"
+    );
+    assert_eq!(c.sink.librdkafka["linger.ms"], "20");
+    // Defaults for what the file leaves out.
+    assert_eq!(c.source.logical.slot, "outbox_relay");
+    assert_eq!(c.source.logical.status_interval, Duration::from_secs(10));
+    assert_eq!(c.http.listen.to_string(), "0.0.0.0:9187");
+    assert_eq!(c.relay.shutdown_grace, Duration::from_secs(30));
+}
+
+#[test]
+fn the_spec_example_file_is_valid() {
+    let spec_example = r#"
+[source]
+mode = "logical"
+database_url = "postgres://relay@localhost:5432/app"
+table = "public.outbox"
+
+[source.logical]
+slot = "outbox_relay"
+publication = "outbox_relay"
+message_prefix = "outbox"
+create_if_missing = true
+status_interval = "10s"
+heartbeat_interval = "10s"
+cleanup = false
+
+[source.polling]
+interval = "100ms"
+batch_size = 1000
+
+[sink.kafka]
+brokers = "localhost:9092"
+topic = "outbox.{aggregate_type}"
+dead_letter_topic = "outbox.dlq"
+format = "raw"
+
+[sink.kafka.librdkafka]
+"compression.type" = "lz4"
+
+[http]
+listen = "0.0.0.0:9187"
+"#;
+    let c = load_str(spec_example, &[]).unwrap();
+    assert_eq!(c.source.mode, crate::source::Mode::Logical);
+    assert_eq!(
+        c.source.logical.heartbeat_interval,
+        Some(Duration::from_secs(10))
+    );
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_full_path() {
+    let toml = VALID.replace("batch_size = 200", "batch_size = 200\nintervall = \"1s\"")
+        + "\n[metrics]\nport = 1\n";
+    let keys = problem_keys(load_str(&toml, &[]));
+    assert_eq!(keys, ["metrics", "source.polling.intervall"]);
+}
+
+#[test]
+fn a_wrong_type_names_the_key_and_the_expected_type() {
+    let toml = VALID.replace("batch_size = 200", "batch_size = \"lots\"");
+    let text = problem_text(load_str(&toml, &[]));
+    assert!(text.contains("source.polling.batch_size"), "{text}");
+    assert!(text.contains("invalid type"), "{text}");
+}
+
+#[test]
+fn missing_required_keys_are_all_reported() {
+    let toml = r#"
+[source]
+table = "outbox"
+
+[sink.kafka]
+topic = "t"
+"#;
+    let keys = problem_keys(load_str(toml, &[]));
+    assert_eq!(
+        keys,
+        ["source.mode", "source.database_url", "sink.kafka.brokers"]
+    );
+    let keys = problem_keys(load_str("[relay]\n", &[]));
+    assert_eq!(keys, ["source", "sink"]);
+}
+
+#[test]
+fn bad_durations_say_how_to_write_one() {
+    let toml = VALID.replace("\"250ms\"", "\"10 parsecs\"");
+    let text = problem_text(load_str(&toml, &[]));
+    assert!(text.contains("source.polling.interval"), "{text}");
+    assert!(
+        text.contains("\"100ms\""),
+        "the message shows the expected form: {text}"
+    );
+    let zero = VALID.replace("\"250ms\"", "\"0s\"");
+    assert_eq!(
+        problem_keys(load_str(&zero, &[])),
+        ["source.polling.interval"]
+    );
+}
+
+#[test]
+fn bad_topic_templates_are_refused_before_any_event_is_read() {
+    let toml = VALID
+        .replace("app.{aggregate_type}.{event_type}", "app.{aggregate}")
+        .replace("\"orders\"", "\"orders/{aggregate_type}\"")
+        .replace("\"app.dlq\"", "\"dead letters\"");
+    let problems = match load_str(&toml, &[]) {
+        Err(e) => e.problems().to_vec(),
+        Ok(_) => panic!("accepted bad templates"),
+    };
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "sink.kafka.topic",
+            "sink.kafka.topic_overrides.OrderLine",
+            "sink.kafka.dead_letter_topic"
+        ]
+    );
+    assert!(problems[0]
+        .message
+        .contains("{aggregate_type} or {event_type}"));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let toml = VALID
+        .replace("mode = \"polling\"", "mode = \"pollling\"")
+        .replace("\"250ms\"", "\"soon\"")
+        .replace("batch_size = 200", "batch_size = 0")
+        .replace("format", "x")
+        + "\n[http]\nlisten = \"everywhere\"\n[relay]\nshutdown_grace = \"-1s\"\n";
+    let keys = problem_keys(load_str(&toml, &[]));
+    for key in [
+        "source.mode",
+        "source.polling.interval",
+        "source.polling.batch_size",
+        "relay.shutdown_grace",
+        "http.listen",
+    ] {
+        assert!(
+            keys.contains(&key.to_string()),
+            "{key} missing from {keys:?}"
+        );
+    }
+}
+
+#[test]
+fn environment_overrides_win_over_the_file() {
+    let c = load_str(
+        VALID,
+        &[
+            (
+                "OUTBOX_RELAY__SOURCE__DATABASE_URL",
+                "postgres://other@env-host:6000/envdb",
+            ),
+            ("OUTBOX_RELAY__SOURCE__POLLING__BATCH_SIZE", "42"),
+            ("OUTBOX_RELAY__SINK__KAFKA__BROKERS", "env-broker:9092"),
+            ("UNRELATED__SINK__KAFKA__BROKERS", "ignored:1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.source.redacted_url(), "other@env-host:6000/envdb");
+    assert_eq!(c.source.polling.batch_size.get(), 42);
+    assert_eq!(c.sink.brokers, "env-broker:9092");
+}
+
+#[test]
+fn environment_values_are_validated_like_file_values() {
+    let keys = problem_keys(load_str(
+        VALID,
+        &[("OUTBOX_RELAY__SOURCE__POLLING__INTERVAL", "fast")],
+    ));
+    assert_eq!(keys, ["source.polling.interval"]);
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let toml = VALID.replace("batch_size = 200", "batch_size = -1");
+    let text = problem_text(load_str(&toml, &[]));
+    assert!(!text.contains("s3cret"), "{text}");
+    let bad_url = VALID.replace(
+        "postgres://relay:s3cret@db.internal:5433/app",
+        "postgres://relay:s3cret@db.internal:notaport/app",
+    );
+    let text = problem_text(load_str(&bad_url, &[]));
+    assert!(text.contains("source.database_url"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[test]
+fn librdkafka_properties_are_checked_by_librdkafka() {
+    let toml = VALID.replace("\"linger.ms\" = 20", "\"linger.mss\" = 20");
+    let text = problem_text(load_str(&toml, &[]));
+    assert!(text.contains("sink.kafka.librdkafka"), "{text}");
+    assert!(text.contains("linger.mss"), "{text}");
+}
+
+#[test]
+fn a_missing_file_says_which() {
+    let err = load_with_env(Path::new("/nonexistent/relay.toml"), HashMap::new())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("/nonexistent/relay.toml"));
+}
+
+#[test]
+fn a_password_file_supplies_the_password() {
+    let mut pw = tempfile::NamedTempFile::new().unwrap();
+    writeln!(pw, "from-file").unwrap();
+    let toml = VALID.replace(
+        "table = \"public.outbox\"",
+        &format!("table = \"public.outbox\"\npassword_file = {:?}", pw.path()),
+    );
+    let c = load_str(&toml, &[]).unwrap();
+    assert_eq!(c.source.pg.get_password(), Some(&b"from-file"[..]));
+}

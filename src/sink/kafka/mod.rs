@@ -130,15 +130,22 @@ impl KafkaSink {
             %reason,
             "poison event, sending it to the dead-letter topic"
         );
-        let msg = message::to_dead_letter(event, &reason, &self.config);
-        let result = match self.enqueue(&msg).await {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(KafkaError::Canceled),
-            },
-            Err(e) => Err(e),
-        };
+        let mut msg = message::to_dead_letter(event, &reason, &self.config);
+        let mut result = self.deliver(&msg).await;
+        if matches!(
+            result,
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge
+            ))
+        ) {
+            // Too large for the dead-letter topic as well: its identity, key, headers and
+            // the reason still travel, the value cannot.
+            let note = format!("{} bytes: larger than the broker accepts", msg.value.len());
+            msg.headers
+                .push(("value_dropped".to_owned(), note.into_bytes()));
+            msg.value.clear();
+            result = self.deliver(&msg).await;
+        }
         match result {
             Ok(()) => Delivery::DeadLettered { reason },
             Err(source) => Delivery::Failed(SinkError::DeadLetter {
@@ -146,6 +153,15 @@ impl KafkaSink {
                 reason,
                 source,
             }),
+        }
+    }
+
+    /// Produces one message and waits for its delivery report.
+    async fn deliver(&self, msg: &KafkaMessage) -> Result<(), KafkaError> {
+        match self.enqueue(msg).await?.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_canceled) => Err(KafkaError::Canceled),
         }
     }
 
