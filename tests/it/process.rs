@@ -1,1 +1,125 @@
+//! The real binary, as an operator runs it: `outbox-relay run --config FILE` against
+//! PostgreSQL and tansu, four concurrent writers, SIGTERM at the end.
 
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::support::Env;
+
+const WRITERS: usize = 4;
+const EVENTS_PER_WRITER: usize = 2_500;
+const AGGREGATES: usize = 100;
+/// Events per writer transaction.
+const PER_TRANSACTION: usize = 50;
+
+/// Kills the child if the test fails before it stopped it.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 4).await;
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(env.config_toml("polling", "", "").as_bytes())
+        .unwrap();
+
+    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run", "--config"])
+        .arg(file.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn outbox-relay");
+    let mut child = ChildGuard(child);
+    let started = Instant::now();
+
+    // Each writer owns every 4th aggregate, so per-aggregate seq order is the order in
+    // which its writer wrote them: payload `n` increases per aggregate.
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let db = env.client().await;
+        writers.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while n < EVENTS_PER_WRITER {
+                let tx_rows: Vec<(String, String)> = (n..n + PER_TRANSACTION)
+                    .map(|i| {
+                        let agg = format!("agg-{}", (i * WRITERS + w) % AGGREGATES);
+                        (agg, format!("{{\"writer\": {w}, \"n\": {i}}}"))
+                    })
+                    .collect();
+                let aggs: Vec<&str> = tx_rows.iter().map(|r| r.0.as_str()).collect();
+                let payloads: Vec<&str> = tx_rows.iter().map(|r| r.1.as_str()).collect();
+                db.execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     SELECT 'order', a, 'Tick', p::jsonb FROM unnest($1::text[], $2::text[]) \
+                     WITH ORDINALITY AS t(a, p, o) ORDER BY o",
+                    &[&aggs, &payloads],
+                )
+                .await
+                .unwrap();
+                n += PER_TRANSACTION;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let total = WRITERS * EVENTS_PER_WRITER;
+    let got = env.consume(&["outbox.order"], total, 120).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "process test: {} events relayed in {:.2?} ({:.0} events/s, writers included)",
+        got.len(),
+        elapsed,
+        got.len() as f64 / elapsed.as_secs_f64()
+    );
+
+    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay did not exit within 20 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+
+    assert_eq!(got.len(), total, "every event arrived");
+    let ids: HashSet<&str> = got.iter().map(|m| m.header("id").unwrap()).collect();
+    assert_eq!(ids.len(), total, "no duplicates in a clean run");
+    let mut last: HashMap<&str, (u64, i32)> = HashMap::new();
+    for m in &got {
+        let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+        let n = v["n"].as_u64().unwrap();
+        if let Some((prev, partition)) = last.insert(m.key_str(), (n, m.partition)) {
+            assert!(
+                prev < n,
+                "aggregate {} out of order: {prev} then {n}",
+                m.key_str()
+            );
+            assert_eq!(partition, m.partition, "one aggregate, one partition");
+        }
+    }
+    assert_eq!(last.len(), AGGREGATES);
+    assert_eq!(
+        env.outbox_count().await,
+        0,
+        "the outbox is empty after the relay stopped"
+    );
+}
