@@ -13,12 +13,11 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prints one line per side and returns whether both are usable.
 pub async fn run(config: &Config) -> bool {
-    let pg = check_postgres(config).await;
+    let (pg, kafka) = tokio::join!(check_postgres(config), check_kafka(config));
     match &pg {
         Ok(what) => println!("postgres: ok ({what})"),
         Err(e) => println!("postgres: FAILED: {e:#}"),
     }
-    let kafka = check_kafka(config).await;
     match &kafka {
         Ok(n) => println!("kafka: ok ({n} broker(s) at {})", config.sink.brokers),
         Err(e) => println!("kafka: FAILED: {e:#}"),

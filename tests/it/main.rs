@@ -4,6 +4,7 @@
 
 mod support;
 
+mod cli;
 mod kafka_sink;
 mod polling;
 mod process;

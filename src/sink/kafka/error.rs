@@ -16,8 +16,9 @@ pub enum SinkError {
     DeadLetter {
         topic: String,
         reason: String,
+        // Boxed: keeps every `Result<_, SinkError>` small.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
 }
 

@@ -151,7 +151,7 @@ impl KafkaSink {
             Err(source) => Delivery::Failed(SinkError::DeadLetter {
                 topic: msg.topic,
                 reason,
-                source,
+                source: Box::new(source),
             }),
         }
     }

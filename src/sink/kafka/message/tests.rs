@@ -78,7 +78,8 @@ fn routes_by_override_then_row_topic() {
 #[test]
 fn poison_events_say_what_is_wrong() {
     let c = config("");
-    let cases: Vec<(fn(&mut OutboxEvent), &str)> = vec![
+    type Break = fn(&mut OutboxEvent);
+    let cases: Vec<(Break, &str)> = vec![
         (
             |e| e.aggregate_id = Some(String::new()),
             "aggregate_id is empty",
