@@ -173,3 +173,102 @@ async fn a_second_relay_waits_as_standby_and_takes_over() {
     assert_eq!(types, ["One", "Two"], "the standby took over and published");
     assert_eq!(env.outbox_count().await, 0);
 }
+
+/// The role from sql/003_relay_role.sql is all the relay needs: read, delete, lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_the_least_privilege_role() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    insert_event(&db, "order", "o-1", "Placed", "{}").await;
+    let toml = env
+        .config_toml("polling", "", "")
+        .replace("postgres://postgres@", "postgres://outbox_relay@");
+    let relay = RunningRelay::start(crate::support::load_toml(&toml));
+    let got = env.consume(&["outbox.order"], 1, 20).await;
+    relay.stop().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(env.outbox_count().await, 0);
+}
+
+/// Another table layout: Debezium-style names, a `bytea` payload passed through byte for
+/// byte, no headers or created_at column, and a per-row topic column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_columns_bytea_payloads_and_a_topic_column() {
+    let env = Env::start().await;
+    env.create_topics(&["events.Shipped", "replies.billing"], 1)
+        .await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE app_events (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+           pos bigint GENERATED ALWAYS AS IDENTITY UNIQUE, aggregatetype varchar(64) NOT NULL, \
+           aggregateid varchar(64) NOT NULL, type varchar(64) NOT NULL, payload bytea, dest text);
+         INSERT INTO app_events (aggregatetype, aggregateid, type, payload, dest) VALUES
+           ('shipment', 's-1', 'Shipped', '\\x00ff10', NULL),
+           ('invoice', 'i-1', 'Reply', '\\x7b7d', 'replies.billing');",
+    )
+    .await
+    .unwrap();
+    let source = r#"table = "app_events"
+[source.columns]
+seq = "pos"
+aggregate_type = "aggregatetype"
+aggregate_id = "aggregateid"
+event_type = "type"
+headers = ""
+created_at = ""
+topic = "dest""#;
+    let toml = env.config_toml("polling", source, "").replace(
+        "[sink.kafka]",
+        "[sink.kafka]\ntopic = \"events.{event_type}\"",
+    );
+    let relay = RunningRelay::start(crate::support::load_toml(&toml));
+    let shipped = env.consume(&["events.Shipped"], 1, 20).await;
+    let replies = env.consume(&["replies.billing"], 1, 20).await;
+    relay.stop().await;
+    assert_eq!(
+        shipped[0].value,
+        [0x00, 0xff, 0x10],
+        "bytea passes through untouched"
+    );
+    assert_eq!(shipped[0].key_str(), "s-1");
+    assert_eq!(shipped[0].header("event_type"), Some("Shipped"));
+    assert_eq!(replies[0].value, b"{}");
+    assert_eq!(replies[0].key_str(), "i-1");
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM app_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+/// A malformed row goes to the dead-letter topic; the rows behind it keep flowing and
+/// all of them are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_row_is_dead_lettered_and_does_not_stop_the_pipeline() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+    let db = env.client().await;
+    insert_event(&db, "order", "o-1", "Before", "{}").await;
+    let bad = insert_event(&db, "order", "", "Keyless", r#"{"keep": "me"}"#).await;
+    insert_event(&db, "order", "o-1", "After", "{}").await;
+    let relay = RunningRelay::start(env.config(""));
+    let normal = env.consume(&["outbox.order"], 2, 20).await;
+    let dlq = env.consume(&["outbox.dlq"], 1, 20).await;
+    relay.stop().await;
+    let types: Vec<_> = normal
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(types, ["Before", "After"]);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header("id"), Some(bad.as_str()));
+    assert_eq!(dlq[0].header("error"), Some("aggregate_id is empty"));
+    assert!(dlq[0]
+        .header("source_position")
+        .unwrap()
+        .starts_with("seq:"));
+    assert_eq!(dlq[0].value_str(), r#"{"keep": "me"}"#);
+    assert_eq!(env.outbox_count().await, 0);
+}

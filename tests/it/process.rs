@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::support::Env;
+use crate::support::{java_partition, Env};
 
 const WRITERS: usize = 4;
 const EVENTS_PER_WRITER: usize = 2_500;
@@ -115,6 +115,12 @@ async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
             );
             assert_eq!(partition, m.partition, "one aggregate, one partition");
         }
+        assert_eq!(
+            m.partition,
+            java_partition(&m.key.clone().unwrap(), 4),
+            "key {} lands where a Java producer would put it",
+            m.key_str()
+        );
     }
     assert_eq!(last.len(), AGGREGATES);
     assert_eq!(
