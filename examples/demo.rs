@@ -73,7 +73,7 @@ async fn demo(pg: &Postgres, broker: &Tansu, exit_after: Option<usize>) -> anyho
     let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
     let config = outbox_relay::config::load_with_env(&config_path, env)?;
     let shutdown = CancellationToken::new();
-    let relay = tokio::spawn(outbox_relay::relay::run(config, shutdown.clone()));
+    let relay = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
 
     let writer = tokio::spawn(write_orders(db, shutdown.clone()));
     let stop_reading = Arc::new(AtomicBool::new(false));

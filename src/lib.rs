@@ -19,12 +19,16 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod event;
 pub mod http;
+pub mod metrics;
 pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod testkit;
+
+pub use daemon::run;
 
 /// The SQL the project ships in `sql/`, in the order to apply it.
 pub const SETUP_SQL: [(&str, &str); 3] = [

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::config::Config;
+use crate::metrics::Telemetry;
 use crate::sink::kafka::KafkaSink;
 use crate::source::polling::{self, PollingSource};
 use crate::source::Mode;
@@ -30,7 +31,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
     match src.mode {
         Mode::Polling => {
             // Connecting as the relay would checks table, columns and privileges.
-            PollingSource::connect(src).await?;
+            PollingSource::connect(src, Telemetry::default()).await?;
             Ok(format!(
                 "{}, table {} readable and deletable",
                 src.redacted_url(),
@@ -66,7 +67,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
 }
 
 async fn check_kafka(config: &Config) -> anyhow::Result<usize> {
-    let sink = KafkaSink::new(&config.sink)?;
+    let sink = KafkaSink::new(&config.sink, Telemetry::default())?;
     tokio::task::spawn_blocking(move || sink.ping(KAFKA_TIMEOUT))
         .await?
         .with_context(|| {

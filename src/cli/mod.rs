@@ -90,7 +90,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(forward_signals(shutdown.clone()));
-                crate::relay::run(config, shutdown).await
+                crate::daemon::run(config, shutdown).await
             })?;
             tracing::info!("relay stopped cleanly");
             Ok(ExitCode::SUCCESS)

@@ -1,49 +1,64 @@
-//! `[http]`: where the monitoring endpoints listen.
+//! The monitoring endpoints (SPEC §7), for Prometheus and for orchestrators' probes:
 //!
-//! The endpoints themselves (`/metrics`, `/healthz`, `/readyz`) arrive with the
-//! observability work; the address is validated already so a complete SPEC §5 file
-//! passes `check` today.
+//! * `GET /metrics` — Prometheus text format, see [`crate::metrics`];
+//! * `GET /healthz` — 200 while the process serves requests (liveness);
+//! * `GET /readyz` — 200 only when this relay is the leader and reaches both PostgreSQL
+//!   and Kafka; otherwise 503 with a one-line reason (readiness).
 
-use std::net::SocketAddr;
+mod config;
 
-use serde::Deserialize;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::Problems;
+pub use config::{HttpConfig, RawHttpConfig};
 
-#[derive(Deserialize)]
-#[serde(default)]
-pub struct RawHttpConfig {
-    listen: String,
+use crate::metrics::{Readiness, Telemetry};
+
+/// Serves the endpoints on `listener` until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    telemetry: Telemetry,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(telemetry);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
 }
 
-impl Default for RawHttpConfig {
-    fn default() -> Self {
-        RawHttpConfig {
-            listen: "0.0.0.0:9187".into(),
-        }
-    }
+/// Readiness, also mirrored into the `outbox_relay_ready` gauge.
+fn readiness(t: &Telemetry) -> Readiness {
+    let r = t.health.readiness();
+    t.metrics.ready.set(i64::from(r == Readiness::Ready));
+    r
 }
 
-/// Validated `[http]`.
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    pub listen: SocketAddr,
+async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {
+    readiness(&t);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        t.metrics.render(),
+    )
 }
 
-impl RawHttpConfig {
-    pub fn validate(self, problems: &mut Problems) -> Option<HttpConfig> {
-        match self.listen.parse() {
-            Ok(listen) => Some(HttpConfig { listen }),
-            Err(_) => {
-                problems.push(
-                    "http.listen",
-                    format!(
-                        "{:?} is not an address: write IP:PORT, e.g. \"0.0.0.0:9187\"",
-                        self.listen
-                    ),
-                );
-                None
-            }
-        }
+async fn readyz(State(t): State<Telemetry>) -> impl IntoResponse {
+    match readiness(&t) {
+        Readiness::Ready => (StatusCode::OK, "ready\n".to_owned()),
+        Readiness::NotReady(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }

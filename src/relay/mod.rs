@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 pub use config::{RawRelayConfig, RelayConfig};
 
 use crate::config::Config;
+use crate::event::OutboxEvent;
+use crate::metrics::{unix_now, Telemetry};
 use crate::sink::kafka::{Delivery, KafkaSink, SinkError};
 use crate::source::polling::PollingSource;
 use crate::source::{Mode, Source, SourceError};
@@ -40,6 +42,12 @@ pub enum RelayError {
         "source.mode = \"logical\" is not available in this build yet: use mode = \"polling\""
     )]
     ModeUnavailable,
+    #[error("cannot listen on http.listen = {addr}: {source} (pick a free address or port)")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "shutdown grace period ({0:?}) ran out with events still unacknowledged by Kafka; \
          they stay in the outbox and are published by the next run"
@@ -47,12 +55,18 @@ pub enum RelayError {
     GraceExpired(Duration),
 }
 
-/// Runs the relay until `shutdown` fires or an error no retry can fix.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+/// Runs the relay loop until `shutdown` fires or an error no retry can fix. The
+/// process-level entry point, with the HTTP endpoints, is [`crate::daemon::run`].
+pub async fn run(
+    config: Config,
+    telemetry: Telemetry,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
     if config.source.mode == Mode::Logical {
         return Err(RelayError::ModeUnavailable);
     }
-    let sink = KafkaSink::new(&config.sink)?;
+    let sink = KafkaSink::new(&config.sink, telemetry.clone())?;
+    let probe = sink.spawn_health_probe(shutdown.clone());
     let batch_size = config.source.polling.batch_size.get();
     let mut backoff = Backoff::new(config.relay.max_backoff);
     tracing::info!(
@@ -61,84 +75,131 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Rela
         brokers = %config.sink.brokers,
         "relay starting in polling mode"
     );
-    loop {
+    let health = &telemetry.health;
+    let result = loop {
+        health.set_leader(false, Some("starting: connecting to PostgreSQL"));
         let outcome = async {
-            let mut source = PollingSource::connect(&config.source).await?;
+            let mut source = PollingSource::connect(&config.source, telemetry.clone()).await?;
+            health.set_postgres(None);
             if !source.lead(&shutdown).await? {
                 return Ok(());
             }
-            pump(
-                &mut source,
-                &sink,
-                batch_size,
-                &config.relay,
-                &shutdown,
-                &mut backoff,
-            )
-            .await
+            let mut pump = Pump {
+                sink: &sink,
+                telemetry: &telemetry,
+                config: &config.relay,
+                shutdown: &shutdown,
+                backoff: &mut backoff,
+            };
+            pump.run(&mut source, batch_size).await
         }
         .await;
         match outcome {
-            Ok(()) => return Ok(()),
+            Ok(()) => break Ok(()),
             Err(RelayError::Source(e)) if e.is_retryable() => {
                 let pause = backoff.next();
                 tracing::warn!(error = %e, retry_in = ?pause, "lost PostgreSQL; reconnecting");
+                telemetry
+                    .metrics
+                    .failures
+                    .with_label_values(&["postgres"])
+                    .inc();
+                telemetry.metrics.reconnects.inc();
+                telemetry.metrics.leader.set(0);
+                health.set_postgres(Some(format!("reconnecting after: {e}")));
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => break Err(e),
         }
-    }
+    };
+    telemetry.metrics.leader.set(0);
+    health.set_leader(false, Some("stopping"));
+    probe.abort();
+    result
 }
 
-/// Moves batches from `source` to `sink` until shutdown or a source error.
-async fn pump<S: Source>(
-    source: &mut S,
-    sink: &KafkaSink,
-    batch_size: usize,
-    config: &RelayConfig,
-    shutdown: &CancellationToken,
-    backoff: &mut Backoff,
-) -> Result<(), RelayError> {
-    loop {
-        let batch = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            batch = source.next_batch(batch_size) => batch?,
-        };
-        if batch.is_empty() {
-            continue;
-        }
-        let outcomes = tokio::select! {
-            outcomes = sink.publish(&batch) => outcomes,
-            _ = grace_expired(shutdown, config.shutdown_grace) => {
-                return Err(RelayError::GraceExpired(config.shutdown_grace));
+/// The batch loop's collaborators.
+struct Pump<'a> {
+    sink: &'a KafkaSink,
+    telemetry: &'a Telemetry,
+    config: &'a RelayConfig,
+    shutdown: &'a CancellationToken,
+    backoff: &'a mut Backoff,
+}
+
+impl Pump<'_> {
+    /// Moves batches from `source` to the sink until shutdown or a source error.
+    async fn run<S: Source>(
+        &mut self,
+        source: &mut S,
+        batch_size: usize,
+    ) -> Result<(), RelayError> {
+        let metrics = &self.telemetry.metrics;
+        loop {
+            let batch = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                batch = source.next_batch(batch_size) => batch?,
+            };
+            if batch.is_empty() {
+                continue;
             }
-        };
-        let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
-        source.ack(&batch[..durable]).await?;
-        for (event, outcome) in batch.iter().zip(&outcomes) {
-            if let Delivery::Failed(e) = outcome {
-                tracing::warn!(
-                    event_id = event.id.as_deref().unwrap_or("?"),
-                    aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
-                    position = %event.position,
-                    error = %e,
-                    "event not acknowledged by Kafka; it will be sent again"
-                );
+            metrics.batch_size.observe(batch.len() as f64);
+            let outcomes = tokio::select! {
+                outcomes = self.sink.publish(&batch) => outcomes,
+                _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
+                    return Err(RelayError::GraceExpired(self.config.shutdown_grace));
+                }
+            };
+            let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
+            source.ack(&batch[..durable]).await?;
+            self.record(&batch[..durable]);
+            for (event, outcome) in batch.iter().zip(&outcomes) {
+                if let Delivery::Failed(e) = outcome {
+                    tracing::warn!(
+                        event_id = event.id.as_deref().unwrap_or("?"),
+                        aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
+                        position = %event.position,
+                        error = %e,
+                        "event not acknowledged by Kafka; it will be sent again"
+                    );
+                }
+            }
+            if durable < batch.len() {
+                let pause = self.backoff.next();
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            } else {
+                self.backoff.reset();
             }
         }
-        tracing::debug!(batch = batch.len(), acknowledged = durable, "batch done");
-        if durable < batch.len() {
-            let pause = backoff.next();
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(pause) => {}
-            }
-        } else {
-            backoff.reset();
+    }
+
+    /// Latency and progress of events just acknowledged to the source.
+    fn record(&self, acked: &[OutboxEvent]) {
+        if acked.is_empty() {
+            return;
         }
+        let metrics = &self.telemetry.metrics;
+        let now = unix_now();
+        for event in acked {
+            if let Some(ms) = event.timestamp_ms {
+                metrics
+                    .commit_to_ack
+                    .observe((now - ms as f64 / 1000.0).max(0.0));
+            }
+            tracing::debug!(
+                event_id = event.id.as_deref().unwrap_or("?"),
+                aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
+                position = %event.position,
+                "event acknowledged"
+            );
+        }
+        metrics.acked_now();
     }
 }
 

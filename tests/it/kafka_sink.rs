@@ -72,7 +72,7 @@ async fn injected_produce_errors_lose_nothing_and_keep_key_order() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("outbox.order", 4, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let sink = KafkaSink::new(&sink_config(&brokers, "")).unwrap();
+    let sink = KafkaSink::new(&sink_config(&brokers, ""), Default::default()).unwrap();
     let errors = [
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
@@ -86,7 +86,9 @@ async fn injected_produce_errors_lose_nothing_and_keep_key_order() {
         .collect();
     let outcomes = sink.publish(&events).await;
     assert!(
-        outcomes.iter().all(|o| matches!(o, Delivery::Published)),
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Delivery::Published { .. })),
         "{outcomes:?}"
     );
 
@@ -101,7 +103,11 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_flows() {
     cluster.create_topic("outbox.order", 1, 1).unwrap();
     cluster.create_topic("outbox.dlq", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let sink = KafkaSink::new(&sink_config(&brokers, "\"message.max.bytes\" = 4000")).unwrap();
+    let sink = KafkaSink::new(
+        &sink_config(&brokers, "\"message.max.bytes\" = 4000"),
+        Default::default(),
+    )
+    .unwrap();
 
     let mut empty_key = event(2, "");
     empty_key.payload = Some(b"{\"original\": true}".to_vec());
@@ -124,7 +130,7 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_flows() {
     let kinds: Vec<&str> = outcomes
         .iter()
         .map(|o| match o {
-            Delivery::Published => "published",
+            Delivery::Published { .. } => "published",
             Delivery::DeadLettered { .. } => "dead-lettered",
             Delivery::Failed(_) => "failed",
         })
@@ -186,7 +192,11 @@ async fn an_unwritable_dead_letter_topic_stops_progress_instead_of_dropping() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
         )
         .unwrap();
-    let sink = KafkaSink::new(&sink_config(&brokers, "\"message.timeout.ms\" = 3000")).unwrap();
+    let sink = KafkaSink::new(
+        &sink_config(&brokers, "\"message.timeout.ms\" = 3000"),
+        Default::default(),
+    )
+    .unwrap();
     let outcomes = sink.publish(&[event(1, "")]).await;
     assert!(matches!(outcomes[0], Delivery::Failed(_)), "{outcomes:?}");
     assert!(
@@ -200,7 +210,7 @@ async fn a_broker_outage_delays_delivery_but_loses_nothing() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("outbox.order", 2, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let sink = KafkaSink::new(&sink_config(&brokers, "")).unwrap();
+    let sink = KafkaSink::new(&sink_config(&brokers, ""), Default::default()).unwrap();
     assert!(sink.publish(&[event(0, "warm")]).await[0].is_durable());
 
     cluster.broker_down(1).unwrap();

@@ -126,7 +126,7 @@ pub struct RunningRelay {
 impl RunningRelay {
     pub fn start(config: Config) -> RunningRelay {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(outbox_relay::relay::run(config, shutdown.clone()));
+        let task = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
         RunningRelay { shutdown, task }
     }
 

@@ -26,6 +26,11 @@ pub use error::{is_poison, SinkError};
 pub use message::{KafkaMessage, Poison};
 
 use crate::event::OutboxEvent;
+use crate::metrics::Telemetry;
+
+/// How often the background probe asks the brokers for metadata (readiness).
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
@@ -44,8 +49,8 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// What became of one event handed to [`KafkaSink::publish`].
 #[derive(Debug)]
 pub enum Delivery {
-    /// The broker acknowledged it on its topic.
-    Published,
+    /// The broker acknowledged it on `topic`.
+    Published { topic: String },
     /// It was poison and the dead-letter topic acknowledged it.
     DeadLettered { reason: String },
     /// Not acknowledged: the event must be published again.
@@ -62,10 +67,11 @@ impl Delivery {
 pub struct KafkaSink {
     producer: FutureProducer,
     config: KafkaSinkConfig,
+    telemetry: Telemetry,
 }
 
 impl KafkaSink {
-    pub fn new(config: &KafkaSinkConfig) -> Result<KafkaSink, SinkError> {
+    pub fn new(config: &KafkaSinkConfig, telemetry: Telemetry) -> Result<KafkaSink, SinkError> {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &config.brokers);
         for (key, value) in PRODUCER_DEFAULTS {
@@ -78,6 +84,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             producer,
             config: config.clone(),
+            telemetry,
         })
     }
 
@@ -90,7 +97,10 @@ impl KafkaSink {
         for event in events {
             pending.push(match message::to_message(event, &self.config) {
                 Ok(msg) => match self.enqueue(&msg).await {
-                    Ok(delivery) => Pending::Sent(msg.topic, delivery),
+                    Ok(delivery) => {
+                        self.telemetry.metrics.in_flight.inc();
+                        Pending::Sent(msg.topic, delivery)
+                    }
                     Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
                     Err(e) => Pending::Failed(SinkError::Delivery {
                         topic: msg.topic,
@@ -100,11 +110,13 @@ impl KafkaSink {
                 Err(Poison(reason)) => Pending::Poison(reason),
             });
         }
+        let metrics = &self.telemetry.metrics;
         let mut outcomes = Vec::with_capacity(events.len());
         for (event, pending) in events.iter().zip(pending) {
+            let sent = matches!(pending, Pending::Sent(..));
             let outcome = match pending {
                 Pending::Sent(topic, delivery) => match delivery.await {
-                    Ok(Ok(_)) => Delivery::Published,
+                    Ok(Ok(_)) => Delivery::Published { topic },
                     Ok(Err((e, _))) if is_poison(&e) => {
                         self.dead_letter(event, e.to_string()).await
                     }
@@ -117,6 +129,10 @@ impl KafkaSink {
                 Pending::Poison(reason) => self.dead_letter(event, reason).await,
                 Pending::Failed(e) => Delivery::Failed(e),
             };
+            if sent {
+                metrics.in_flight.dec();
+            }
+            self.account(&outcome);
             outcomes.push(outcome);
         }
         outcomes
@@ -194,6 +210,60 @@ impl KafkaSink {
                 Err((e, _)) => return Err(e),
             }
         }
+    }
+
+    /// Counts an outcome and keeps Kafka's readiness current: a delivery proves the
+    /// brokers answer, a failed one says why they do not.
+    fn account(&self, outcome: &Delivery) {
+        let metrics = &self.telemetry.metrics;
+        match outcome {
+            Delivery::Published { topic } => {
+                metrics.events_published.with_label_values(&[topic]).inc();
+                self.telemetry.health.set_kafka(None);
+            }
+            Delivery::DeadLettered { .. } => {
+                metrics.events_dead_lettered.inc();
+                self.telemetry.health.set_kafka(None);
+            }
+            Delivery::Failed(e) => {
+                metrics.failures.with_label_values(&[e.reason()]).inc();
+                self.telemetry.health.set_kafka(Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Asks the brokers for metadata every few seconds, so `/readyz` notices a Kafka
+    /// outage even while no event is flowing. Stops with `shutdown` (or when aborted).
+    pub fn spawn_health_probe(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let producer = self.producer.clone();
+        let health = self.telemetry.health.clone();
+        let brokers = self.config.brokers.clone();
+        tokio::spawn(async move {
+            loop {
+                let p = producer.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    p.client()
+                        .fetch_metadata(None, PROBE_TIMEOUT)
+                        .map(|md| md.brokers().len())
+                })
+                .await;
+                match answer {
+                    Ok(Ok(n)) if n > 0 => health.set_kafka(None),
+                    Ok(Ok(_)) => {
+                        health.set_kafka(Some(format!("{brokers}: metadata lists no broker")))
+                    }
+                    Ok(Err(e)) => health.set_kafka(Some(format!("{brokers} unreachable: {e}"))),
+                    Err(_) => {}
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                }
+            }
+        })
     }
 
     /// Waits for everything queued to be delivered, up to `timeout`.

@@ -35,7 +35,7 @@
 mod config;
 mod fence;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
@@ -44,11 +44,17 @@ pub use config::{PollingConfig, RawPollingConfig};
 
 use super::{quote_ident_opt, Columns, SourceConfig, SourceError, TableName};
 use crate::event::{OutboxEvent, Position};
+use crate::metrics::Telemetry;
 use fence::Fence;
 
 /// First key of the leader lock (`'outb'`); the second is the outbox table's OID, so
 /// relays of different outbox tables in one database do not exclude each other.
-const LOCK_CLASS: i32 = 0x6f75_7462;
+pub const LOCK_CLASS: i32 = 0x6f75_7462;
+
+/// How often the backlog gauge is refreshed, and up to how many rows it counts (so a
+/// huge backlog costs a bounded scan).
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(2);
+const BACKLOG_CAP: i64 = 1_000_000;
 
 pub struct PollingSource {
     client: Client,
@@ -58,17 +64,23 @@ pub struct PollingSource {
     table: TableName,
     table_oid: u32,
     payload_is_json: bool,
+    telemetry: Telemetry,
+    backlog_counted: Option<Instant>,
 }
 
 struct Statements {
     batch: Statement,
     delete: Statement,
+    backlog: Statement,
 }
 
 impl PollingSource {
     /// Connects and checks that the table, its columns and the relay's privileges are
     /// what the configuration says, so that problems surface at start, by name.
-    pub async fn connect(config: &SourceConfig) -> Result<PollingSource, SourceError> {
+    pub async fn connect(
+        config: &SourceConfig,
+        telemetry: Telemetry,
+    ) -> Result<PollingSource, SourceError> {
         let client = connect(&config.pg).await?;
         let table = &config.table;
         let shape = describe_table(&client, table, &config.columns).await?;
@@ -82,6 +94,8 @@ impl PollingSource {
             table: table.clone(),
             table_oid: shape.oid,
             payload_is_json: shape.payload_is_json,
+            telemetry,
+            backlog_counted: None,
         })
     }
 
@@ -105,8 +119,18 @@ impl PollingSource {
         loop {
             if self.try_lead().await? {
                 tracing::info!(table = %self.table, "leader lock taken: this relay publishes the outbox");
+                self.telemetry.metrics.leader.set(1);
+                self.telemetry.health.set_leader(true, None);
                 return Ok(true);
             }
+            self.telemetry.metrics.leader.set(0);
+            self.telemetry.health.set_leader(
+                false,
+                Some(&format!(
+                    "standby: another relay holds the leader lock on {}",
+                    self.table
+                )),
+            );
             if !announced {
                 tracing::info!(
                     table = %self.table,
@@ -120,6 +144,25 @@ impl PollingSource {
                 _ = tokio::time::sleep(self.config.standby_retry) => {}
             }
         }
+    }
+
+    /// Refreshes the backlog gauge, at most every [`BACKLOG_INTERVAL`].
+    async fn count_backlog(&mut self) -> Result<(), SourceError> {
+        if self
+            .backlog_counted
+            .is_some_and(|t| t.elapsed() < BACKLOG_INTERVAL)
+        {
+            return Ok(());
+        }
+        let rows: i64 = self
+            .client
+            .query_one(&self.statements.backlog, &[&BACKLOG_CAP])
+            .await
+            .map_err(SourceError::pg("counting the backlog"))?
+            .get(0);
+        self.telemetry.metrics.backlog_rows.set(rows);
+        self.backlog_counted = Some(Instant::now());
+        Ok(())
     }
 
     /// Rows up to the fence, oldest first.
@@ -155,6 +198,7 @@ impl PollingSource {
 impl super::Source for PollingSource {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
         // Everything here only reads, so dropping the future (shutdown) is harmless.
+        self.count_backlog().await?;
         let batch = self.read(max).await?;
         if !batch.is_empty() {
             return Ok(batch);
@@ -180,10 +224,13 @@ impl super::Source for PollingSource {
         if seqs.is_empty() {
             return Ok(());
         }
-        self.client
+        let deleted = self
+            .client
             .execute(&self.statements.delete, &[&seqs])
             .await
             .map_err(SourceError::pg("deleting published rows"))?;
+        let backlog = &self.telemetry.metrics.backlog_rows;
+        backlog.set((backlog.get() - deleted as i64).max(0));
         Ok(())
     }
 }
@@ -314,7 +361,15 @@ async fn prepare(
         table = table.quoted(),
         seq = q(&c.seq)
     );
+    let backlog = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT $1) backlog",
+        table = table.quoted()
+    );
     Ok(Statements {
+        backlog: client
+            .prepare(&backlog)
+            .await
+            .map_err(SourceError::pg("preparing the backlog count"))?,
         batch: client
             .prepare(&select)
             .await

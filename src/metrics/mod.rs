@@ -1,0 +1,193 @@
+//! Telemetry shared by every component: Prometheus metrics (SPEC §7) and the readiness
+//! state behind `/readyz`.
+//!
+//! All metric names live here, as constants, so the README table, the Grafana dashboard
+//! and the alert rules can be checked against one list ([`NAMES`]).
+
+mod health;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+pub use health::{Health, Readiness};
+
+pub const EVENTS_PUBLISHED: &str = "outbox_relay_events_published_total";
+pub const EVENTS_DEAD_LETTERED: &str = "outbox_relay_events_dead_lettered_total";
+pub const FAILURES: &str = "outbox_relay_failures_total";
+pub const BATCH_SIZE: &str = "outbox_relay_batch_size";
+pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
+pub const IN_FLIGHT: &str = "outbox_relay_in_flight_messages";
+pub const LEADER: &str = "outbox_relay_leader";
+pub const READY: &str = "outbox_relay_ready";
+pub const BACKLOG_ROWS: &str = "outbox_relay_backlog_rows";
+pub const SLOT_LAG_BYTES: &str = "outbox_relay_slot_lag_bytes";
+pub const LAST_ACKED_LSN: &str = "outbox_relay_last_acked_lsn";
+pub const LAST_ACK_TIMESTAMP: &str = "outbox_relay_last_ack_timestamp_seconds";
+pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
+pub const BUILD_INFO: &str = "outbox_relay_build_info";
+
+/// Every metric this crate exports (the process_* metrics come on top).
+pub const NAMES: [&str; 14] = [
+    EVENTS_PUBLISHED,
+    EVENTS_DEAD_LETTERED,
+    FAILURES,
+    BATCH_SIZE,
+    COMMIT_TO_ACK,
+    IN_FLIGHT,
+    LEADER,
+    READY,
+    BACKLOG_ROWS,
+    SLOT_LAG_BYTES,
+    LAST_ACKED_LSN,
+    LAST_ACK_TIMESTAMP,
+    RECONNECTS,
+    BUILD_INFO,
+];
+
+/// The metrics of one relay process.
+pub struct Metrics {
+    registry: Registry,
+    pub events_published: IntCounterVec,
+    pub events_dead_lettered: IntCounter,
+    pub failures: IntCounterVec,
+    pub batch_size: Histogram,
+    pub commit_to_ack: Histogram,
+    pub in_flight: IntGauge,
+    pub leader: IntGauge,
+    pub ready: IntGauge,
+    pub backlog_rows: IntGauge,
+    pub slot_lag_bytes: IntGauge,
+    pub last_acked_lsn: IntGauge,
+    pub last_ack_timestamp: IntGauge,
+    pub reconnects: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let metrics = Metrics {
+            events_published: IntCounterVec::new(
+                Opts::new(EVENTS_PUBLISHED, "Events Kafka acknowledged, by topic."),
+                &["topic"],
+            )
+            .unwrap(),
+            events_dead_lettered: IntCounter::new(
+                EVENTS_DEAD_LETTERED,
+                "Poison events the dead-letter topic acknowledged.",
+            )
+            .unwrap(),
+            failures: IntCounterVec::new(
+                Opts::new(FAILURES, "Failures by reason: delivery, dead_letter, postgres."),
+                &["reason"],
+            )
+            .unwrap(),
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new(BATCH_SIZE, "Events per batch read from the source.")
+                    .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]),
+            )
+            .unwrap(),
+            commit_to_ack: Histogram::with_opts(
+                HistogramOpts::new(
+                    COMMIT_TO_ACK,
+                    "Seconds from the event's timestamp (created_at or commit time) to Kafka's acknowledgement.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ]),
+            )
+            .unwrap(),
+            in_flight: IntGauge::new(IN_FLIGHT, "Events handed to Kafka and not yet acknowledged.")
+                .unwrap(),
+            leader: IntGauge::new(LEADER, "1 while this relay holds the outbox (lock or slot).")
+                .unwrap(),
+            ready: IntGauge::new(READY, "1 while /readyz answers 200.").unwrap(),
+            backlog_rows: IntGauge::new(
+                BACKLOG_ROWS,
+                "Rows waiting in the outbox (polling mode; counted up to 1,000,000).",
+            )
+            .unwrap(),
+            slot_lag_bytes: IntGauge::new(
+                SLOT_LAG_BYTES,
+                "WAL bytes the slot retains behind the server's current position (log mode).",
+            )
+            .unwrap(),
+            last_acked_lsn: IntGauge::new(
+                LAST_ACKED_LSN,
+                "Last LSN reported flushed to PostgreSQL (log mode).",
+            )
+            .unwrap(),
+            last_ack_timestamp: IntGauge::new(
+                LAST_ACK_TIMESTAMP,
+                "Unix time of the last acknowledgement to PostgreSQL.",
+            )
+            .unwrap(),
+            reconnects: IntCounter::new(RECONNECTS, "Reconnections to PostgreSQL after a failure.")
+                .unwrap(),
+            registry,
+        };
+        let build = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Always 1; the labels say which build runs."),
+            &["version"],
+        )
+        .unwrap();
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let r = &metrics.registry;
+        for c in [
+            Box::new(metrics.events_published.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.events_dead_lettered.clone()),
+            Box::new(metrics.failures.clone()),
+            Box::new(metrics.batch_size.clone()),
+            Box::new(metrics.commit_to_ack.clone()),
+            Box::new(metrics.in_flight.clone()),
+            Box::new(metrics.leader.clone()),
+            Box::new(metrics.ready.clone()),
+            Box::new(metrics.backlog_rows.clone()),
+            Box::new(metrics.slot_lag_bytes.clone()),
+            Box::new(metrics.last_acked_lsn.clone()),
+            Box::new(metrics.last_ack_timestamp.clone()),
+            Box::new(metrics.reconnects.clone()),
+            Box::new(build),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ] {
+            r.register(c).expect("metric names are unique");
+        }
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_default()
+    }
+
+    /// Records that events were acknowledged to PostgreSQL now.
+    pub fn acked_now(&self) {
+        self.last_ack_timestamp.set(unix_now() as i64);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Metrics and readiness, shared by all tasks of one relay.
+#[derive(Clone, Default)]
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
