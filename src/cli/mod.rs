@@ -1,8 +1,9 @@
-//! The command line (SPEC §6): `run`, `check`, `setup`, `--version`.
+//! The command line (SPEC §6): `run`, `check`, `status`, `setup`, `--version`.
 //!
 //! Exit codes: 0 ok, 2 bad configuration or usage, 1 anything that failed at run time.
 
 mod check;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,15 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print leader, backlog (or slot lag) and last activity; exit 1 when unhealthy, so
+    /// it serves as an exec probe.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Unhealthy when the oldest waiting event is older than this.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        max_lag: std::time::Duration,
     },
     /// Print the SQL for the outbox table, publication and relay role; `--apply` runs it
     /// against `source.database_url`.
@@ -99,6 +109,15 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config::load(&config)?;
             println!("config: ok");
             let healthy = runtime()?.block_on(check::run(&config));
+            Ok(if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Status { config, max_lag } => {
+            let config = config::load(&config)?;
+            let healthy = runtime()?.block_on(status::run(&config, max_lag))?;
             Ok(if healthy {
                 ExitCode::SUCCESS
             } else {

@@ -30,6 +30,9 @@ pub const LAST_ACK_TIMESTAMP: &str = "outbox_relay_last_ack_timestamp_seconds";
 pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
+/// The `reason` label values of [`FAILURES`].
+pub const FAILURE_REASONS: [&str; 4] = ["delivery", "dead_letter", "producer", "postgres"];
+
 /// Every metric this crate exports (the process_* metrics come on top).
 pub const NAMES: [&str; 14] = [
     EVENTS_PUBLISHED,
@@ -135,6 +138,10 @@ impl Metrics {
         )
         .unwrap();
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Known reasons start at 0, so rate() and alerts see the series from the start.
+        for reason in FAILURE_REASONS {
+            metrics.failures.with_label_values(&[reason]);
+        }
         let r = &metrics.registry;
         for c in [
             Box::new(metrics.events_published.clone()) as Box<dyn prometheus::core::Collector>,

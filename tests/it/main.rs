@@ -6,5 +6,6 @@ mod support;
 
 mod cli;
 mod kafka_sink;
+mod observability;
 mod polling;
 mod process;

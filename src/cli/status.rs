@@ -1,0 +1,111 @@
+//! `status`: what an operator (or an exec probe) wants at a glance, read from PostgreSQL
+//! itself: who leads, how much is waiting, how old the oldest waiting event is.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::source::polling::{self, LOCK_CLASS};
+use crate::source::{quote_ident, Mode};
+
+/// Prints the status and returns whether the relay is healthy.
+pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
+    let src = &config.source;
+    let client = polling::connect(&src.pg).await?;
+    println!(
+        "mode:     {}",
+        match src.mode {
+            Mode::Polling => "polling",
+            Mode::Logical => "logical",
+        }
+    );
+    println!("table:    {}", src.table);
+    let mut problems = Vec::new();
+
+    match src.mode {
+        Mode::Polling => {
+            let leader = client
+                .query_opt(
+                    "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'), \
+                       extract(epoch FROM now() - a.state_change)::float8 \
+                     FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                       AND l.classid = $1::int4::oid AND l.objid = to_regclass($2)::oid",
+                    &[&LOCK_CLASS, &src.table.quoted()],
+                )
+                .await?;
+            match leader {
+                Some(row) => {
+                    let (pid, app, addr): (i32, String, String) =
+                        (row.get(0), row.get(1), row.get(2));
+                    let idle: Option<f64> = row.get(3);
+                    let activity = idle.map_or("unknown".to_owned(), |s| format!("{s:.1} s ago"));
+                    println!("leader:   pid {pid} ({app} from {addr}), last activity {activity}");
+                }
+                None => {
+                    println!("leader:   none");
+                    problems.push("no relay holds the leader lock".to_owned());
+                }
+            }
+            let age = match &src.columns.created_at {
+                Some(col) => format!(
+                    "extract(epoch FROM now() - min({}))::float8",
+                    quote_ident(col)
+                ),
+                None => "NULL::float8".to_owned(),
+            };
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT count(*), {age} FROM (SELECT * FROM {} ORDER BY {} LIMIT 1000000) backlog",
+                        src.table.quoted(),
+                        quote_ident(&src.columns.seq)
+                    ),
+                    &[],
+                )
+                .await?;
+            let (rows, oldest): (i64, Option<f64>) = (row.get(0), row.get(1));
+            match oldest {
+                Some(age) => println!("backlog:  {rows} rows, oldest {age:.1} s old"),
+                None => println!("backlog:  {rows} rows"),
+            }
+            if let Some(age) = oldest.filter(|a| *a > max_lag.as_secs_f64()) {
+                problems.push(format!("oldest event waits {age:.0} s (limit {max_lag:?})"));
+            }
+        }
+        Mode::Logical => {
+            let slot = client
+                .query_opt(
+                    "SELECT active, active_pid, \
+                       pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&src.logical.slot],
+                )
+                .await?;
+            match slot {
+                Some(row) => {
+                    let (active, pid, lag): (bool, Option<i32>, Option<i64>) =
+                        (row.get(0), row.get(1), row.get(2));
+                    let holder = pid.map_or("none".to_owned(), |p| format!("pid {p}"));
+                    println!("leader:   {holder}");
+                    println!("slot lag: {} bytes", lag.unwrap_or(0));
+                    if !active {
+                        problems.push(format!(
+                            "slot {} is not in use by any relay",
+                            src.logical.slot
+                        ));
+                    }
+                }
+                None => {
+                    println!("leader:   none");
+                    problems.push(format!("slot {} does not exist", src.logical.slot));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!("status:   healthy");
+    } else {
+        println!("status:   UNHEALTHY: {}", problems.join("; "));
+    }
+    Ok(problems.is_empty())
+}
