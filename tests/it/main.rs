@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod deploy;
 mod kafka_sink;
 mod observability;
 mod polling;
