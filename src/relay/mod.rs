@@ -156,16 +156,19 @@ impl Pump<'_> {
             let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
             source.ack(&batch[..durable]).await?;
             self.record(&batch[..durable]);
-            for (event, outcome) in batch.iter().zip(&outcomes) {
-                if let Delivery::Failed(e) = outcome {
-                    tracing::warn!(
-                        event_id = event.id.as_deref().unwrap_or("?"),
-                        aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
-                        position = %event.position,
-                        error = %e,
-                        "event not acknowledged by Kafka; it will be sent again"
-                    );
+            if let Some((event, Delivery::Failed(e))) = batch.iter().zip(&outcomes).nth(durable) {
+                if let Some(fatal) = self.sink.fatal_error() {
+                    return Err(fatal.into());
                 }
+                // One line per failed batch, naming the first event that blocks it.
+                tracing::warn!(
+                    event_id = event.id.as_deref().unwrap_or("?"),
+                    aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
+                    position = %event.position,
+                    error = %e,
+                    unacknowledged = batch.len() - durable,
+                    "Kafka did not acknowledge the batch from this event on; it will be sent again"
+                );
             }
             if durable < batch.len() {
                 let pause = self.backoff.next();

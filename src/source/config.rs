@@ -10,6 +10,10 @@ use super::polling::{PollingConfig, RawPollingConfig};
 use crate::config::Problems;
 
 const DEFAULT_TABLE: &str = "public.outbox";
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
+pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
 
 #[derive(Deserialize)]
 pub struct RawSourceConfig {
@@ -142,6 +146,15 @@ fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgr
                 pg.dbname(user);
             }
             pg.application_name("outbox-relay");
+            // Notice a dead peer in seconds rather than the kernel's two hours: a leader
+            // whose host vanished must lose its lock quickly (see also the server-side
+            // settings in polling::connect).
+            pg.connect_timeout(CONNECT_TIMEOUT)
+                .keepalives(true)
+                .keepalives_idle(KEEPALIVE_IDLE)
+                .keepalives_interval(KEEPALIVE_INTERVAL)
+                .keepalives_retries(KEEPALIVE_RETRIES)
+                .tcp_user_timeout(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES);
             Some(pg)
         }
         Err(e) => {
@@ -190,11 +203,6 @@ impl TableName {
     /// `"schema"."name"`, for use inside SQL text.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-
-    /// `schema.name` as a string literal's content, for `'…'::regclass`.
-    pub fn regclass_literal(&self) -> String {
-        self.quoted().replace('\'', "''")
     }
 }
 

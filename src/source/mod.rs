@@ -5,7 +5,7 @@
 //! forgetting means is theirs: the polling source deletes rows, the logical source
 //! advances the slot's flushed LSN.
 
-mod config;
+pub(crate) mod config;
 mod error;
 pub mod logical;
 pub mod polling;

@@ -124,7 +124,15 @@ impl Reader {
         let mut out = Vec::with_capacity(count);
         let mut seen = HashSet::new();
         while out.len() < count && Instant::now() < deadline {
-            if let Some(m) = self.next(Duration::from_millis(100))? {
+            // Transient consumer errors (a broker restarting) are not the end of the read.
+            let next = match self.next(Duration::from_millis(100)) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::debug!(error = %e, "consumer error while reading back; polling on");
+                    None
+                }
+            };
+            if let Some(m) = next {
                 // A reassignment can redeliver; the broker's offsets are the truth.
                 if seen.insert((m.topic.clone(), m.partition, m.offset)) {
                     out.push(m);

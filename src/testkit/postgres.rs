@@ -58,68 +58,33 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        let port = free_port()?;
-        let mut cmd = Command::new(bin.join("postgres"));
-        cmd.arg("-D").arg(&data).args(["-p", &port.to_string()]);
-        for setting in [
-            "listen_addresses=127.0.0.1",
-            "unix_socket_directories=",
-            "wal_level=logical",
-            "max_wal_senders=20",
-            "max_replication_slots=20",
-            "max_connections=200",
-            "fsync=off",
-            "synchronous_commit=off",
-            "full_page_writes=off",
-            "log_min_messages=fatal",
-        ] {
-            cmd.args(["-c", setting]);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        as_server_user(&mut cmd, &as_user);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn()?;
-        let mut pg = Postgres {
+        // A free port can be taken by another test between our check and the server's
+        // bind: the server then exits at once, and we try another port.
+        let mut attempt = 0;
+        let (child, port) = loop {
+            attempt += 1;
+            let port = free_port()?;
+            let mut child = spawn_server(&bin, &data, port, &as_user)?;
+            match wait_ready(&bin, &mut child, port) {
+                Ok(()) => break (child, port),
+                Err(e) if attempt < 3 => {
+                    tracing::debug!(error = %e, port, "postgres did not start; trying another port");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            }
+        };
+        Ok(Postgres {
             port,
             child,
             data,
             _dir: dir,
-        };
-        pg.wait_ready(&bin)?;
-        Ok(pg)
-    }
-
-    fn wait_ready(&mut self, bin: &Path) -> std::io::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Err(std::io::Error::other(format!(
-                    "postgres exited at start: {status}"
-                )));
-            }
-            let ready = Command::new(bin.join("pg_isready"))
-                .args([
-                    "-q",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
-                .status()?;
-            if ready.success() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other(
-                    "postgres did not become ready in 30 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -171,6 +136,75 @@ impl Postgres {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+fn spawn_server(
+    bin: &Path,
+    data: &Path,
+    port: u16,
+    as_user: &Option<User>,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(bin.join("postgres"));
+    cmd.arg("-D").arg(data).args(["-p", &port.to_string()]);
+    for setting in [
+        "listen_addresses=127.0.0.1",
+        "unix_socket_directories=",
+        "wal_level=logical",
+        "max_wal_senders=20",
+        "max_replication_slots=20",
+        "max_connections=200",
+        "fsync=off",
+        "synchronous_commit=off",
+        "full_page_writes=off",
+        "log_min_messages=fatal",
+    ] {
+        cmd.args(["-c", setting]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    as_server_user(&mut cmd, as_user);
+    die_with_parent(&mut cmd);
+    cmd.spawn()
+}
+
+/// Waits until the server accepts connections. The child must still be running then, so
+/// a ready answer from some other server on the port does not count.
+fn wait_ready(bin: &Path, child: &mut Child, port: u16) -> std::io::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "postgres exited at start: {status}"
+            )));
+        }
+        let ready = Command::new(bin.join("pg_isready"))
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .status()?;
+        if ready.success() {
+            std::thread::sleep(Duration::from_millis(20));
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "postgres exited at start: {status}"
+                )));
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(
+                "postgres did not become ready in 30 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

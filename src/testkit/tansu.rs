@@ -19,9 +19,23 @@ pub struct Tansu {
 impl Tansu {
     pub fn start() -> std::io::Result<Tansu> {
         let bin = binary()?;
-        let port = free_port()?;
+        // Retried on another port if the chosen one was taken before tansu bound it.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Tansu::start_on(&bin, free_port()?) {
+                Ok(tansu) => return Ok(tansu),
+                Err(e) if attempt < 3 => {
+                    tracing::debug!(error = %e, "tansu did not start; retrying")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_on(bin: &std::path::Path, port: u16) -> std::io::Result<Tansu> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(bin);
         cmd.args([
             "broker",
             "--listener-url",
@@ -35,6 +49,7 @@ impl Tansu {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         die_with_parent(&mut cmd);
+        // Dropping `tansu` on an error path kills the process.
         let mut tansu = Tansu {
             port,
             child: cmd.spawn()?,
@@ -50,6 +65,13 @@ impl Tansu {
                 return Err(std::io::Error::other("tansu did not open its port in 15 s"));
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // Someone else answering on the port does not count: ours must still be running.
+        std::thread::sleep(Duration::from_millis(30));
+        if let Some(status) = tansu.child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "tansu exited at start: {status}"
+            )));
         }
         Ok(tansu)
     }

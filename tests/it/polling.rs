@@ -99,6 +99,7 @@ async fn a_row_committed_early_does_not_overtake_a_lower_seq_still_open() {
     t1.batch_execute("COMMIT").await.unwrap();
 
     let relay = RunningRelay::start(env.config(""));
+    crate::support::wait_for_leader(&t2).await;
     let early = env.consume(&["outbox.order"], 1, 2).await;
     assert!(
         early.is_empty(),

@@ -207,3 +207,23 @@ fn java_partition_matches_kafkas_murmur2_vectors() {
         );
     }
 }
+
+/// Waits until some relay holds the polling leader lock (so it is actively polling).
+pub async fn wait_for_leader(db: &tokio_postgres::Client) {
+    for _ in 0..200 {
+        let held: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no relay took the leader lock within 10 s");
+}

@@ -12,6 +12,10 @@ pub enum SinkError {
         #[source]
         source: KafkaError,
     },
+    #[error("not sent, because an earlier event of the batch failed")]
+    NotAttempted,
+    #[error("the Kafka producer hit a fatal error and cannot continue: {0}")]
+    Fatal(String),
     #[error("the dead-letter topic {topic} did not take a poison event ({reason}): {source}")]
     DeadLetter {
         topic: String,
@@ -29,13 +33,18 @@ impl SinkError {
             SinkError::Create(_) => "producer",
             SinkError::Delivery { .. } => "delivery",
             SinkError::DeadLetter { .. } => "dead_letter",
+            SinkError::NotAttempted => "not_attempted",
+            SinkError::Fatal(_) => "producer",
         }
     }
 }
 
-/// True for broker answers that no retry can change: the event itself is the problem
-/// (too large, a topic name the broker refuses, not allowed to write there), so it
+/// True for answers that no retry can change: the event itself is the problem (too
+/// large, a topic name or topic the broker refuses, not allowed to write there), so it
 /// belongs on the dead-letter topic. Everything else is retried, never dropped.
+///
+/// A missing ACL on every topic therefore diverts the whole stream to the dead-letter
+/// topic — nothing is lost, and the dead-letter alert fires.
 pub fn is_poison(error: &KafkaError) -> bool {
     let code = match error {
         KafkaError::MessageProduction(code) => *code,
@@ -46,6 +55,7 @@ pub fn is_poison(error: &KafkaError) -> bool {
         RDKafkaErrorCode::MessageSizeTooLarge
             | RDKafkaErrorCode::InvalidMessageSize
             | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::UnknownTopic
             | RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::MessageBatchTooLarge

@@ -34,8 +34,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
-const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
+const PRODUCER_DEFAULTS: [(&str, &str); 6] = [
     ("enable.idempotence", "true"),
+    // Retry inside librdkafka until delivered. A finite timeout lets a partition end up
+    // with 1, 4, 5 after an outage (librdkafka INTRODUCTION.md, "Message timeout
+    // considerations"), and re-sending 2, 3 afterwards would break per-key order.
+    ("message.timeout.ms", "0"),
     ("acks", "all"),
     ("compression.type", "lz4"),
     // Java clients hash keys with murmur2: so do we, so keys land where they would.
@@ -94,7 +98,14 @@ impl KafkaSink {
         // Hand the whole batch to librdkafka first, so it is pipelined on the wire,
         // then collect the delivery reports in order.
         let mut pending = Vec::with_capacity(events.len());
+        let mut broken = false;
         for event in events {
+            // After a failed hand-over, later events are not sent at all: sending them
+            // would let them overtake the failed one when it is retried.
+            if broken {
+                pending.push(Pending::Failed(SinkError::NotAttempted));
+                continue;
+            }
             pending.push(match message::to_message(event, &self.config) {
                 Ok(msg) => match self.enqueue(&msg).await {
                     Ok(delivery) => {
@@ -102,10 +113,13 @@ impl KafkaSink {
                         Pending::Sent(msg.topic, delivery)
                     }
                     Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
-                    Err(e) => Pending::Failed(SinkError::Delivery {
-                        topic: msg.topic,
-                        source: e,
-                    }),
+                    Err(e) => {
+                        broken = true;
+                        Pending::Failed(SinkError::Delivery {
+                            topic: msg.topic,
+                            source: e,
+                        })
+                    }
                 },
                 Err(Poison(reason)) => Pending::Poison(reason),
             });
@@ -146,23 +160,10 @@ impl KafkaSink {
             %reason,
             "poison event, sending it to the dead-letter topic"
         );
-        let mut msg = message::to_dead_letter(event, &reason, &self.config);
-        let mut result = self.deliver(&msg).await;
-        if matches!(
-            result,
-            Err(KafkaError::MessageProduction(
-                RDKafkaErrorCode::MessageSizeTooLarge
-            ))
-        ) {
-            // Too large for the dead-letter topic as well: its identity, key, headers and
-            // the reason still travel, the value cannot.
-            let note = format!("{} bytes: larger than the broker accepts", msg.value.len());
-            msg.headers
-                .push(("value_dropped".to_owned(), note.into_bytes()));
-            msg.value.clear();
-            result = self.deliver(&msg).await;
-        }
-        match result {
+        let msg = message::to_dead_letter(event, &reason, &self.config);
+        // If the dead-letter topic refuses too (too large for it as well, say), the event
+        // stays unacknowledged and the relay stops advancing: nothing is dropped.
+        match self.deliver(&msg).await {
             Ok(()) => Delivery::DeadLettered { reason },
             Err(source) => Delivery::Failed(SinkError::DeadLetter {
                 topic: msg.topic,
@@ -266,9 +267,13 @@ impl KafkaSink {
         })
     }
 
-    /// Waits for everything queued to be delivered, up to `timeout`.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+    /// A fatal producer error (e.g. the idempotent producer was fenced) poisons every
+    /// later send; the only cure is a new producer, so the relay must stop.
+    pub fn fatal_error(&self) -> Option<SinkError> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| SinkError::Fatal(format!("{code}: {reason}")))
     }
 
     /// Asks the brokers for cluster metadata: proves they are reachable.

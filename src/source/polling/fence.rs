@@ -1,6 +1,6 @@
 //! The fence of the polling visibility rule (see the parent module's docs).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
 
@@ -10,6 +10,8 @@ use crate::source::{quote_ident, SourceError, TableName};
 /// First pause while waiting for outbox writers to finish; it doubles up to the poll
 /// interval.
 const FIRST_WAIT: Duration = Duration::from_millis(1);
+/// After this long waiting for the same writers, the relay logs their pids.
+const SLOW_WRITER_WARNING: Duration = Duration::from_secs(5);
 
 pub(super) struct Fence {
     /// Every row with `seq <= settled` is committed or gone for good.
@@ -40,16 +42,19 @@ impl Fence {
         ))
         .await?;
         // Prepared transactions hold their locks with no pid: they count as writers too.
+        // A writer still waiting for the lock has drawn no seq yet, so it is not one.
         let writers = prepare(
             "SELECT coalesce(array_agg(virtualtransaction), '{}')::text[] FROM pg_locks \
              WHERE locktype = 'relation' AND relation = $1 AND mode = 'RowExclusiveLock' \
+             AND granted \
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND pid IS DISTINCT FROM pg_backend_pid()"
                 .to_owned(),
         )
         .await?;
         let still_writing = prepare(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND relation = $1 \
+            "SELECT coalesce(array_agg(coalesce(pid, 0)), '{}')::int4[] FROM pg_locks \
+             WHERE locktype = 'relation' AND relation = $1 \
              AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY($2::text[])"
                 .to_owned(),
         )
@@ -88,14 +93,26 @@ impl Fence {
             .map_err(SourceError::pg("listing outbox writers"))?
             .get(0);
         let mut pause = FIRST_WAIT;
+        let started = Instant::now();
+        let mut warned = false;
         while !writers.is_empty() {
-            let running: i64 = client
+            let running: Vec<i32> = client
                 .query_one(&self.still_writing, &[&self.oid, &writers])
                 .await
                 .map_err(SourceError::pg("waiting for outbox writers"))?
                 .get(0);
-            if running == 0 {
+            if running.is_empty() {
                 break;
+            }
+            if !warned && started.elapsed() > SLOW_WRITER_WARNING {
+                // Publishing waits for these: say who, or an idle-in-transaction session
+                // would stop the relay without a trace (pid 0: a prepared transaction).
+                tracing::warn!(
+                    pids = ?running,
+                    waited = ?started.elapsed(),
+                    "publishing waits for transactions that wrote to the outbox and are still open"
+                );
+                warned = true;
             }
             tokio::time::sleep(pause).await;
             pause = next_pause(pause, max_pause);

@@ -246,6 +246,17 @@ pub(crate) async fn connect(pg: &tokio_postgres::Config) -> Result<Client, Sourc
             tracing::debug!(error = %e, "PostgreSQL connection ended");
         }
     });
+    // The server, too, should notice a vanished relay within seconds and release its
+    // leader lock, so a standby can take over.
+    client
+        .batch_execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}",
+            super::config::KEEPALIVE_IDLE.as_secs(),
+            super::config::KEEPALIVE_INTERVAL.as_secs(),
+            super::config::KEEPALIVE_RETRIES
+        ))
+        .await
+        .map_err(SourceError::pg("setting keepalives"))?;
     Ok(client)
 }
 
@@ -302,6 +313,26 @@ async fn describe_table(
             missing.join(", ")
         )));
     }
+    // The visibility rule needs seq values handed out in order across sessions.
+    let sequence = client
+        .query_opt(
+            "SELECT pg_get_serial_sequence($1, $2), s.seqcache FROM pg_sequence s \
+             WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass",
+            &[&table.quoted(), &columns.seq],
+        )
+        .await
+        .map_err(SourceError::pg("checking the seq sequence"))?;
+    if let Some(row) = sequence {
+        let (name, cache): (String, i64) = (row.get(0), row.get(1));
+        if cache > 1 {
+            return Err(SourceError::Setup(format!(
+                "sequence {name} (behind {table}.{}) caches {cache} values per session, so seq \
+                 values can commit out of order in ways the relay cannot see: \
+                 ALTER SEQUENCE {name} CACHE 1",
+                columns.seq
+            )));
+        }
+    }
     let allowed: bool = client
         .query_one(
             "SELECT has_table_privilege($1::oid, 'SELECT') AND has_table_privilege($1::oid, 'DELETE')",
@@ -346,7 +377,7 @@ async fn prepare(
     let select = format!(
         "SELECT {seq}::int8, {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, \
          {headers}::text, {created}, {topic}::text \
-         FROM {table} WHERE {seq} <= $1 ORDER BY {seq} LIMIT $2",
+         FROM {table} WHERE {seq} <= $1::int8 ORDER BY {seq} LIMIT $2",
         seq = q(&c.seq),
         id = q(&c.id),
         at = q(&c.aggregate_type),
