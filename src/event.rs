@@ -44,4 +44,10 @@ pub struct OutboxEvent {
     pub topic: Option<String>,
     /// Milliseconds since the Unix epoch: `created_at` or the commit time.
     pub timestamp_ms: Option<i64>,
+    /// Set when the source already knows the event is poison (e.g. a logical message
+    /// whose envelope is not valid JSON): the reason, for the dead-letter topic.
+    pub invalid: Option<String>,
+    /// The event's bytes as the source received them, when they differ from `payload`
+    /// (a logical message's whole envelope): what the dead-letter topic gets.
+    pub original: Option<Vec<u8>>,
 }

@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use crate::config::Config;
 use crate::metrics::Telemetry;
 use crate::sink::kafka::KafkaSink;
-use crate::source::polling::{self, PollingSource};
+use crate::source::polling::PollingSource;
+use crate::source::table;
 use crate::source::Mode;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,7 +40,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
             ))
         }
         Mode::Logical => {
-            let client = polling::connect(&src.pg).await?;
+            let client = table::connect(&src.pg).await?;
             let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
             anyhow::ensure!(
                 wal_level == "logical",
@@ -80,7 +81,7 @@ async fn check_kafka(config: &Config) -> anyhow::Result<usize> {
 
 /// Applies the shipped SQL, in order, with the configured connection.
 pub async fn apply_setup(config: &Config) -> anyhow::Result<()> {
-    let client = polling::connect(&config.source.pg).await?;
+    let client = table::connect(&config.source.pg).await?;
     for (name, sql) in crate::SETUP_SQL {
         client
             .batch_execute(sql)

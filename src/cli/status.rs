@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::source::polling::{self, LOCK_CLASS};
+use crate::source::polling::LOCK_CLASS;
+use crate::source::table;
 use crate::source::{quote_ident, Mode};
 
 /// Prints the status and returns whether the relay is healthy.
 pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
     let src = &config.source;
-    let client = polling::connect(&src.pg).await?;
+    let client = table::connect(&src.pg).await?;
     println!(
         "mode:     {}",
         match src.mode {

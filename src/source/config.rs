@@ -148,7 +148,7 @@ fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgr
             pg.application_name("outbox-relay");
             // Notice a dead peer in seconds rather than the kernel's two hours: a leader
             // whose host vanished must lose its lock quickly (see also the server-side
-            // settings in polling::connect).
+            // settings in table::connect).
             pg.connect_timeout(CONNECT_TIMEOUT)
                 .keepalives(true)
                 .keepalives_idle(KEEPALIVE_IDLE)

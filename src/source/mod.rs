@@ -9,6 +9,7 @@ pub(crate) mod config;
 mod error;
 pub mod logical;
 pub mod polling;
+pub mod table;
 
 use std::future::Future;
 

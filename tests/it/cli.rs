@@ -130,7 +130,7 @@ async fn check_names_a_misconfigured_column_and_a_missing_privilege() {
     let out = relay(&["check", "--config", f.path().to_str().unwrap()]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
-    assert!(t.contains("may not SELECT and DELETE"), "{t}");
+    assert!(t.contains("may not SELECT, DELETE on public.outbox"), "{t}");
 }
 
 #[test]

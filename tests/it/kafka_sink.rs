@@ -33,6 +33,8 @@ fn event(seq: i64, aggregate_id: &str) -> OutboxEvent {
         headers: Some("{}".into()),
         topic: None,
         timestamp_ms: None,
+        invalid: None,
+        original: None,
     }
 }
 

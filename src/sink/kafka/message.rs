@@ -33,6 +33,9 @@ pub struct Poison(pub String);
 
 /// Builds the message for `event`, or says why it is poison.
 pub fn to_message(event: &OutboxEvent, config: &KafkaSinkConfig) -> Result<KafkaMessage, Poison> {
+    if let Some(reason) = &event.invalid {
+        return Err(Poison(reason.clone()));
+    }
     let id = required(&event.id, "id")?;
     let aggregate_type = required(&event.aggregate_type, "aggregate_type")?;
     let aggregate_id = required(&event.aggregate_id, "aggregate_id")?;
@@ -120,7 +123,11 @@ pub fn to_dead_letter(event: &OutboxEvent, error: &str, config: &KafkaSinkConfig
             .as_ref()
             .filter(|k| !k.is_empty())
             .map(|k| k.as_bytes().to_vec()),
-        value: event.payload.clone().unwrap_or_default(),
+        value: event
+            .original
+            .clone()
+            .or_else(|| event.payload.clone())
+            .unwrap_or_default(),
         headers,
         timestamp_ms: event.timestamp_ms,
     }

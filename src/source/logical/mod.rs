@@ -6,3 +6,6 @@
 mod config;
 
 pub use config::{LogicalConfig, RawLogicalConfig};
+pub mod pgoutput;
+#[allow(dead_code)] // wired up by the log tailer in the next commits
+mod protocol;

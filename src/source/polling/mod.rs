@@ -42,7 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{PollingConfig, RawPollingConfig};
 
-use super::{quote_ident_opt, Columns, SourceConfig, SourceError, TableName};
+use super::table::{self, Checks, TableShape};
+use super::{Columns, SourceConfig, SourceError, TableName};
 use crate::event::{OutboxEvent, Position};
 use crate::metrics::Telemetry;
 use fence::Fence;
@@ -81,9 +82,9 @@ impl PollingSource {
         config: &SourceConfig,
         telemetry: Telemetry,
     ) -> Result<PollingSource, SourceError> {
-        let client = connect(&config.pg).await?;
+        let client = table::connect(&config.pg).await?;
         let table = &config.table;
-        let shape = describe_table(&client, table, &config.columns).await?;
+        let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
         let statements = prepare(&client, table, &config.columns, &shape).await?;
         let fence = Fence::prepare(&client, table, &config.columns.seq, shape.oid).await?;
         Ok(PollingSource {
@@ -175,22 +176,7 @@ impl PollingSource {
             .map_err(SourceError::pg("reading outbox rows"))?;
         Ok(rows
             .iter()
-            .map(|row| OutboxEvent {
-                position: Position::Seq(row.get(0)),
-                id: row.get(1),
-                aggregate_type: row.get(2),
-                aggregate_id: row.get(3),
-                event_type: row.get(4),
-                payload: if self.payload_is_json {
-                    row.get::<_, Option<String>>(5).map(String::into_bytes)
-                } else {
-                    row.get::<_, Option<Vec<u8>>>(5)
-                },
-                payload_is_json: self.payload_is_json,
-                headers: row.get(6),
-                timestamp_ms: row.get(7),
-                topic: row.get(8),
-            })
+            .map(|row| table::row_to_event(row, self.payload_is_json))
             .collect())
     }
 }
@@ -235,166 +221,26 @@ impl super::Source for PollingSource {
     }
 }
 
-/// Opens a plain (non-replication) connection and drives it in the background.
-pub(crate) async fn connect(pg: &tokio_postgres::Config) -> Result<Client, SourceError> {
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(SourceError::pg("connecting to PostgreSQL"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection ended");
-        }
-    });
-    // The server, too, should notice a vanished relay within seconds and release its
-    // leader lock, so a standby can take over.
-    client
-        .batch_execute(&format!(
-            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}",
-            super::config::KEEPALIVE_IDLE.as_secs(),
-            super::config::KEEPALIVE_INTERVAL.as_secs(),
-            super::config::KEEPALIVE_RETRIES
-        ))
-        .await
-        .map_err(SourceError::pg("setting keepalives"))?;
-    Ok(client)
-}
-
-/// What the relay learned about the outbox table at start.
-struct TableShape {
-    oid: u32,
-    payload_type: String,
-    payload_is_json: bool,
-}
-
-async fn describe_table(
-    client: &Client,
-    table: &TableName,
-    columns: &Columns,
-) -> Result<TableShape, SourceError> {
-    let oid: Option<u32> = client
-        .query_one("SELECT to_regclass($1)::oid", &[&table.quoted()])
-        .await
-        .map_err(SourceError::pg("looking up the outbox table"))?
-        .get(0);
-    let Some(oid) = oid else {
-        return Err(SourceError::Setup(format!(
-            "table {table} does not exist (source.table): create it with sql/001_outbox.sql \
-             or `outbox-relay setup --apply`, or point source.table at your outbox"
-        )));
-    };
-    let rows = client
-        .query(
-            "SELECT a.attname::text, t.typname::text FROM pg_attribute a \
-             JOIN pg_type t ON t.oid = a.atttypid \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&oid],
-        )
-        .await
-        .map_err(SourceError::pg("reading the outbox table's columns"))?;
-    let type_of = |name: &str| {
-        rows.iter()
-            .find(|r| r.get::<_, String>(0) == name)
-            .map(|r| r.get::<_, String>(1))
-    };
-    let mut missing = Vec::new();
-    let mut payload_type = String::new();
-    for (key, name) in columns.all() {
-        match type_of(name) {
-            Some(ty) if key == "payload" => payload_type = ty,
-            Some(_) => {}
-            None => missing.push(format!("source.columns.{key} = {name:?}")),
-        }
-    }
-    if !missing.is_empty() {
-        return Err(SourceError::Setup(format!(
-            "table {table} has no column for {}: fix the column names under [source.columns] \
-             or the table",
-            missing.join(", ")
-        )));
-    }
-    // The visibility rule needs seq values handed out in order across sessions.
-    let sequence = client
-        .query_opt(
-            "SELECT pg_get_serial_sequence($1, $2), s.seqcache FROM pg_sequence s \
-             WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass",
-            &[&table.quoted(), &columns.seq],
-        )
-        .await
-        .map_err(SourceError::pg("checking the seq sequence"))?;
-    if let Some(row) = sequence {
-        let (name, cache): (String, i64) = (row.get(0), row.get(1));
-        if cache > 1 {
-            return Err(SourceError::Setup(format!(
-                "sequence {name} (behind {table}.{}) caches {cache} values per session, so seq \
-                 values can commit out of order in ways the relay cannot see: \
-                 ALTER SEQUENCE {name} CACHE 1",
-                columns.seq
-            )));
-        }
-    }
-    let allowed: bool = client
-        .query_one(
-            "SELECT has_table_privilege($1::oid, 'SELECT') AND has_table_privilege($1::oid, 'DELETE')",
-            &[&oid],
-        )
-        .await
-        .map_err(SourceError::pg("checking privileges on the outbox"))?
-        .get(0);
-    if !allowed {
-        return Err(SourceError::Setup(format!(
-            "this role may not SELECT and DELETE on {table}: GRANT SELECT, DELETE ON {} TO <relay role> \
-             (see sql/003_relay_role.sql)",
-            table.quoted()
-        )));
-    }
-    Ok(TableShape {
-        oid,
-        payload_is_json: matches!(payload_type.as_str(), "jsonb" | "json"),
-        payload_type,
-    })
-}
-
 async fn prepare(
     client: &Client,
-    table: &TableName,
+    t: &TableName,
     c: &Columns,
     shape: &TableShape,
 ) -> Result<Statements, SourceError> {
     let q = |name: &str| crate::source::quote_ident(name);
-    // Text casts keep the mapping independent of the exact column types (uuid, varchar,
-    // text…), and jsonb's text form is what log mode receives too.
-    let payload = match shape.payload_type.as_str() {
-        "jsonb" | "json" => format!("{}::text", q(&c.payload)),
-        "bytea" => q(&c.payload),
-        // Text kept as its UTF-8 bytes: a `::bytea` cast would decode backslash escapes.
-        _ => format!("convert_to({}::text, 'UTF8')", q(&c.payload)),
-    };
-    let created = match &c.created_at {
-        Some(col) => format!("(extract(epoch FROM {}) * 1000)::int8", q(col)),
-        None => "NULL::int8".to_owned(),
-    };
     let select = format!(
-        "SELECT {seq}::int8, {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, \
-         {headers}::text, {created}, {topic}::text \
-         FROM {table} WHERE {seq} <= $1::int8 ORDER BY {seq} LIMIT $2",
+        "{} WHERE {seq} <= $1::int8 ORDER BY {seq} LIMIT $2",
+        table::select_sql(t, c, shape),
         seq = q(&c.seq),
-        id = q(&c.id),
-        at = q(&c.aggregate_type),
-        ai = q(&c.aggregate_id),
-        et = q(&c.event_type),
-        headers = quote_ident_opt(c.headers.as_deref()),
-        topic = quote_ident_opt(c.topic.as_deref()),
-        table = table.quoted(),
     );
     let delete = format!(
         "DELETE FROM {table} WHERE {seq} = ANY($1::int8[])",
-        table = table.quoted(),
+        table = t.quoted(),
         seq = q(&c.seq)
     );
     let backlog = format!(
         "SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT $1) backlog",
-        table = table.quoted()
+        table = t.quoted()
     );
     Ok(Statements {
         backlog: client

@@ -33,6 +33,8 @@ fn event() -> OutboxEvent {
         headers: Some(r#"{"traceparent": "00-aa-bb-01", "retry": 2, "tags": ["a"]}"#.into()),
         topic: None,
         timestamp_ms: Some(1_700_000_000_123),
+        invalid: None,
+        original: None,
     }
 }
 

@@ -1,0 +1,527 @@
+//! A thin client for PostgreSQL's streaming replication protocol
+//! (<https://www.postgresql.org/docs/current/protocol-replication.html>).
+//!
+//! tokio-postgres cannot open a `replication=database` connection, so this speaks the
+//! few messages the relay needs itself, with `postgres_protocol` encoding the frontend
+//! messages and doing the md5 and SCRAM-SHA-256 arithmetic: startup and authentication,
+//! simple queries (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT), START_REPLICATION, and then
+//! the CopyBoth stream of XLogData and keepalives one way, standby status updates the
+//! other.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder, Framed};
+
+/// Messages larger than this are refused rather than buffered.
+const MAX_MESSAGE: usize = 1 << 30;
+/// Seconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
+
+/// What went wrong on the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("replication connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("PostgreSQL said: {message} (SQLSTATE {code}){}", detail_suffix(.detail, .hint))]
+    Server {
+        code: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+}
+
+fn detail_suffix(detail: &Option<String>, hint: &Option<String>) -> String {
+    let mut s = String::new();
+    if let Some(d) = detail {
+        s.push_str(&format!("; {d}"));
+    }
+    if let Some(h) = hint {
+        s.push_str(&format!("; hint: {h}"));
+    }
+    s
+}
+
+impl ReplicationError {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// One backend message: its tag and body.
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+/// Frames the wire protocol: `tag, i32 length (self-inclusive), body`.
+struct Codec;
+
+impl Decoder for Codec {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        if src.len() < 5 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| (4..=MAX_MESSAGE).contains(l))
+            .ok_or_else(|| std::io::Error::other(format!("invalid message length {len}")))?;
+        if src.len() < len + 1 {
+            src.reserve(len + 1 - src.len());
+            return Ok(None);
+        }
+        let mut frame = src.split_to(len + 1);
+        let tag = frame.get_u8();
+        frame.advance(4);
+        Ok(Some(Frame {
+            tag,
+            body: frame.freeze(),
+        }))
+    }
+}
+
+impl Encoder<Bytes> for Codec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        dst.extend_from_slice(&item);
+        Ok(())
+    }
+}
+
+/// A replication connection in command mode.
+pub struct ReplicationClient {
+    io: Framed<TcpStream, Codec>,
+}
+
+impl ReplicationClient {
+    /// Connects with `replication=database` and authenticates (trust, password, md5,
+    /// SCRAM-SHA-256), using the same settings as the ordinary connection.
+    pub async fn connect(
+        pg: &tokio_postgres::Config,
+    ) -> Result<ReplicationClient, ReplicationError> {
+        use tokio_postgres::config::Host;
+        let host =
+            match pg.get_hosts().first() {
+                Some(Host::Tcp(h)) => h.clone(),
+                Some(Host::Unix(_)) => return Err(ReplicationError::Protocol(
+                    "log mode connects over TCP: give source.database_url a host name or address"
+                        .into(),
+                )),
+                None => "localhost".into(),
+            };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let connect = TcpStream::connect((host.as_str(), port));
+        let stream = match pg.get_connect_timeout() {
+            Some(t) => tokio::time::timeout(*t, connect).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??,
+            None => connect.await?,
+        };
+        stream.set_nodelay(true)?;
+        set_keepalive(&stream)?;
+        let mut client = ReplicationClient {
+            io: Framed::new(stream, Codec),
+        };
+        let user = pg.get_user().unwrap_or_default();
+        let mut params = vec![
+            ("user", user),
+            ("database", pg.get_dbname().unwrap_or(user)),
+            ("replication", "database"),
+            (
+                "application_name",
+                pg.get_application_name().unwrap_or("outbox-relay"),
+            ),
+        ];
+        params.retain(|(_, v)| !v.is_empty());
+        let mut buf = BytesMut::new();
+        frontend::startup_message(params.iter().copied(), &mut buf)?;
+        client.send(buf).await?;
+        client.authenticate(user, pg.get_password()).await?;
+        client.wait_ready().await?;
+        Ok(client)
+    }
+
+    async fn send(&mut self, buf: BytesMut) -> Result<(), ReplicationError> {
+        self.io.send(buf.freeze()).await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Frame, ReplicationError> {
+        match self.io.next().await {
+            Some(frame) => Ok(frame?),
+            None => Err(ReplicationError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "server closed the replication connection",
+            ))),
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+    ) -> Result<(), ReplicationError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.recv().await?;
+            match frame.tag {
+                b'R' => {}
+                b'E' => return Err(server_error(frame.body)),
+                other => return Err(unexpected(other, "authentication")),
+            }
+            let mut body = frame.body;
+            if body.len() < 4 {
+                return Err(ReplicationError::Protocol(
+                    "short authentication message".into(),
+                ));
+            }
+            let need_password = || {
+                password.ok_or_else(|| {
+                    ReplicationError::Auth(
+                        "the server asks for a password: put it in source.database_url or source.password_file".into(),
+                    )
+                })
+            };
+            let mut buf = BytesMut::new();
+            match body.get_i32() {
+                0 => return Ok(()),
+                3 => frontend::password_message(need_password()?, &mut buf)?,
+                5 => {
+                    let salt: [u8; 4] = body
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| ReplicationError::Protocol("short md5 salt".into()))?;
+                    let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), need_password()?, salt);
+                    frontend::password_message(hash.as_bytes(), &mut buf)?;
+                }
+                10 => {
+                    let mechanisms = String::from_utf8_lossy(&body).to_string();
+                    if !mechanisms.split('\0').any(|m| m == "SCRAM-SHA-256") {
+                        return Err(ReplicationError::Auth(format!(
+                            "server offers only SASL mechanisms {mechanisms:?}; SCRAM-SHA-256 is supported"
+                        )));
+                    }
+                    let s = ScramSha256::new(need_password()?, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)?;
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL continue before start".into()))?;
+                    s.update(&body).map_err(|e| ReplicationError::Auth(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut buf)?;
+                }
+                12 => {
+                    let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL final before start".into()))?;
+                    s.finish(&body).map_err(|e| ReplicationError::Auth(e.to_string()))?;
+                    continue;
+                }
+                other => {
+                    return Err(ReplicationError::Auth(format!(
+                        "unsupported authentication method {other} (trust, password, md5 and SCRAM-SHA-256 are)"
+                    )))
+                }
+            }
+            self.send(buf).await?;
+        }
+    }
+
+    /// Skips parameter status, backend key data and notices until ReadyForQuery.
+    async fn wait_ready(&mut self) -> Result<(), ReplicationError> {
+        let mut error = None;
+        loop {
+            let frame = self.recv().await?;
+            match frame.tag {
+                b'Z' => return error.map_or(Ok(()), Err),
+                b'E' => error = Some(server_error(frame.body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one replication command and returns its rows as text.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf)?;
+        self.send(buf).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.recv().await?;
+            match frame.tag {
+                b'D' => rows.push(data_row(frame.body)?),
+                b'E' => error = Some(server_error(frame.body)),
+                b'Z' => return error.map_or(Ok(rows), Err),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends START_REPLICATION and turns the connection into a replication stream.
+    pub async fn start_replication(
+        mut self,
+        sql: &str,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf)?;
+        self.send(buf).await?;
+        loop {
+            let frame = self.recv().await?;
+            match frame.tag {
+                b'W' => break,
+                b'E' => {
+                    let e = server_error(frame.body);
+                    // The server still sends ReadyForQuery; the connection is dropped anyway.
+                    return Err(e);
+                }
+                b'N' => {}
+                other => return Err(unexpected(other, "START_REPLICATION")),
+            }
+        }
+        let (sink, stream) = self.io.split();
+        Ok(ReplicationStream {
+            reader: StreamReader { stream },
+            writer: StreamWriter { sink },
+        })
+    }
+}
+
+/// An open CopyBoth replication stream, split so one task can read while another
+/// writes status updates.
+pub struct ReplicationStream {
+    pub reader: StreamReader,
+    pub writer: StreamWriter,
+}
+
+pub struct StreamReader {
+    stream: futures::stream::SplitStream<Framed<TcpStream, Codec>>,
+}
+
+pub struct StreamWriter {
+    sink: futures::stream::SplitSink<Framed<TcpStream, Codec>, Bytes>,
+}
+
+/// What arrives on the replication stream.
+#[derive(Debug)]
+pub enum StreamMessage {
+    /// WAL data: a pgoutput message starting at `start`.
+    XLogData { start: u64, end: u64, data: Bytes },
+    /// The server's current WAL end; `reply` asks for a status update now.
+    Keepalive { wal_end: u64, reply: bool },
+    /// The server ended the stream (CopyDone).
+    Done,
+}
+
+impl StreamReader {
+    /// The next message. Cancel-safe: a message is either returned whole or not taken.
+    pub async fn next(&mut self) -> Result<StreamMessage, ReplicationError> {
+        loop {
+            let frame = match self.stream.next().await {
+                Some(f) => f?,
+                None => {
+                    return Err(ReplicationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "server closed the replication stream",
+                    )))
+                }
+            };
+            match frame.tag {
+                b'd' => {}
+                b'c' => return Ok(StreamMessage::Done),
+                b'E' => return Err(server_error(frame.body)),
+                b'N' => continue,
+                other => return Err(unexpected(other, "replication stream")),
+            }
+            let mut body = frame.body;
+            if body.is_empty() {
+                return Err(ReplicationError::Protocol("empty CopyData".into()));
+            }
+            return match body.get_u8() {
+                b'w' if body.len() >= 24 => {
+                    let start = body.get_u64();
+                    let end = body.get_u64();
+                    body.advance(8);
+                    Ok(StreamMessage::XLogData {
+                        start,
+                        end,
+                        data: body,
+                    })
+                }
+                b'k' if body.len() >= 17 => {
+                    let wal_end = body.get_u64();
+                    body.advance(8);
+                    Ok(StreamMessage::Keepalive {
+                        wal_end,
+                        reply: body.get_u8() == 1,
+                    })
+                }
+                other => Err(ReplicationError::Protocol(format!(
+                    "unexpected CopyData kind {:?} or short body",
+                    other as char
+                ))),
+            };
+        }
+    }
+}
+
+impl StreamWriter {
+    /// Standby status update: everything up to `flushed` may be forgotten by the slot.
+    pub async fn send_status(&mut self, flushed: u64, reply: bool) -> Result<(), ReplicationError> {
+        let mut data = BytesMut::with_capacity(34);
+        data.put_u8(b'r');
+        data.put_u64(flushed); // written
+        data.put_u64(flushed); // flushed
+        data.put_u64(flushed); // applied
+        data.put_i64(pg_now());
+        data.put_u8(u8::from(reply));
+        let mut buf = BytesMut::new();
+        frontend::CopyData::new(data.freeze())?.write(&mut buf);
+        self.sink.send(buf.freeze()).await?;
+        Ok(())
+    }
+
+    /// Ends the stream from our side (CopyDone), after a final status update.
+    pub async fn finish(&mut self) -> Result<(), ReplicationError> {
+        let mut buf = BytesMut::new();
+        frontend::copy_done(&mut buf);
+        self.sink.send(buf.freeze()).await?;
+        Ok(())
+    }
+}
+
+/// Microseconds since 2000-01-01 UTC, PostgreSQL's timestamp epoch.
+pub fn pg_now() -> i64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_micros() as i64) - (PG_EPOCH_OFFSET_SECS as i64) * 1_000_000
+}
+
+/// Unix milliseconds from a PostgreSQL timestamp (µs since 2000-01-01).
+pub fn pg_ts_to_unix_ms(ts: i64) -> i64 {
+    ts / 1000 + (PG_EPOCH_OFFSET_SECS as i64) * 1000
+}
+
+/// `X/Y`, PostgreSQL's LSN notation.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses `X/Y`.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+fn set_keepalive(stream: &TcpStream) -> std::io::Result<()> {
+    use crate::source::config::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES};
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    sock.set_tcp_keepalive(&ka)?;
+    sock.set_tcp_user_timeout(Some(
+        KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES + Duration::ZERO,
+    ))
+}
+
+fn data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ReplicationError> {
+    let short = || ReplicationError::Protocol("short DataRow".into());
+    if body.len() < 2 {
+        return Err(short());
+    }
+    let n = body.get_i16();
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if body.len() < 4 {
+            return Err(short());
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if body.len() < len {
+            return Err(short());
+        }
+        row.push(Some(
+            String::from_utf8_lossy(&body.split_to(len)).into_owned(),
+        ));
+    }
+    Ok(row)
+}
+
+fn server_error(body: Bytes) -> ReplicationError {
+    let (mut code, mut message, mut detail, mut hint) = (String::new(), String::new(), None, None);
+    for field in body.split(|b| *b == 0) {
+        let Some((&kind, value)) = field.split_first() else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'D' => detail = Some(value),
+            b'H' => hint = Some(value),
+            _ => {}
+        }
+    }
+    ReplicationError::Server {
+        code,
+        message,
+        detail,
+        hint,
+    }
+}
+
+fn unexpected(tag: u8, during: &str) -> ReplicationError {
+    ReplicationError::Protocol(format!(
+        "unexpected message {:?} during {during}",
+        tag as char
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("nonsense"), None);
+    }
+
+    #[test]
+    fn codec_refuses_absurd_lengths_and_waits_for_whole_frames() {
+        let mut c = Codec;
+        let mut buf = BytesMut::from(&b"d\x00\x00\x00\x09abc"[..]);
+        assert!(c.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(b"de");
+        let f = c.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((f.tag, &f.body[..]), (b'd', &b"abcde"[..]));
+        let mut bad = BytesMut::from(&b"d\xff\xff\xff\xff"[..]);
+        assert!(c.decode(&mut bad).is_err());
+    }
+}

@@ -1,0 +1,222 @@
+//! The outbox table as both capture modes read it: connection, shape checks, and the
+//! one SELECT list that turns a row into an [`OutboxEvent`] the same way everywhere.
+
+use tokio_postgres::{Client, Row};
+
+use super::{quote_ident, quote_ident_opt, Columns, SourceError, TableName};
+use crate::event::{OutboxEvent, Position};
+
+/// Opens a plain (non-replication) connection and drives it in the background.
+pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, SourceError> {
+    let (client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(SourceError::pg("connecting to PostgreSQL"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    // The server, too, should notice a vanished relay within seconds and release its
+    // leader lock, so a standby can take over.
+    client
+        .batch_execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}",
+            super::config::KEEPALIVE_IDLE.as_secs(),
+            super::config::KEEPALIVE_INTERVAL.as_secs(),
+            super::config::KEEPALIVE_RETRIES
+        ))
+        .await
+        .map_err(SourceError::pg("setting keepalives"))?;
+    Ok(client)
+}
+
+/// What the relay learned about the outbox table at start.
+pub struct TableShape {
+    pub oid: u32,
+    pub payload_type: String,
+    pub payload_is_json: bool,
+    /// SQL type of the id column, for `= ANY($1::text[]::TYPE[])` deletes.
+    pub id_type: String,
+}
+
+/// Which checks [`describe`] makes beyond "the table and its columns exist".
+#[derive(Clone, Copy)]
+pub struct Checks {
+    /// The role may DELETE (polling, and log mode with cleanup).
+    pub delete: bool,
+    /// The seq sequence hands out values in order (polling's visibility rule).
+    pub seq_cache: bool,
+    /// The seq column is needed (polling; log mode's first-start snapshot orders by it).
+    pub seq: bool,
+}
+
+impl Checks {
+    pub const POLLING: Checks = Checks {
+        delete: true,
+        seq_cache: true,
+        seq: true,
+    };
+}
+
+/// Checks the table, its columns and the relay's privileges, naming the config key of
+/// anything missing.
+pub async fn describe(
+    client: &Client,
+    table: &TableName,
+    columns: &Columns,
+    checks: Checks,
+) -> Result<TableShape, SourceError> {
+    let oid: Option<u32> = client
+        .query_one("SELECT to_regclass($1)::oid", &[&table.quoted()])
+        .await
+        .map_err(SourceError::pg("looking up the outbox table"))?
+        .get(0);
+    let Some(oid) = oid else {
+        return Err(SourceError::Setup(format!(
+            "table {table} does not exist (source.table): create it with sql/001_outbox.sql \
+             or `outbox-relay setup --apply`, or point source.table at your outbox"
+        )));
+    };
+    let rows = client
+        .query(
+            "SELECT a.attname::text, t.typname::text, format_type(a.atttypid, NULL) FROM pg_attribute a \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await
+        .map_err(SourceError::pg("reading the outbox table's columns"))?;
+    let type_of = |name: &str| {
+        rows.iter()
+            .find(|r| r.get::<_, String>(0) == name)
+            .map(|r| r.get::<_, String>(1))
+    };
+    let mut missing = Vec::new();
+    let mut payload_type = String::new();
+    for (key, name) in columns.all() {
+        if key == "seq" && !checks.seq {
+            continue;
+        }
+        match type_of(name) {
+            Some(ty) if key == "payload" => payload_type = ty,
+            Some(_) => {}
+            None => missing.push(format!("source.columns.{key} = {name:?}")),
+        }
+    }
+    let id_type = rows
+        .iter()
+        .find(|r| r.get::<_, String>(0) == columns.id)
+        .map(|r| r.get::<_, String>(2))
+        .unwrap_or_else(|| "text".into());
+    if !missing.is_empty() {
+        return Err(SourceError::Setup(format!(
+            "table {table} has no column for {}: fix the column names under [source.columns] \
+             or the table",
+            missing.join(", ")
+        )));
+    }
+    // The visibility rule needs seq values handed out in order across sessions.
+    let sequence = if !checks.seq_cache {
+        None
+    } else {
+        client
+            .query_opt(
+                "SELECT pg_get_serial_sequence($1, $2), s.seqcache FROM pg_sequence s \
+             WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass",
+                &[&table.quoted(), &columns.seq],
+            )
+            .await
+            .map_err(SourceError::pg("checking the seq sequence"))?
+    };
+    if let Some(row) = sequence {
+        let (name, cache): (String, i64) = (row.get(0), row.get(1));
+        if cache > 1 {
+            return Err(SourceError::Setup(format!(
+                "sequence {name} (behind {table}.{}) caches {cache} values per session, so seq \
+                 values can commit out of order in ways the relay cannot see: \
+                 ALTER SEQUENCE {name} CACHE 1",
+                columns.seq
+            )));
+        }
+    }
+    let privileges = if checks.delete {
+        "SELECT, DELETE"
+    } else {
+        "SELECT"
+    };
+    let allowed: bool = client
+        .query_one(
+            "SELECT has_table_privilege($1::oid, 'SELECT') \
+               AND (NOT $2 OR has_table_privilege($1::oid, 'DELETE'))",
+            &[&oid, &checks.delete],
+        )
+        .await
+        .map_err(SourceError::pg("checking privileges on the outbox"))?
+        .get(0);
+    if !allowed {
+        return Err(SourceError::Setup(format!(
+            "this role may not {privileges} on {table}: GRANT {privileges} ON {} TO <relay role> \
+             (see sql/003_relay_role.sql)",
+            table.quoted()
+        )));
+    }
+    Ok(TableShape {
+        oid,
+        payload_is_json: matches!(payload_type.as_str(), "jsonb" | "json"),
+        payload_type,
+        id_type,
+    })
+}
+
+/// `SELECT <event columns> FROM <table>`: the columns in the order [`row_to_event`] reads.
+///
+/// Text casts keep the mapping independent of the exact column types (uuid, varchar,
+/// text…), and jsonb's text form is exactly what log mode receives.
+pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String {
+    let q = |name: &str| quote_ident(name);
+    let payload = match shape.payload_type.as_str() {
+        "jsonb" | "json" => format!("{}::text", q(&c.payload)),
+        "bytea" => q(&c.payload),
+        // Text kept as its UTF-8 bytes: a `::bytea` cast would decode backslash escapes.
+        _ => format!("convert_to({}::text, 'UTF8')", q(&c.payload)),
+    };
+    let created = match &c.created_at {
+        Some(col) => format!("(extract(epoch FROM {}) * 1000)::int8", q(col)),
+        None => "NULL::int8".to_owned(),
+    };
+    format!(
+        "SELECT {seq}::int8, {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, \
+         {headers}::text, {created}, {topic}::text FROM {table}",
+        seq = q(&c.seq),
+        id = q(&c.id),
+        at = q(&c.aggregate_type),
+        ai = q(&c.aggregate_id),
+        et = q(&c.event_type),
+        headers = quote_ident_opt(c.headers.as_deref()),
+        topic = quote_ident_opt(c.topic.as_deref()),
+        table = table.quoted(),
+    )
+}
+
+/// Reads a row selected with [`select_sql`].
+pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
+    OutboxEvent {
+        position: Position::Seq(row.get(0)),
+        id: row.get(1),
+        aggregate_type: row.get(2),
+        aggregate_id: row.get(3),
+        event_type: row.get(4),
+        payload: if payload_is_json {
+            row.get::<_, Option<String>>(5).map(String::into_bytes)
+        } else {
+            row.get::<_, Option<Vec<u8>>>(5)
+        },
+        payload_is_json,
+        headers: row.get(6),
+        timestamp_ms: row.get(7),
+        topic: row.get(8),
+        invalid: None,
+        original: None,
+    }
+}
