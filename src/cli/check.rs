@@ -36,7 +36,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
             Ok(format!(
                 "{}, table {} readable and deletable",
                 src.redacted_url(),
-                src.table
+                src.table_label()
             ))
         }
         Mode::Logical => {

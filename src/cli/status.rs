@@ -19,7 +19,7 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
             Mode::Logical => "logical",
         }
     );
-    println!("table:    {}", src.table);
+    println!("table:    {}", src.table_label());
     let mut problems = Vec::new();
 
     match src.mode {
@@ -31,7 +31,7 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
                      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
                        AND l.classid = $1::int4::oid AND l.objid = to_regclass($2)::oid",
-                    &[&LOCK_CLASS, &src.table.quoted()],
+                    &[&LOCK_CLASS, &src.outbox_table()?.quoted()],
                 )
                 .await?;
             match leader {
@@ -58,7 +58,7 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
                 .query_one(
                     &format!(
                         "SELECT count(*), {age} FROM (SELECT * FROM {} ORDER BY {} LIMIT 1000000) backlog",
-                        src.table.quoted(),
+                        src.outbox_table()?.quoted(),
                         quote_ident(&src.columns.seq)
                     ),
                     &[],

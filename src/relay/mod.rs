@@ -26,8 +26,7 @@ use crate::config::Config;
 use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
 use crate::sink::kafka::{Delivery, KafkaSink, SinkError};
-use crate::source::polling::PollingSource;
-use crate::source::{Mode, Source, SourceError};
+use crate::source::{AnySource, Mode, Source, SourceError};
 
 /// First pause after a failure; it doubles up to `relay.max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -38,10 +37,6 @@ pub enum RelayError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error(
-        "source.mode = \"logical\" is not available in this build yet: use mode = \"polling\""
-    )]
-    ModeUnavailable,
     #[error("cannot listen on http.listen = {addr}: {source} (pick a free address or port)")]
     Listen {
         addr: std::net::SocketAddr,
@@ -62,24 +57,25 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    if config.source.mode == Mode::Logical {
-        return Err(RelayError::ModeUnavailable);
-    }
     let sink = KafkaSink::new(&config.sink, telemetry.clone())?;
     let probe = sink.spawn_health_probe(shutdown.clone());
-    let batch_size = config.source.polling.batch_size.get();
+    let batch_size = match config.source.mode {
+        Mode::Polling => config.source.polling.batch_size.get(),
+        Mode::Logical => config.source.logical.batch_size.get(),
+    };
     let mut backoff = Backoff::new(config.relay.max_backoff);
     tracing::info!(
         database = %config.source.redacted_url(),
-        table = %config.source.table,
+        table = %config.source.table_label(),
         brokers = %config.sink.brokers,
-        "relay starting in polling mode"
+        mode = ?config.source.mode,
+        "relay starting"
     );
     let health = &telemetry.health;
     let result = loop {
         health.set_leader(false, Some("starting: connecting to PostgreSQL"));
         let outcome = async {
-            let mut source = PollingSource::connect(&config.source, telemetry.clone()).await?;
+            let mut source = AnySource::connect(&config.source, telemetry.clone()).await?;
             health.set_postgres(None);
             if !source.lead(&shutdown).await? {
                 return Ok(());
@@ -91,7 +87,9 @@ pub async fn run(
                 shutdown: &shutdown,
                 backoff: &mut backoff,
             };
-            pump.run(&mut source, batch_size).await
+            pump.run(&mut source, batch_size).await?;
+            source.finish().await?;
+            Ok(())
         }
         .await;
         match outcome {

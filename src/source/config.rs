@@ -44,17 +44,37 @@ pub enum Mode {
 }
 
 /// Validated `[source]` section.
+#[derive(Clone)]
 pub struct SourceConfig {
     pub mode: Mode,
     /// Connection settings, password included (tokio-postgres redacts it in `Debug`).
     pub pg: tokio_postgres::Config,
-    pub table: TableName,
+    /// `None` for a table-less outbox (`table = ""`, log mode: logical messages only).
+    pub table: Option<TableName>,
     pub columns: Columns,
     pub polling: PollingConfig,
     pub logical: LogicalConfig,
 }
 
 impl SourceConfig {
+    /// The outbox table, for code paths that need one.
+    pub fn outbox_table(&self) -> Result<&TableName, super::SourceError> {
+        self.table.as_ref().ok_or_else(|| {
+            super::SourceError::Setup(
+                "source.table is empty (table-less outbox): only log mode can run without a table"
+                    .into(),
+            )
+        })
+    }
+
+    /// The table for logs and output: its name, or what having none means.
+    pub fn table_label(&self) -> String {
+        self.table.as_ref().map_or_else(
+            || "(none: logical messages only)".to_owned(),
+            |t| t.to_string(),
+        )
+    }
+
     /// `user@host:port/dbname`, safe to print: never the password.
     pub fn redacted_url(&self) -> String {
         let host = self
@@ -114,9 +134,22 @@ impl RawSourceConfig {
             }
             Some(pg)
         });
-        let table = TableName::parse(&self.table)
-            .map_err(|e| problems.push("source.table", e))
-            .ok();
+        let table = if self.table.is_empty() {
+            if mode == Some(Mode::Polling) {
+                problems.push(
+                    "source.table",
+                    "must name the outbox table in polling mode (only log mode can be table-less)",
+                );
+                None
+            } else {
+                Some(None)
+            }
+        } else {
+            TableName::parse(&self.table)
+                .map_err(|e| problems.push("source.table", e))
+                .ok()
+                .map(Some)
+        };
         let columns = self.columns.validate(problems);
         let polling = self.polling.validate(problems);
         let logical = self.logical.validate(problems);
@@ -321,5 +354,19 @@ impl Columns {
             }
         }
         all
+    }
+}
+
+/// Default column names, for tests elsewhere in the crate.
+#[cfg(test)]
+#[derive(Default)]
+pub struct RawColumnsForTest;
+
+#[cfg(test)]
+impl RawColumnsForTest {
+    pub fn into_columns(self) -> Columns {
+        RawColumns::default()
+            .validate(&mut Problems::default())
+            .expect("defaults are valid")
     }
 }

@@ -7,6 +7,16 @@ pub enum SourceError {
     /// retrying will not help until an operator acts.
     #[error("{0}")]
     Setup(String),
+    /// The replication connection failed or PostgreSQL refused a replication command.
+    #[error("{context}: {source}")]
+    Replication {
+        context: &'static str,
+        #[source]
+        source: crate::source::logical::ReplicationError,
+    },
+    /// Another relay streams from the slot: this one is a standby.
+    #[error("replication slot {slot} is in use by another relay ({detail})")]
+    SlotBusy { slot: String, detail: String },
     /// A query or the connection failed.
     #[error("{context}: {source}")]
     Postgres {
@@ -21,12 +31,27 @@ impl SourceError {
         move |source| SourceError::Postgres { context, source }
     }
 
+    pub fn repl(
+        context: &'static str,
+    ) -> impl FnOnce(crate::source::logical::ReplicationError) -> SourceError {
+        move |source| SourceError::Replication { context, source }
+    }
+
     /// True when reconnecting and trying again may succeed (network, restart, failover,
     /// lock timeouts), false for problems an operator must fix (missing table, no
     /// privilege, bad password).
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Setup(_) => false,
+            SourceError::SlotBusy { .. } => true,
+            SourceError::Replication { source, .. } => {
+                use crate::source::logical::ReplicationError as R;
+                match source {
+                    R::Io(_) | R::Protocol(_) => true,
+                    R::Auth(_) => false,
+                    R::Server { code, .. } => retryable_class(code),
+                }
+            }
             SourceError::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: retry when the connection itself broke (refused, reset,
                 // closed); not for client-side mistakes such as a type mismatch.
@@ -35,14 +60,16 @@ impl SourceError {
                         || std::error::Error::source(source)
                             .is_some_and(|s| s.is::<std::io::Error>())
                 }
-                Some(code) => {
-                    let class = &code.code()[..2];
-                    // 08 connection exception, 40 rollback (serialization, deadlock),
-                    // 53 insufficient resources, 55 lock not available,
-                    // 57 operator intervention (shutdown, restart), 58 system error.
-                    matches!(class, "08" | "40" | "53" | "55" | "57" | "58")
-                }
+                Some(code) => retryable_class(code.code()),
             },
         }
     }
+}
+
+/// SQLSTATE classes worth a retry: 08 connection exception, 40 rollback (serialization,
+/// deadlock), 53 insufficient resources, 55 object not in prerequisite state (lock not
+/// available, object in use), 57 operator intervention (shutdown, restart), 58 system
+/// error.
+fn retryable_class(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "40" | "53" | "55" | "57" | "58"))
 }

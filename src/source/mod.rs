@@ -33,8 +33,72 @@ pub trait Source: Send {
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, SourceError>> + Send;
 
     /// Forgets events Kafka has acknowledged (delete the rows / advance the slot).
+    /// `events` is always a prefix of the batch `next_batch` returned last.
     fn ack(
         &mut self,
         events: &[OutboxEvent],
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// A graceful stop: the last acknowledgement goes out to PostgreSQL.
+    fn finish(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// The configured capture mode. One exists per process, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum AnySource {
+    Polling(polling::PollingSource),
+    Logical(logical::LogicalSource),
+}
+
+impl AnySource {
+    pub async fn connect(
+        config: &SourceConfig,
+        telemetry: crate::metrics::Telemetry,
+    ) -> Result<AnySource, SourceError> {
+        Ok(match config.mode {
+            Mode::Polling => {
+                AnySource::Polling(polling::PollingSource::connect(config, telemetry).await?)
+            }
+            Mode::Logical => {
+                AnySource::Logical(logical::LogicalSource::connect(config, telemetry).await?)
+            }
+        })
+    }
+
+    /// Becomes the one publishing relay of this outbox, waiting as a standby while
+    /// another one is; `false` when `shutdown` fired first.
+    pub async fn lead(
+        &mut self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool, SourceError> {
+        match self {
+            AnySource::Polling(s) => s.lead(shutdown).await,
+            AnySource::Logical(s) => s.lead(shutdown).await,
+        }
+    }
+}
+
+impl Source for AnySource {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
+        match self {
+            AnySource::Polling(s) => s.next_batch(max).await,
+            AnySource::Logical(s) => s.next_batch(max).await,
+        }
+    }
+
+    async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
+        match self {
+            AnySource::Polling(s) => s.ack(events).await,
+            AnySource::Logical(s) => s.ack(events).await,
+        }
+    }
+
+    async fn finish(&mut self) -> Result<(), SourceError> {
+        match self {
+            AnySource::Polling(s) => s.finish().await,
+            AnySource::Logical(s) => s.finish().await,
+        }
+    }
 }

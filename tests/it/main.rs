@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod deploy;
 mod kafka_sink;
+mod logical;
 mod observability;
 mod polling;
 mod process;

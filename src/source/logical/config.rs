@@ -16,6 +16,7 @@ pub struct RawLogicalConfig {
     status_interval: String,
     heartbeat_interval: String,
     cleanup: bool,
+    batch_size: usize,
 }
 
 impl Default for RawLogicalConfig {
@@ -28,6 +29,7 @@ impl Default for RawLogicalConfig {
             status_interval: "10s".into(),
             heartbeat_interval: "10s".into(),
             cleanup: false,
+            batch_size: 1000,
         }
     }
 }
@@ -43,6 +45,8 @@ pub struct LogicalConfig {
     /// `None` when heartbeats are off (`"0s"`).
     pub heartbeat_interval: Option<Duration>,
     pub cleanup: bool,
+    /// Events handed to Kafka per round.
+    pub batch_size: std::num::NonZeroUsize,
 }
 
 impl RawLogicalConfig {
@@ -80,6 +84,15 @@ impl RawLogicalConfig {
             "source.logical.heartbeat_interval",
             &self.heartbeat_interval,
         );
+        let batch_size =
+            std::num::NonZeroUsize::new(self.batch_size).filter(|n| n.get() <= 100_000);
+        if batch_size.is_none() {
+            problems.push(
+                "source.logical.batch_size",
+                format!("must be between 1 and 100000, got {}", self.batch_size),
+            );
+            ok = false;
+        }
         if ok {
             Some(LogicalConfig {
                 slot: self.slot,
@@ -89,6 +102,7 @@ impl RawLogicalConfig {
                 status_interval: status_interval?,
                 heartbeat_interval: heartbeat.filter(|d| !d.is_zero()),
                 cleanup: self.cleanup,
+                batch_size: batch_size?,
             })
         } else {
             None

@@ -323,8 +323,8 @@ pub struct StreamWriter {
 /// What arrives on the replication stream.
 #[derive(Debug)]
 pub enum StreamMessage {
-    /// WAL data: a pgoutput message starting at `start`.
-    XLogData { start: u64, end: u64, data: Bytes },
+    /// WAL data: one pgoutput message.
+    XLogData { data: Bytes },
     /// The server's current WAL end; `reply` asks for a status update now.
     Keepalive { wal_end: u64, reply: bool },
     /// The server ended the stream (CopyDone).
@@ -357,14 +357,10 @@ impl StreamReader {
             }
             return match body.get_u8() {
                 b'w' if body.len() >= 24 => {
-                    let start = body.get_u64();
-                    let end = body.get_u64();
-                    body.advance(8);
-                    Ok(StreamMessage::XLogData {
-                        start,
-                        end,
-                        data: body,
-                    })
+                    // WAL start, WAL end and send time: the pgoutput messages themselves
+                    // carry the LSNs the relay acknowledges.
+                    body.advance(24);
+                    Ok(StreamMessage::XLogData { data: body })
                 }
                 b'k' if body.len() >= 17 => {
                     let wal_end = body.get_u64();

@@ -83,7 +83,7 @@ impl PollingSource {
         telemetry: Telemetry,
     ) -> Result<PollingSource, SourceError> {
         let client = table::connect(&config.pg).await?;
-        let table = &config.table;
+        let table = config.outbox_table()?;
         let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
         let statements = prepare(&client, table, &config.columns, &shape).await?;
         let fence = Fence::prepare(&client, table, &config.columns.seq, shape.oid).await?;

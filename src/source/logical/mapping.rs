@@ -1,0 +1,261 @@
+//! From pgoutput to [`OutboxEvent`]: outbox-table inserts and transactional logical
+//! messages, mapped so that the sink builds the same Kafka message as in polling mode.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::pgoutput::{Relation, Value};
+use crate::event::{OutboxEvent, Position};
+use crate::source::{Columns, SourceError, TableName};
+
+const JSON_OID: u32 = 114;
+const JSONB_OID: u32 = 3802;
+const BYTEA_OID: u32 = 17;
+
+/// Positions of the configured columns in the outbox relation's tuples.
+struct Layout {
+    id: usize,
+    aggregate_type: usize,
+    aggregate_id: usize,
+    event_type: usize,
+    payload: usize,
+    payload_oid: u32,
+    headers: Option<usize>,
+    topic: Option<usize>,
+}
+
+pub struct Mapper {
+    table: Option<TableName>,
+    columns: Columns,
+    prefix: String,
+    /// Relation id → layout, for the outbox table only (other relations are ignored).
+    layouts: HashMap<u32, Layout>,
+}
+
+impl Mapper {
+    pub fn new(table: Option<TableName>, columns: Columns, prefix: String) -> Mapper {
+        Mapper {
+            table,
+            columns,
+            prefix,
+            layouts: HashMap::new(),
+        }
+    }
+
+    /// Learns a relation's columns (pgoutput sends one before its first row, and again
+    /// after a schema change).
+    pub fn relation(&mut self, rel: &Relation) -> Result<(), SourceError> {
+        let ours = self
+            .table
+            .as_ref()
+            .is_some_and(|t| t.schema == rel.namespace && t.name == rel.name);
+        if !ours {
+            self.layouts.remove(&rel.id);
+            return Ok(());
+        }
+        let find = |key: &str, name: &str| {
+            rel.columns.iter().position(|c| c.name == name).ok_or_else(|| {
+                SourceError::Setup(format!(
+                    "the outbox table {}.{} as replicated has no column {name:?} (source.columns.{key})",
+                    rel.namespace, rel.name
+                ))
+            })
+        };
+        let c = &self.columns;
+        let payload = find("payload", &c.payload)?;
+        let layout = Layout {
+            id: find("id", &c.id)?,
+            aggregate_type: find("aggregate_type", &c.aggregate_type)?,
+            aggregate_id: find("aggregate_id", &c.aggregate_id)?,
+            event_type: find("event_type", &c.event_type)?,
+            payload,
+            payload_oid: rel.columns[payload].type_oid,
+            headers: c
+                .headers
+                .as_deref()
+                .map(|h| find("headers", h))
+                .transpose()?,
+            topic: c.topic.as_deref().map(|t| find("topic", t)).transpose()?,
+        };
+        self.layouts.insert(rel.id, layout);
+        Ok(())
+    }
+
+    /// The event of an inserted outbox row; `None` for rows of other tables.
+    pub fn insert(
+        &self,
+        relation: u32,
+        tuple: &[Value],
+        position: Position,
+        timestamp_ms: i64,
+    ) -> Option<OutboxEvent> {
+        let layout = self.layouts.get(&relation)?;
+        let text = |i: usize| match tuple.get(i) {
+            Some(Value::Text(b)) | Some(Value::Binary(b)) => String::from_utf8(b.to_vec()).ok(),
+            _ => None,
+        };
+        let (payload, payload_is_json) = match tuple.get(layout.payload) {
+            Some(Value::Text(b)) => match layout.payload_oid {
+                JSON_OID | JSONB_OID => (Some(b.to_vec()), true),
+                BYTEA_OID => (decode_bytea(b), false),
+                _ => (Some(b.to_vec()), false),
+            },
+            _ => (None, false),
+        };
+        Some(OutboxEvent {
+            position,
+            id: text(layout.id),
+            aggregate_type: text(layout.aggregate_type),
+            aggregate_id: text(layout.aggregate_id),
+            event_type: text(layout.event_type),
+            payload,
+            payload_is_json,
+            headers: layout.headers.and_then(text),
+            topic: layout.topic.and_then(text),
+            timestamp_ms: Some(timestamp_ms),
+            invalid: None,
+            original: None,
+        })
+    }
+
+    /// The event of a logical message with our prefix; `None` for other prefixes.
+    pub fn message(
+        &self,
+        prefix: &str,
+        transactional: bool,
+        content: &Bytes,
+        position: Position,
+        timestamp_ms: Option<i64>,
+    ) -> Option<OutboxEvent> {
+        if prefix != self.prefix {
+            return None;
+        }
+        let mut event = match parse_envelope(content) {
+            Ok(event) => event,
+            Err(reason) => OutboxEvent {
+                invalid: Some(format!(
+                    "logical message is not a valid outbox envelope: {reason}"
+                )),
+                ..empty_event()
+            },
+        };
+        if !transactional {
+            // Emitted outside the business transaction: it could exist without the
+            // change it announces, so it is not published as an event.
+            event.invalid = Some(
+                "non-transactional logical message: emit it with pg_logical_emit_message(true, …) \
+                 inside the business transaction"
+                    .into(),
+            );
+        }
+        event.position = position;
+        event.timestamp_ms = timestamp_ms;
+        event.original = Some(content.to_vec());
+        Some(event)
+    }
+}
+
+fn empty_event() -> OutboxEvent {
+    OutboxEvent {
+        position: Position::Lsn(0),
+        id: None,
+        aggregate_type: None,
+        aggregate_id: None,
+        event_type: None,
+        payload: None,
+        payload_is_json: true,
+        headers: None,
+        topic: None,
+        timestamp_ms: None,
+        invalid: None,
+        original: None,
+    }
+}
+
+/// The JSON envelope of a table-less outbox event. `payload` and `headers` are kept as
+/// the exact bytes written (no re-serialisation).
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    id: Option<String>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    event_type: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    headers: Option<&'a RawValue>,
+    topic: Option<String>,
+}
+
+fn parse_envelope(content: &[u8]) -> Result<OutboxEvent, String> {
+    let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
+    let env: Envelope = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(OutboxEvent {
+        id: env.id,
+        aggregate_type: env.aggregate_type,
+        aggregate_id: env.aggregate_id,
+        event_type: env.event_type,
+        payload: env.payload.map(|p| p.get().as_bytes().to_vec()),
+        headers: env.headers.map(|h| h.get().to_owned()),
+        topic: env.topic,
+        ..empty_event()
+    })
+}
+
+/// bytea's text output (`\x` + hex) back to bytes.
+fn decode_bytea(text: &[u8]) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix(b"\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapper() -> Mapper {
+        let raw: crate::source::config::RawColumnsForTest = Default::default();
+        Mapper::new(None, raw.into_columns(), "outbox".into())
+    }
+
+    #[test]
+    fn envelopes_keep_payload_bytes_exactly() {
+        let m = mapper();
+        let content = Bytes::from_static(
+            br#"{"id":"e1","aggregate_type":"order","aggregate_id":"o1","event_type":"Placed","payload":{"b": 1,"a":[2]},"headers":{"k":"v"}}"#,
+        );
+        let e = m
+            .message("outbox", true, &content, Position::Lsn(5), Some(7))
+            .unwrap();
+        assert_eq!(e.payload.as_deref(), Some(&br#"{"b": 1,"a":[2]}"#[..]));
+        assert_eq!(e.headers.as_deref(), Some(r#"{"k":"v"}"#));
+        assert_eq!((e.id.as_deref(), e.invalid.as_deref()), (Some("e1"), None));
+        assert!(m
+            .message("other", true, &content, Position::Lsn(5), None)
+            .is_none());
+        let e = m
+            .message("outbox", false, &content, Position::Lsn(5), None)
+            .unwrap();
+        assert!(e.invalid.unwrap().contains("non-transactional"));
+        let bad = Bytes::from_static(b"{not json");
+        let e = m
+            .message("outbox", true, &bad, Position::Lsn(5), None)
+            .unwrap();
+        assert!(e.invalid.unwrap().contains("not a valid outbox envelope"));
+        assert_eq!(e.original.as_deref(), Some(&b"{not json"[..]));
+    }
+
+    #[test]
+    fn bytea_text_decodes() {
+        assert_eq!(decode_bytea(b"\\x00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(decode_bytea(b"\\x0"), None);
+        assert_eq!(decode_bytea(b"plain"), None);
+    }
+}

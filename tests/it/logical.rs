@@ -1,0 +1,166 @@
+//! Log mode: the relay tails the WAL through a replication slot (pgoutput).
+
+use std::time::Duration;
+
+use crate::support::{insert_event, load_toml, Env, RunningRelay};
+
+/// `[source.logical]` settings for tests: fast status reports.
+pub fn logical_toml(env: &Env, extra_logical: &str) -> String {
+    env.config_toml("logical", "", "")
+        .replace(
+            "[source.polling]",
+            &format!("[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n{extra_logical}\n\n[source.polling]"),
+        )
+}
+
+async fn emit(db: &tokio_postgres::Client, transactional: bool, content: &str) {
+    db.execute(
+        "SELECT pg_logical_emit_message($1, 'outbox', $2)",
+        &[&transactional, &content],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_publishes_existing_rows_then_streams_inserts_and_messages() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 2).await;
+    let db = env.client().await;
+    // Written before the relay (and its slot) ever existed.
+    for i in 0..3 {
+        insert_event(
+            &db,
+            "order",
+            "o-1",
+            &format!("Before{i}"),
+            &format!("{{\"n\": {i}}}"),
+        )
+        .await;
+    }
+    let relay = RunningRelay::start(load_toml(&logical_toml(&env, "")));
+    let early = env.consume(&["outbox.order"], 3, 20).await;
+    assert_eq!(early.len(), 3, "rows from before the slot are published");
+
+    insert_event(&db, "order", "o-1", "After", r#"{"n": 3}"#).await;
+    db.batch_execute("BEGIN").await.unwrap();
+    emit(
+        &db,
+        true,
+        r#"{"id":"11111111-1111-1111-1111-111111111111","aggregate_type":"order","aggregate_id":"o-1","event_type":"Tableless","payload":{"n": 4, "exact":   "bytes"},"headers":{"traceparent":"00-x-01"}}"#,
+    )
+    .await;
+    db.batch_execute("COMMIT").await.unwrap();
+    emit(
+        &db,
+        false,
+        r#"{"id":"2","aggregate_type":"order","aggregate_id":"o-1","event_type":"X","payload":{}}"#,
+    )
+    .await;
+    emit(&db, true, "{not json").await;
+    insert_event(&db, "order", "o-1", "Last", r#"{"n": 5}"#).await;
+
+    let all = env.consume(&["outbox.order"], 6, 20).await;
+    let dlq = env.consume(&["outbox.dlq"], 2, 20).await;
+    relay.stop().await;
+
+    let types: Vec<_> = all
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "Before0",
+            "Before1",
+            "Before2",
+            "After",
+            "Tableless",
+            "Last"
+        ]
+    );
+    let tableless = &all[4];
+    assert_eq!(
+        tableless.value_str(),
+        r#"{"n": 4, "exact":   "bytes"}"#,
+        "payload bytes untouched"
+    );
+    assert_eq!(
+        tableless.header("id"),
+        Some("11111111-1111-1111-1111-111111111111")
+    );
+    assert_eq!(tableless.header("traceparent"), Some("00-x-01"));
+    assert_eq!(tableless.key_str(), "o-1");
+    assert_eq!(dlq.len(), 2);
+    assert!(dlq
+        .iter()
+        .any(|m| m.header("error").unwrap().contains("non-transactional")));
+    let bad = dlq
+        .iter()
+        .find(|m| {
+            m.header("error")
+                .unwrap()
+                .contains("not a valid outbox envelope")
+        })
+        .unwrap();
+    assert_eq!(
+        bad.value_str(),
+        "{not json",
+        "the original bytes go to the dead-letter topic"
+    );
+    assert!(bad.header("source_position").unwrap().starts_with("lsn:"));
+    assert_eq!(
+        env.outbox_count().await,
+        5,
+        "log mode leaves rows in place without cleanup"
+    );
+}
+
+/// After a graceful stop the final acknowledgement is in the slot: a restart sends
+/// nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_resumes_without_duplicates() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    let config = logical_toml(&env, "");
+    let relay = RunningRelay::start(load_toml(&config));
+    insert_event(&db, "order", "o-1", "One", "{}").await;
+    assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);
+    relay.stop().await;
+
+    insert_event(&db, "order", "o-1", "Two", "{}").await;
+    let relay = RunningRelay::start(load_toml(&config));
+    let got = env.consume(&["outbox.order"], 3, 8).await;
+    relay.stop().await;
+    let types: Vec<_> = got
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(types, ["One", "Two"], "nothing replayed, nothing missed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_delivered_rows() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    let relay = RunningRelay::start(load_toml(&logical_toml(&env, "cleanup = true")));
+    for i in 0..2500 {
+        insert_event(&db, "order", &format!("o-{}", i % 7), "E", "{}").await;
+    }
+    assert_eq!(env.consume(&["outbox.order"], 2500, 60).await.len(), 2500);
+    let mut left = env.outbox_count().await;
+    for _ in 0..50 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = env.outbox_count().await;
+    }
+    relay.stop().await;
+    assert_eq!(
+        left, 0,
+        "delivered rows are deleted in log mode with cleanup = true"
+    );
+}
