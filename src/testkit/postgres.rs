@@ -25,6 +25,12 @@ impl Postgres {
     /// Starts a fresh cluster. Runs the server as the `postgres` system user when this
     /// process is root (PostgreSQL refuses to run as root).
     pub fn start() -> std::io::Result<Postgres> {
+        Postgres::start_with(&[])
+    }
+
+    /// Starts a cluster with extra `name=value` server settings (later ones win over
+    /// the defaults, e.g. `wal_level=replica`).
+    pub fn start_with(settings: &[&str]) -> std::io::Result<Postgres> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-pg-")
@@ -64,7 +70,7 @@ impl Postgres {
         let (child, port) = loop {
             attempt += 1;
             let port = free_port()?;
-            let mut child = spawn_server(&bin, &data, port, &as_user)?;
+            let mut child = spawn_server(&bin, &data, port, &as_user, settings)?;
             match wait_ready(&bin, &mut child, port) {
                 Ok(()) => break (child, port),
                 Err(e) if attempt < 3 => {
@@ -93,6 +99,11 @@ impl Postgres {
 
     pub fn data_dir(&self) -> &Path {
         &self.data
+    }
+
+    /// What the server logged so far (see `PG_LOG_LEVEL`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_file_name("server.log")).unwrap_or_default()
     }
 
     /// A connection URL for `dbname` as the superuser `postgres`.
@@ -144,6 +155,7 @@ fn spawn_server(
     data: &Path,
     port: u16,
     as_user: &Option<User>,
+    extra: &[&str],
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new(bin.join("postgres"));
     cmd.arg("-D").arg(data).args(["-p", &port.to_string()]);
@@ -158,12 +170,19 @@ fn spawn_server(
         "synchronous_commit=off",
         "full_page_writes=off",
         "log_min_messages=fatal",
-    ] {
+    ]
+    .iter()
+    .chain(extra)
+    {
         cmd.args(["-c", setting]);
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    // The server log goes next to the data directory; PG_LOG_LEVEL (e.g. `warning`) makes
+    // it talkative when a test needs explaining.
+    if let Ok(level) = std::env::var("PG_LOG_LEVEL") {
+        cmd.args(["-c", &format!("log_min_messages={level}")]);
+    }
+    let log = std::fs::File::create(data.with_file_name("server.log"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     as_server_user(&mut cmd, as_user);
     die_with_parent(&mut cmd);
     cmd.spawn()

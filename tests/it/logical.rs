@@ -131,7 +131,7 @@ async fn a_clean_restart_resumes_without_duplicates() {
 
     insert_event(&db, "order", "o-1", "Two", "{}").await;
     let relay = RunningRelay::start(load_toml(&config));
-    let got = env.consume(&["outbox.order"], 3, 8).await;
+    let got = env.consume(&["outbox.order"], 3, 4).await;
     relay.stop().await;
     let types: Vec<_> = got
         .iter()
@@ -162,5 +162,114 @@ async fn cleanup_deletes_delivered_rows() {
     assert_eq!(
         left, 0,
         "delivered rows are deleted in log mode with cleanup = true"
+    );
+}
+
+/// SPEC §2: both modes produce the same Kafka message for the same event — key, value,
+/// headers and partition byte for byte (only the timestamp may differ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_modes_produce_byte_identical_messages() {
+    let env = Env::start().await;
+    env.create_topics(&["logical.order", "polling.order"], 4)
+        .await;
+    let db = env.client().await;
+    let relay = RunningRelay::start(load_toml(&logical_toml(&env, "").replace(
+        "[sink.kafka]",
+        "[sink.kafka]\ntopic = \"logical.{aggregate_type}\"",
+    )));
+    let payloads = [
+        r#"{"b": 2, "a": 1}"#,
+        r#"{"text": "grüße, 東京 \" \\ \n", "nested": {"list": [1, 2.50, null, true]}}"#,
+        r#"[1, "two", {"three": 3}]"#,
+        r#""just a string""#,
+        "12345678901234567890.123",
+    ];
+    let headers = [
+        r#"{}"#,
+        r#"{"traceparent": "00-abc-01", "n": 7, "obj": {"x": [1]}, "id": "spoof"}"#,
+    ];
+    for (i, p) in payloads.iter().enumerate() {
+        db.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
+             VALUES ('order', $1, 'Changed', $2::text::jsonb, $3::text::jsonb)",
+            &[&format!("agg-{}", i % 3), p, &headers[i % 2]],
+        )
+        .await
+        .unwrap();
+    }
+    let logical = env.consume(&["logical.order"], payloads.len(), 20).await;
+    relay.stop().await;
+
+    let relay = RunningRelay::start(load_toml(&env.config_toml("polling", "", "").replace(
+        "[sink.kafka]",
+        "[sink.kafka]\ntopic = \"polling.{aggregate_type}\"",
+    )));
+    let polling = env.consume(&["polling.order"], payloads.len(), 20).await;
+    relay.stop().await;
+
+    assert_eq!(logical.len(), payloads.len());
+    assert_eq!(polling.len(), payloads.len());
+    for l in &logical {
+        let p = polling
+            .iter()
+            .find(|p| p.header("id") == l.header("id"))
+            .expect("the same event in both modes");
+        assert_eq!(l.key, p.key);
+        assert_eq!(l.value, p.value, "value of {:?}", l.header("id"));
+        assert_eq!(l.headers, p.headers);
+        assert_eq!(l.partition, p.partition);
+    }
+}
+
+/// An idle outbox must not pin WAL while other tables are busy: keepalives move the
+/// slot forward when nothing is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_outbox_pins_no_wal_while_other_tables_write_50mb() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    let relay = RunningRelay::start(load_toml(&logical_toml(&env, "")));
+    insert_event(&db, "order", "o-1", "One", "{}").await;
+    assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);
+
+    let before: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(
+        "CREATE TABLE busy (x text); \
+         INSERT INTO busy SELECT repeat(md5(g::text), 32) FROM generate_series(1, 50000) g",
+    )
+    .await
+    .unwrap();
+    let written: i64 = db
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        written > 50_000_000,
+        "the other table wrote {written} bytes of WAL"
+    );
+    let mut retained = written;
+    for _ in 0..150 {
+        retained = db
+            .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 FROM pg_replication_slots", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if retained < 1_000_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await;
+    assert!(
+        retained < 1_000_000,
+        "the slot still retains {retained} bytes"
     );
 }
