@@ -18,7 +18,7 @@ pub enum SourceError {
     #[error("replication slot {slot} is in use by another relay ({detail})")]
     SlotBusy { slot: String, detail: String },
     /// A query or the connection failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", pg_text(.source))]
     Postgres {
         context: &'static str,
         #[source]
@@ -72,4 +72,21 @@ impl SourceError {
 /// error.
 fn retryable_class(code: &str) -> bool {
     matches!(code.get(..2), Some("08" | "40" | "53" | "55" | "57" | "58"))
+}
+
+/// tokio-postgres prints only "db error" for server errors: show what the server said.
+fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => e.to_string(),
+    }
 }

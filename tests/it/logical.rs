@@ -273,3 +273,191 @@ async fn an_idle_outbox_pins_no_wal_while_other_tables_write_50mb() {
         "the slot still retains {retained} bytes"
     );
 }
+
+/// The slot is the leader lock: a second relay waits, says why on /readyz, and takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_waits_for_the_slot_and_takes_over() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    let config = logical_toml(&env, "");
+    let telemetry = outbox_relay::metrics::Telemetry::default();
+    let leader = RunningRelay::start(load_toml(&config));
+    insert_event(&db, "order", "o-1", "One", "{}").await;
+    assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let standby = tokio::spawn(outbox_relay::daemon::run_with(
+        load_toml(&config),
+        listener,
+        telemetry.clone(),
+        shutdown.clone(),
+    ));
+    let mut reason = String::new();
+    for _ in 0..100 {
+        if let outbox_relay::metrics::Readiness::NotReady(why) = telemetry.health.readiness() {
+            reason = why;
+            if reason.contains("standby") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reason.contains("standby: replication slot outbox_relay is in use"),
+        "{reason}"
+    );
+
+    leader.stop().await;
+    insert_event(&db, "order", "o-1", "Two", "{}").await;
+    let got = env.consume(&["outbox.order"], 2, 30).await;
+    shutdown.cancel();
+    standby.await.unwrap().unwrap();
+    let types: Vec<_> = got
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(types, ["One", "Two"]);
+}
+
+async fn run_error(config: outbox_relay::config::Config) -> String {
+    let run = outbox_relay::run(config, tokio_util::sync::CancellationToken::new());
+    match tokio::time::timeout(Duration::from_secs(20), run).await {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => panic!("the relay ran without error"),
+        Err(_) => panic!("the relay kept retrying instead of failing clearly"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_problems_are_named_with_their_fix() {
+    let env = Env::start().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE ROLE plain LOGIN; GRANT SELECT ON outbox TO plain; \
+         CREATE ROLE replicator LOGIN REPLICATION; GRANT SELECT ON outbox TO replicator",
+    )
+    .await
+    .unwrap();
+    let base = logical_toml(&env, "");
+
+    let no_replication = base.replace("postgres://postgres@", "postgres://plain@");
+    let e = run_error(load_toml(&no_replication)).await;
+    assert!(
+        e.contains("may not open a replication connection: ALTER ROLE plain REPLICATION"),
+        "{e}"
+    );
+
+    let no_publication = base.replace(
+        "status_interval",
+        "publication = \"nope\"\ncreate_if_missing = false\nstatus_interval",
+    );
+    let e = run_error(load_toml(&no_publication)).await;
+    assert!(e.contains("publication nope does not exist"), "{e}");
+
+    let no_table = base.replace(
+        "mode = \"logical\"",
+        "mode = \"logical\"\ntable = \"public.missing\"",
+    );
+    let e = run_error(load_toml(&no_table)).await;
+    assert!(e.contains("table public.missing does not exist"), "{e}");
+
+    let no_slot = base.replace(
+        "status_interval",
+        "create_if_missing = false\nstatus_interval",
+    );
+    let e = run_error(load_toml(&no_slot)).await;
+    assert!(
+        e.contains("replication slot outbox_relay does not exist"),
+        "{e}"
+    );
+
+    db.batch_execute("CREATE TABLE other (id int)")
+        .await
+        .unwrap();
+    let wrong_publication = base.replace(
+        "mode = \"logical\"",
+        "mode = \"logical\"\ntable = \"public.other\"",
+    );
+    let e = run_error(load_toml(&wrong_publication)).await;
+    assert!(e.contains("column"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_below_logical_is_named() {
+    let pg = outbox_relay::testkit::postgres::Postgres::start_with(&["wal_level=replica"]).unwrap();
+    let url = pg.url("postgres");
+    let toml = format!(
+        "[source]\nmode = \"logical\"\ndatabase_url = \"{url}\"\n[sink.kafka]\nbrokers = \"127.0.0.1:1\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    let e = run_error(load_toml(&toml)).await;
+    assert!(
+        e.contains("wal_level is \"replica\": log mode needs wal_level = logical"),
+        "{e}"
+    );
+}
+
+/// md5 and SCRAM-SHA-256 on the replication connection, as pg_hba.conf demands them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_and_scram_authentication() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5-pw'; \
+         SET password_encryption = 'scram-sha-256'; CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-pw'; \
+         GRANT SELECT ON outbox TO md5_user, scram_user;",
+    )
+    .await
+    .unwrap();
+    let hba = env.pg.data_dir().join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all md5_user 127.0.0.1/32 md5\nhost all scram_user 127.0.0.1/32 scram-sha-256\n{old}"),
+    )
+    .unwrap();
+    db.execute("SELECT pg_reload_conf()", &[]).await.unwrap();
+
+    for (n, (user, pw, event)) in [
+        ("md5_user", "md5-pw", "ViaMd5"),
+        ("scram_user", "scram-pw", "ViaScram"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let config = logical_toml(&env, &format!("slot = \"{user}_slot\""))
+            .replace("postgres://postgres@", &format!("postgres://{user}:{pw}@"));
+        let relay = RunningRelay::start(load_toml(&config));
+        // Wait for the slot: only events after it count (the snapshot is empty).
+        for _ in 0..100 {
+            let active: bool = db
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&format!("{user}_slot")],
+                )
+                .await
+                .unwrap()
+                .is_some_and(|r| r.get(0));
+            if active {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        insert_event(&db, "order", "o-1", event, "{}").await;
+        let got = env.consume(&["outbox.order"], n + 1, 20).await;
+        relay.stop().await;
+        assert!(
+            got.iter().any(|m| m.header("event_type") == Some(event)),
+            "{user}: {got:?}"
+        );
+    }
+    let wrong = logical_toml(&env, "slot = \"wrong_slot\"")
+        .replace("postgres://postgres@", "postgres://scram_user:nope@");
+    let e = run_error(load_toml(&wrong)).await;
+    assert!(
+        e.contains("password authentication failed") || e.contains("authentication"),
+        "{e}"
+    );
+}

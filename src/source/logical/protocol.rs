@@ -246,7 +246,11 @@ impl ReplicationClient {
     async fn wait_ready(&mut self) -> Result<(), ReplicationError> {
         let mut error = None;
         loop {
-            let frame = self.recv().await?;
+            // A FATAL error is followed by the server hanging up: report the error.
+            let frame = match self.recv().await {
+                Ok(frame) => frame,
+                Err(e) => return Err(error.unwrap_or(e)),
+            };
             match frame.tag {
                 b'Z' => return error.map_or(Ok(()), Err),
                 b'E' => error = Some(server_error(frame.body)),
@@ -266,7 +270,10 @@ impl ReplicationClient {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            let frame = self.recv().await?;
+            let frame = match self.recv().await {
+                Ok(frame) => frame,
+                Err(e) => return Err(error.unwrap_or(e)),
+            };
             match frame.tag {
                 b'D' => rows.push(data_row(frame.body)?),
                 b'E' => error = Some(server_error(frame.body)),
