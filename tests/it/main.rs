@@ -8,6 +8,7 @@ mod cli;
 mod deploy;
 mod kafka_sink;
 mod logical;
+mod logical_process;
 mod observability;
 mod polling;
 mod process;

@@ -64,6 +64,8 @@ const CLEANUP_BATCH: usize = 1000;
 /// How long a graceful stop waits for the final status update to go out.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 const SNAPSHOT_CURSOR: &str = "outbox_relay_snapshot";
+/// How often the slot-lag gauge is refreshed.
+const LAG_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct LogicalSource {
     config: SourceConfig,
@@ -82,6 +84,7 @@ pub struct LogicalSource {
     cleanup: Option<Cleanup>,
     payload_is_json: bool,
     select_sql: Option<String>,
+    lag_measured: Option<std::time::Instant>,
 }
 
 enum Phase {
@@ -172,6 +175,7 @@ impl LogicalSource {
             cleanup,
             payload_is_json,
             select_sql,
+            lag_measured: None,
         })
     }
 
@@ -423,6 +427,29 @@ impl LogicalSource {
         Ok(())
     }
 
+    /// Refreshes the slot-lag gauge: WAL the slot keeps behind the server's position.
+    async fn measure_lag(&mut self) -> Result<(), SourceError> {
+        if self
+            .lag_measured
+            .is_some_and(|t| t.elapsed() < LAG_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.lag_measured = Some(std::time::Instant::now());
+        let lag: Option<i64> = self
+            .sql
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.logical.slot],
+            )
+            .await
+            .map_err(SourceError::pg("measuring the slot's lag"))?
+            .and_then(|r| r.get(0));
+        self.telemetry.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
+        Ok(())
+    }
+
     /// Moves the slot's flushed position past every transaction whose events are all
     /// acknowledged.
     fn flush_completed(&mut self) {
@@ -524,6 +551,7 @@ impl crate::source::Source for LogicalSource {
             }
             self.finish_snapshot().await?;
         }
+        self.measure_lag().await?;
         let batch = self.next_stream_batch(max).await?;
         self.flush_completed();
         if batch.is_empty() {

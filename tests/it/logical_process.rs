@@ -1,0 +1,229 @@
+//! Log mode as a process: SIGKILL at random moments under load, and one huge
+//! transaction in bounded memory.
+//!
+//! `OUTBOX_RELAY_LONG=1` runs the long versions (20 kills; the same 500,000-row
+//! transaction).
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use outbox_relay::testkit::kafka::Reader;
+use rand::{Rng, SeedableRng};
+
+use crate::logical::logical_toml;
+use crate::support::Env;
+
+struct Relay(Child);
+
+impl Relay {
+    fn spawn(config: &std::path::Path) -> Relay {
+        Relay(
+            Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .args(["run", "--config"])
+                .arg(config)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn outbox-relay"),
+        )
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.0.id() as i32)
+    }
+
+    /// Peak resident memory (VmHWM) in bytes.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
+    fn kill9(&mut self) {
+        kill(self.pid(), Signal::SIGKILL).unwrap();
+        self.0.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> Option<i32> {
+        kill(self.pid(), Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn long() -> bool {
+    std::env::var("OUTBOX_RELAY_LONG").is_ok_and(|v| v == "1")
+}
+
+fn config_file(toml: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(toml.as_bytes()).unwrap();
+    f
+}
+
+/// Reads until `ids` distinct event ids arrived; returns every message's (key, n, id)
+/// in partition order, duplicates included.
+async fn read_until(
+    brokers: String,
+    topic: &'static str,
+    ids: usize,
+    secs: u64,
+) -> Vec<(String, u64, String)> {
+    tokio::task::spawn_blocking(move || {
+        let reader = Reader::new(&brokers, &[topic]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let (mut all, mut seen) = (Vec::new(), HashSet::new());
+        while seen.len() < ids && Instant::now() < deadline {
+            let Ok(Some(m)) = reader.next(Duration::from_millis(200)) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+            let id = m.header("id").unwrap().to_owned();
+            seen.insert(id.clone());
+            all.push((m.key_str().to_owned(), v["n"].as_u64().unwrap(), id));
+        }
+        all
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
+    const EVENTS: usize = 50_000;
+    const AGGREGATES: usize = 500;
+    const PER_TXN: usize = 50;
+    let kills = if long() { 20 } else { 5 };
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 4).await;
+    let file = config_file(&logical_toml(&env, ""));
+    let seed: u64 = rand::random();
+    eprintln!("crash test seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let db = env.client().await;
+    let writer = tokio::spawn(async move {
+        for start in (0..EVENTS).step_by(PER_TXN) {
+            let rows: Vec<(String, String)> = (start..start + PER_TXN)
+                .map(|i| {
+                    (
+                        format!("agg-{}", i % AGGREGATES),
+                        format!("{{\"n\": {}}}", i / AGGREGATES),
+                    )
+                })
+                .collect();
+            let aggs: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+            let payloads: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+            db.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT 'order', a, 'Tick', p::jsonb FROM unnest($1::text[], $2::text[]) \
+                 WITH ORDINALITY AS t(a, p, o) ORDER BY o",
+                &[&aggs, &payloads],
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+
+    let mut relay = Relay::spawn(file.path());
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+        relay.kill9();
+        relay = Relay::spawn(file.path());
+    }
+    writer.await.unwrap();
+    let messages = read_until(env.kafka.brokers(), "outbox.order", EVENTS, 180).await;
+    assert_eq!(
+        relay.terminate(),
+        Some(0),
+        "clean exit after the last restart"
+    );
+
+    let distinct: HashSet<&str> = messages.iter().map(|m| m.2.as_str()).collect();
+    let mut next: HashMap<&str, u64> = HashMap::new();
+    let mut first_seen = HashSet::new();
+    let mut reordered = 0;
+    for (key, n, id) in &messages {
+        if !first_seen.insert(id.as_str()) {
+            continue; // a re-sent duplicate: allowed
+        }
+        let expected = next.entry(key.as_str()).or_insert(0);
+        if *n != *expected {
+            reordered += 1;
+        }
+        *expected = n + 1;
+    }
+    let lost = EVENTS - distinct.len();
+    eprintln!(
+        "crash test: kills {kills}, written {EVENTS}, delivered {}, lost {lost}, reordered {reordered}, duplicates {}",
+        distinct.len(),
+        messages.len() - distinct.len()
+    );
+    assert_eq!(lost, 0, "every event reached Kafka");
+    assert_eq!(reordered, 0, "per-aggregate order held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
+    const ROWS: usize = 500_000;
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 4).await;
+    let file = config_file(&logical_toml(&env, "batch_size = 5000"));
+    let relay = Relay::spawn(file.path());
+    let db = env.client().await;
+    // Let the relay take its slot first, so the transaction is streamed, not snapshotted.
+    for _ in 0..100 {
+        let active = db
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
+            .await
+            .unwrap()
+            .is_some();
+        if active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    db.execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'order', 'agg-' || (g % 1000), 'Bulk', jsonb_build_object('n', g / 1000, 'pad', repeat('x', 60)) \
+         FROM generate_series(0, $1::int8 - 1) g",
+        &[&(ROWS as i64)],
+    )
+    .await
+    .unwrap();
+    let messages = read_until(env.kafka.brokers(), "outbox.order", ROWS, 300).await;
+    let elapsed = started.elapsed();
+    let peak = relay.peak_rss();
+    assert_eq!(relay.terminate(), Some(0));
+    let distinct: HashSet<&str> = messages.iter().map(|m| m.2.as_str()).collect();
+    eprintln!(
+        "large transaction: {} rows relayed in {elapsed:.1?}, relay peak RSS {:.1} MB",
+        distinct.len(),
+        peak as f64 / 1e6
+    );
+    assert_eq!(distinct.len(), ROWS);
+    assert!(peak < 100_000_000, "peak RSS {peak} bytes");
+}
