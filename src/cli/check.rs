@@ -40,7 +40,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
             ))
         }
         Mode::Logical => {
-            let client = table::connect(&src.pg).await?;
+            let client = table::connect(src).await?;
             let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
             anyhow::ensure!(
                 wal_level == "logical",
@@ -81,7 +81,7 @@ async fn check_kafka(config: &Config) -> anyhow::Result<usize> {
 
 /// Applies the shipped SQL, in order, with the configured connection.
 pub async fn apply_setup(config: &Config) -> anyhow::Result<()> {
-    let client = table::connect(&config.source.pg).await?;
+    let client = table::connect(&config.source).await?;
     for (name, sql) in crate::SETUP_SQL {
         client
             .batch_execute(sql)

@@ -11,7 +11,7 @@ use crate::source::{quote_ident, Mode};
 /// Prints the status and returns whether the relay is healthy.
 pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
     let src = &config.source;
-    let client = table::connect(&src.pg).await?;
+    let client = table::connect(src).await?;
     println!(
         "mode:     {}",
         match src.mode {

@@ -49,6 +49,8 @@ pub struct SourceConfig {
     pub mode: Mode,
     /// Connection settings, password included (tokio-postgres redacts it in `Debug`).
     pub pg: tokio_postgres::Config,
+    /// TLS for both connections, from `sslmode` / `sslrootcert` in the URL.
+    pub tls: super::tls::Tls,
     /// `None` for a table-less outbox (`table = ""`, log mode: logical messages only).
     pub table: Option<TableName>,
     pub columns: Columns,
@@ -114,9 +116,25 @@ impl RawSourceConfig {
                 None
             }
         };
-        let pg = problems
-            .required("source.database_url", self.database_url)
-            .and_then(|url| parse_database_url(url.expose_secret(), problems));
+        let (pg, tls) = match problems.required("source.database_url", self.database_url) {
+            Some(url) => {
+                let (rest, mode, root) = super::tls::split_params(url.expose_secret());
+                let tls = super::tls::Tls::new(
+                    mode.as_deref(),
+                    root.as_deref().map(std::path::Path::new),
+                )
+                .map_err(|e| problems.push("source.database_url", e))
+                .ok();
+                let pg = parse_database_url(&rest, problems).map(|mut pg| {
+                    if let Some(tls) = &tls {
+                        pg.ssl_mode(tls.pg_mode());
+                    }
+                    pg
+                });
+                (pg, tls)
+            }
+            None => (None, None),
+        };
         let pg = pg.and_then(|mut pg| {
             if let Some(file) = &self.password_file {
                 match std::fs::read_to_string(file) {
@@ -156,6 +174,7 @@ impl RawSourceConfig {
         Some(SourceConfig {
             mode: mode?,
             pg: pg?,
+            tls: tls?,
             table: table?,
             columns: columns?,
             polling: polling?,

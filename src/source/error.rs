@@ -48,7 +48,7 @@ impl SourceError {
                 use crate::source::logical::ReplicationError as R;
                 match source {
                     R::Io(_) | R::Protocol(_) => true,
-                    R::Auth(_) => false,
+                    R::Auth(_) | R::Tls(_) => false,
                     R::Server { code, .. } => retryable_class(code),
                 }
             }
@@ -56,9 +56,17 @@ impl SourceError {
                 // No SQLSTATE: retry when the connection itself broke (refused, reset,
                 // closed); not for client-side mistakes such as a type mismatch.
                 None => {
-                    source.is_closed()
-                        || std::error::Error::source(source)
-                            .is_some_and(|s| s.is::<std::io::Error>())
+                    // A refused certificate will be refused again: that is configuration.
+                    let tls_refused = chain(source).any(|e| e.is::<rustls::Error>())
+                        || chain(source).any(|e| {
+                            e.downcast_ref::<std::io::Error>()
+                                .and_then(|io| io.get_ref())
+                                .is_some_and(|inner| inner.is::<rustls::Error>())
+                        });
+                    !tls_refused
+                        && (source.is_closed()
+                            || std::error::Error::source(source)
+                                .is_some_and(|s| s.is::<std::io::Error>()))
                 }
                 Some(code) => retryable_class(code.code()),
             },
@@ -87,6 +95,17 @@ fn pg_text(e: &tokio_postgres::Error) -> String {
             }
             text
         }
-        None => e.to_string(),
+        // "error performing TLS handshake" says little without what caused it.
+        None => chain(e)
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(": "),
     }
+}
+
+/// An error and its sources, outermost first.
+fn chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
 }

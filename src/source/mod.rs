@@ -10,6 +10,7 @@ mod error;
 pub mod logical;
 pub mod polling;
 pub mod table;
+pub mod tls;
 
 use std::future::Future;
 

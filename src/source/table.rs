@@ -3,20 +3,31 @@
 
 use tokio_postgres::{Client, Row};
 
-use super::{quote_ident, quote_ident_opt, Columns, SourceError, TableName};
+use super::{quote_ident, quote_ident_opt, Columns, SourceConfig, SourceError, TableName};
 use crate::event::{OutboxEvent, Position};
 
 /// Opens a plain (non-replication) connection and drives it in the background.
-pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, SourceError> {
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(SourceError::pg("connecting to PostgreSQL"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection ended");
+pub async fn connect(config: &SourceConfig) -> Result<Client, SourceError> {
+    let pg = &config.pg;
+    let client = match config.tls.client_config() {
+        None => {
+            let (client, connection) = pg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(SourceError::pg("connecting to PostgreSQL"))?;
+            tokio::spawn(drive(connection));
+            client
         }
-    });
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = pg
+                .connect(tls)
+                .await
+                .map_err(SourceError::pg("connecting to PostgreSQL"))?;
+            tokio::spawn(drive(connection));
+            client
+        }
+    };
     // The server, too, should notice a vanished relay within seconds and release its
     // leader lock, so a standby can take over.
     client
@@ -29,6 +40,17 @@ pub async fn connect(pg: &tokio_postgres::Config) -> Result<Client, SourceError>
         .await
         .map_err(SourceError::pg("setting keepalives"))?;
     Ok(client)
+}
+
+/// Runs a connection until it ends.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio_postgres::tls::TlsStream + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "PostgreSQL connection ended");
+    }
 }
 
 /// What the relay learned about the outbox table at start.

@@ -3,6 +3,7 @@
 //! where faults must be injected. One module per feature; each reads as a spec.
 
 mod support;
+mod tls;
 
 mod cli;
 mod deploy;

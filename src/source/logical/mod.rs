@@ -123,7 +123,7 @@ impl LogicalSource {
         config: &SourceConfig,
         telemetry: Telemetry,
     ) -> Result<LogicalSource, SourceError> {
-        let sql = table::connect(&config.pg).await?;
+        let sql = table::connect(config).await?;
         let wal_level: String = sql
             .query_one("SHOW wal_level", &[])
             .await
@@ -248,7 +248,7 @@ impl LogicalSource {
     }
 
     async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
-        ReplicationClient::connect(&self.config.pg)
+        ReplicationClient::connect(&self.config.pg, &self.config.tls)
             .await
             .map_err(|e| match e.code() {
                 Some("42501") => SourceError::Setup(format!(
@@ -292,7 +292,7 @@ impl LogicalSource {
             .get(2)
             .and_then(|v| v.clone())
             .ok_or_else(|| protocol_error("CREATE_REPLICATION_SLOT returned no snapshot"))?;
-        let reader = table::connect(&self.config.pg).await?;
+        let reader = table::connect(&self.config).await?;
         let select = self.select_sql.as_deref().expect("snapshot needs a table");
         reader
             .batch_execute(&format!(
@@ -384,13 +384,13 @@ impl LogicalSource {
     /// Writes a transactional message with a prefix of its own every `every`: on a quiet
     /// database it gives the slot a transaction to acknowledge.
     fn spawn_heartbeat(&self, every: Duration) {
-        let pg = self.config.pg.clone();
+        let source_config = self.config.clone();
         let Phase::Streaming(s) = &self.phase else {
             return;
         };
         let shared = s.shared.clone();
         tokio::spawn(async move {
-            let Ok(client) = table::connect(&pg).await else {
+            let Ok(client) = table::connect(&source_config).await else {
                 return;
             };
             // Ends when the stream it serves is gone (the source dropped its state).

@@ -38,6 +38,8 @@ pub enum ReplicationError {
     Protocol(String),
     #[error("authentication: {0}")]
     Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 fn detail_suffix(detail: &Option<String>, hint: &Option<String>) -> String {
@@ -105,9 +107,15 @@ impl Encoder<Bytes> for Codec {
     }
 }
 
+/// The byte stream under the protocol: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+type Transport = Framed<Box<dyn Io>, Codec>;
+
 /// A replication connection in command mode.
 pub struct ReplicationClient {
-    io: Framed<TcpStream, Codec>,
+    io: Transport,
 }
 
 impl ReplicationClient {
@@ -115,6 +123,7 @@ impl ReplicationClient {
     /// SCRAM-SHA-256), using the same settings as the ordinary connection.
     pub async fn connect(
         pg: &tokio_postgres::Config,
+        tls: &crate::source::tls::Tls,
     ) -> Result<ReplicationClient, ReplicationError> {
         use tokio_postgres::config::Host;
         let host =
@@ -136,8 +145,9 @@ impl ReplicationClient {
         };
         stream.set_nodelay(true)?;
         set_keepalive(&stream)?;
+        let io = negotiate_tls(stream, &host, tls).await?;
         let mut client = ReplicationClient {
-            io: Framed::new(stream, Codec),
+            io: Framed::new(io, Codec),
         };
         let user = pg.get_user().unwrap_or_default();
         let mut params = vec![
@@ -320,11 +330,11 @@ pub struct ReplicationStream {
 }
 
 pub struct StreamReader {
-    stream: futures::stream::SplitStream<Framed<TcpStream, Codec>>,
+    stream: futures::stream::SplitStream<Transport>,
 }
 
 pub struct StreamWriter {
-    sink: futures::stream::SplitSink<Framed<TcpStream, Codec>, Bytes>,
+    sink: futures::stream::SplitSink<Transport, Bytes>,
 }
 
 /// What arrives on the replication stream.
@@ -433,6 +443,39 @@ pub fn format_lsn(lsn: u64) -> String {
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// SSLRequest, then the TLS handshake when the server agrees (and the mode asks for it).
+async fn negotiate_tls(
+    mut stream: TcpStream,
+    host: &str,
+    tls: &crate::source::tls::Tls,
+) -> Result<Box<dyn Io>, ReplicationError> {
+    use crate::source::tls::SslMode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(config) = tls.client_config() else {
+        return Ok(Box::new(stream));
+    };
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    stream.write_all(&buf).await?;
+    let answer = stream.read_u8().await?;
+    if answer != b'S' {
+        if tls.mode == SslMode::Prefer {
+            return Ok(Box::new(stream));
+        }
+        return Err(ReplicationError::Tls(format!(
+            "the server does not offer TLS, but sslmode={:?} requires it",
+            tls.mode
+        )));
+    }
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| ReplicationError::Tls(format!("{host:?} is not a TLS server name: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| ReplicationError::Tls(format!("handshake with {host}: {e}")))?;
+    Ok(Box::new(stream))
 }
 
 fn set_keepalive(stream: &TcpStream) -> std::io::Result<()> {

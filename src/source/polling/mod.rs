@@ -82,7 +82,7 @@ impl PollingSource {
         config: &SourceConfig,
         telemetry: Telemetry,
     ) -> Result<PollingSource, SourceError> {
-        let client = table::connect(&config.pg).await?;
+        let client = table::connect(config).await?;
         let table = config.outbox_table()?;
         let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
         let statements = prepare(&client, table, &config.columns, &shape).await?;

@@ -1,0 +1,294 @@
+//! TLS to PostgreSQL, libpq style: `sslmode` (disable, prefer, require, verify-ca,
+//! verify-full) and `sslrootcert` in `source.database_url`, for the ordinary and the
+//! replication connection alike (rustls with the *ring* provider).
+//!
+//! As in libpq, `require` encrypts without checking the certificate, `verify-ca` checks
+//! it against the roots (`sslrootcert`, or the system's), `verify-full` also checks that
+//! it names the host.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The TLS settings of the database connections.
+#[derive(Clone)]
+pub struct Tls {
+    pub mode: SslMode,
+    config: Option<Arc<ClientConfig>>,
+}
+
+impl Tls {
+    /// Builds the settings from libpq's `sslmode` (default `prefer`) and `sslrootcert`.
+    pub fn new(mode: Option<&str>, root_cert: Option<&Path>) -> Result<Tls, String> {
+        let mode = match mode.unwrap_or("prefer") {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode={other} is not known: use disable, prefer, require, verify-ca or verify-full"
+                ))
+            }
+        };
+        if mode == SslMode::Disable {
+            return Ok(Tls { mode, config: None });
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let config = match mode {
+            SslMode::Prefer | SslMode::Require => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+                .with_no_client_auth(),
+            _ => {
+                let roots = Arc::new(roots(root_cert)?);
+                let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let verifier: Arc<dyn ServerCertVerifier> = if mode == SslMode::VerifyCa {
+                    Arc::new(AnyName(webpki))
+                } else {
+                    webpki
+                };
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+                    .with_no_client_auth()
+            }
+        };
+        Ok(Tls {
+            mode,
+            config: Some(Arc::new(config)),
+        })
+    }
+
+    /// The rustls configuration, unless TLS is disabled.
+    pub fn client_config(&self) -> Option<Arc<ClientConfig>> {
+        self.config.clone()
+    }
+
+    /// The mode as tokio-postgres understands it (it verifies nothing itself).
+    pub fn pg_mode(&self) -> tokio_postgres::config::SslMode {
+        match self.mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        }
+    }
+}
+
+/// Splits libpq's `sslmode` and `sslrootcert` out of a connection string (URL or
+/// key=value form), since tokio-postgres knows only some of their values.
+pub fn split_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut root) = (None, None);
+    let mut take = |key: &str, value: &str| match key {
+        "sslmode" => {
+            mode = Some(value.to_owned());
+            true
+        }
+        "sslrootcert" => {
+            root = Some(value.to_owned());
+            true
+        }
+        _ => false,
+    };
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| !kv.split_once('=').is_some_and(|(k, v)| take(k, v)))
+                    .collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => url.to_owned(),
+        }
+    } else {
+        url.split_whitespace()
+            .filter(|kv| !kv.split_once('=').is_some_and(|(k, v)| take(k, v)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (rest, mode, root)
+}
+
+fn roots(path: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    match path {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                store
+                    .add(cert)
+                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = store.add(cert);
+            }
+        }
+    }
+    if store.is_empty() {
+        return Err("no root certificate to verify the server with: set sslrootcert".into());
+    }
+    Ok(store)
+}
+
+/// `sslmode=require`/`prefer`: encrypted, certificate not checked (libpq's meaning).
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `sslmode=verify-ca`: the chain must be trusted; the name need not match.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(Error::InvalidCertificate(CertificateError::NotValidForName))
+            | Err(Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_tls_params_from_both_forms() {
+        let (rest, mode, root) = split_params(
+            "postgres://u:p@h:5/db?sslmode=verify-full&application_name=x&sslrootcert=/ca.pem",
+        );
+        assert_eq!(rest, "postgres://u:p@h:5/db?application_name=x");
+        assert_eq!(
+            (mode.as_deref(), root.as_deref()),
+            (Some("verify-full"), Some("/ca.pem"))
+        );
+        let (rest, mode, _) = split_params("host=h user=u sslmode=require dbname=d");
+        assert_eq!(rest, "host=h user=u dbname=d");
+        assert_eq!(mode.as_deref(), Some("require"));
+        assert_eq!(split_params("postgres://u@h/db").0, "postgres://u@h/db");
+    }
+
+    #[test]
+    fn unknown_modes_and_missing_roots_are_errors() {
+        assert!(Tls::new(Some("maybe"), None)
+            .err()
+            .unwrap()
+            .contains("sslmode=maybe"));
+        let e = Tls::new(Some("verify-full"), Some(Path::new("/nonexistent/ca.pem")))
+            .err()
+            .unwrap();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        assert_eq!(Tls::new(None, None).unwrap().mode, SslMode::Prefer);
+    }
+}
