@@ -91,3 +91,18 @@ fn the_readme_documents_every_metric() {
         );
     }
 }
+
+#[test]
+fn every_shipped_example_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            outbox_relay::config::load_with_env(&path, Default::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} example configs found");
+}
