@@ -463,3 +463,58 @@ async fn md5_and_scram_authentication() {
         "{e}"
     );
 }
+
+/// An existing Debezium-style table relays unchanged; only the column names are
+/// configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_style_columns_work_through_config() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.event.shipment"], 1).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE outboxevent (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+           aggregatetype varchar(255) NOT NULL, aggregateid varchar(255) NOT NULL, \
+           type varchar(255) NOT NULL, payload jsonb, seq bigint GENERATED ALWAYS AS IDENTITY); \
+         CREATE PUBLICATION dbz FOR TABLE outboxevent WITH (publish = 'insert')",
+    )
+    .await
+    .unwrap();
+    let toml = logical_toml(&env, "publication = \"dbz\"\nslot = \"dbz\"")
+        .replace(
+            "mode = \"logical\"",
+            "mode = \"logical\"\ntable = \"public.outboxevent\"\n\
+             [source.columns]\naggregate_type = \"aggregatetype\"\naggregate_id = \"aggregateid\"\n\
+             event_type = \"type\"\nheaders = \"\"\ncreated_at = \"\"",
+        )
+        .replace(
+            "[sink.kafka]",
+            "[sink.kafka]\ntopic = \"outbox.event.{aggregate_type}\"",
+        );
+    db.batch_execute(
+        "INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload) \
+         VALUES ('shipment', 's-1', 'Created', '{\"a\": 1}')",
+    )
+    .await
+    .unwrap();
+    let relay = RunningRelay::start(load_toml(&toml));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.batch_execute(
+        "INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload) \
+         VALUES ('shipment', 's-1', 'Shipped', '{\"b\": 2}')",
+    )
+    .await
+    .unwrap();
+    let got = env.consume(&["outbox.event.shipment"], 2, 20).await;
+    relay.stop().await;
+    let types: Vec<_> = got
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["Created", "Shipped"],
+        "snapshot row, then the streamed one"
+    );
+    assert_eq!(got[1].value_str(), r#"{"b": 2}"#);
+    assert_eq!(got[1].key_str(), "s-1");
+}

@@ -344,7 +344,23 @@ impl LogicalSource {
 
     async fn start_streaming(&mut self, from: u64) -> Result<(), SourceError> {
         let logical = &self.config.logical;
-        let repl = self.replication_client().await?;
+        let mut repl = self.replication_client().await?;
+        // Which server and timeline this stream comes from, for the operator's logs.
+        let system = repl
+            .simple_query("IDENTIFY_SYSTEM")
+            .await
+            .map_err(SourceError::repl("IDENTIFY_SYSTEM"))?;
+        if let Some(row) = system.first() {
+            let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            tracing::info!(
+                system_id = %field(0),
+                timeline = %field(1),
+                wal_position = %field(2),
+                slot = %logical.slot,
+                from = %format_lsn(from),
+                "starting replication"
+            );
+        }
         let command = format!(
             "START_REPLICATION SLOT \"{}\" LOGICAL {} (proto_version '1', publication_names '\"{}\"', messages 'true')",
             logical.slot,
