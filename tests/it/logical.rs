@@ -480,11 +480,11 @@ async fn debezium_style_columns_work_through_config() {
     .await
     .unwrap();
     let toml = logical_toml(&env, "publication = \"dbz\"\nslot = \"dbz\"")
+        .replace("mode = \"logical\"", "mode = \"logical\"\ntable = \"public.outboxevent\"")
         .replace(
-            "mode = \"logical\"",
-            "mode = \"logical\"\ntable = \"public.outboxevent\"\n\
-             [source.columns]\naggregate_type = \"aggregatetype\"\naggregate_id = \"aggregateid\"\n\
-             event_type = \"type\"\nheaders = \"\"\ncreated_at = \"\"",
+            "[source.logical]",
+            "[source.columns]\naggregate_type = \"aggregatetype\"\naggregate_id = \"aggregateid\"\n\
+             event_type = \"type\"\nheaders = \"\"\ncreated_at = \"\"\n\n[source.logical]",
         )
         .replace(
             "[sink.kafka]",
