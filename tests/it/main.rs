@@ -11,5 +11,6 @@ mod kafka_sink;
 mod logical;
 mod logical_process;
 mod observability;
+mod packaging;
 mod polling;
 mod process;
