@@ -1,0 +1,523 @@
+//! The SPEC §8 benchmark: `scripts/bench` (or `cargo bench --bench relay`).
+//!
+//! In one run it starts an ephemeral PostgreSQL and a tansu broker, writes the workload
+//! (200,000 outbox rows of ~200-byte JSON, 1,000 rows per transaction, 10,000 aggregate
+//! ids) and measures, median of 3:
+//!
+//! * `pg_recvlogical` draining the backlog from a slot to /dev/null (the ceiling the
+//!   server's logical decoding sets);
+//! * the relay binary in log mode draining the same backlog into the broker, timed from
+//!   process start until the slot's flushed position passed the last commit (so every
+//!   event was acknowledged by Kafka first);
+//! * the relay in polling mode draining it, deletes included (until the table is empty);
+//! * process start to first event acknowledged (one row, polling mode);
+//! * a steady state: a writer at a fixed rate while the relay (log mode) runs, with
+//!   end-to-end events/s and commit→ack p50/p99 from the relay's own histogram;
+//! * peak RSS and CPU seconds of the relay process in each drain.
+//!
+//! It prints a table, the ratios to `pg_recvlogical`, and writes JSON
+//! (`target/bench/relay.json`, or `--json PATH`). `--rows N`, `--runs N` and
+//! `--steady-secs N` shrink it for a quick look.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_relay::testkit::postgres::{bin_dir, Postgres};
+use outbox_relay::testkit::tansu::Tansu;
+use outbox_relay::testkit::{free_port, http_get, kafka};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+const PER_TXN: usize = 1000;
+const AGGREGATES: usize = 10_000;
+const TOPIC: &str = "outbox.bench";
+
+struct Args {
+    rows: usize,
+    runs: usize,
+    steady_secs: u64,
+    steady_rate: usize,
+    json: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rows: 200_000,
+        runs: 3,
+        steady_secs: 10,
+        steady_rate: 20_000,
+        json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/relay.json"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--rows" => a.rows = value().parse().expect("--rows N"),
+            "--runs" => a.runs = value().parse().expect("--runs N"),
+            "--steady-secs" => a.steady_secs = value().parse().expect("--steady-secs N"),
+            "--steady-rate" => a.steady_rate = value().parse().expect("--steady-rate N"),
+            "--json" => a.json = PathBuf::from(value()),
+            "--bench" => {} // passed by `cargo bench`
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json"),
+        }
+    }
+    a
+}
+
+/// One drain of the backlog by one process.
+#[derive(Serialize, Clone, Copy)]
+struct Drain {
+    seconds: f64,
+    events_per_second: f64,
+    peak_rss_mb: f64,
+    cpu_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    rows: usize,
+    runs: usize,
+    pg_recvlogical: Vec<Drain>,
+    relay_log: Vec<Drain>,
+    relay_polling: Vec<Drain>,
+    first_event_ms: Vec<f64>,
+    steady: Steady,
+    median: Medians,
+}
+
+#[derive(Serialize, Default)]
+struct Steady {
+    target_events_per_second: usize,
+    seconds: u64,
+    events: usize,
+    events_per_second: f64,
+    commit_to_ack_p50_ms: f64,
+    commit_to_ack_p99_ms: f64,
+    peak_rss_mb: f64,
+}
+
+#[derive(Serialize)]
+struct Medians {
+    pg_recvlogical_events_per_second: f64,
+    log_events_per_second: f64,
+    polling_events_per_second: f64,
+    log_ratio_to_pg_recvlogical: f64,
+    polling_ratio_to_pg_recvlogical: f64,
+    peak_rss_mb: f64,
+    first_event_ms: f64,
+}
+
+fn main() {
+    let a = args();
+    eprintln!("bench: starting PostgreSQL and tansu…");
+    let pg = Postgres::start_with(&["shared_buffers=256MB", "max_wal_size=4GB", "checkpoint_timeout=30min"])
+        .expect("PostgreSQL");
+    let broker = Tansu::start().expect("tansu");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(run(&a, &pg, &broker));
+    print_table(&report);
+    std::fs::create_dir_all(a.json.parent().unwrap()).unwrap();
+    std::fs::write(&a.json, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    eprintln!("bench: JSON written to {}", a.json.display());
+}
+
+async fn run(a: &Args, pg: &Postgres, broker: &Tansu) -> Report {
+    kafka::create_topics(&broker.brokers(), &[TOPIC, "outbox.dlq"], 4).await.expect("topics");
+    let url = pg.create_database("bench").await.expect("database");
+    let db = pg.connect("bench").await.unwrap();
+    for (name, sql) in outbox_relay::SETUP_SQL {
+        db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let mut report = Report {
+        machine: machine(),
+        rows: a.rows,
+        runs: a.runs,
+        pg_recvlogical: Vec::new(),
+        relay_log: Vec::new(),
+        relay_polling: Vec::new(),
+        first_event_ms: Vec::new(),
+        steady: Steady::default(),
+        median: Medians {
+            pg_recvlogical_events_per_second: 0.0,
+            log_events_per_second: 0.0,
+            polling_events_per_second: 0.0,
+            log_ratio_to_pg_recvlogical: 0.0,
+            polling_ratio_to_pg_recvlogical: 0.0,
+            peak_rss_mb: 0.0,
+            first_event_ms: 0.0,
+        },
+    };
+    for run in 0..a.runs {
+        eprintln!("bench: run {}/{}", run + 1, a.runs);
+        // One backlog, read by pg_recvlogical and by the relay through two slots
+        // created before it was written.
+        reset(&db).await;
+        for slot in ["bench_recv", "bench_relay"] {
+            db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+                .await
+                .unwrap();
+        }
+        let end = load(&db, a.rows).await;
+        report.pg_recvlogical.push(recvlogical(pg, "bench_recv", &end, a.rows));
+        report.relay_log.push(relay_log(&db, &url, broker, &end, a.rows).await);
+        eprintln!(
+            "  pg_recvlogical {:.0}/s, relay log mode {:.0}/s",
+            report.pg_recvlogical[run].events_per_second, report.relay_log[run].events_per_second
+        );
+        reset(&db).await;
+        load(&db, a.rows).await;
+        report.relay_polling.push(relay_polling(&db, &url, broker, a.rows).await);
+        eprintln!("  relay polling {:.0}/s", report.relay_polling[run].events_per_second);
+        reset(&db).await;
+        report.first_event_ms.push(first_event(&db, &url, broker).await);
+    }
+    reset(&db).await;
+    report.steady = steady(a, &db, &url, broker).await;
+    let med = |v: Vec<f64>| median(v);
+    let recv = med(report.pg_recvlogical.iter().map(|d| d.events_per_second).collect());
+    let log = med(report.relay_log.iter().map(|d| d.events_per_second).collect());
+    let polling = med(report.relay_polling.iter().map(|d| d.events_per_second).collect());
+    report.median = Medians {
+        pg_recvlogical_events_per_second: recv,
+        log_events_per_second: log,
+        polling_events_per_second: polling,
+        log_ratio_to_pg_recvlogical: log / recv,
+        polling_ratio_to_pg_recvlogical: polling / recv,
+        peak_rss_mb: report
+            .relay_log
+            .iter()
+            .chain(&report.relay_polling)
+            .map(|d| d.peak_rss_mb)
+            .fold(report.steady.peak_rss_mb, f64::max),
+        first_event_ms: med(report.first_event_ms.clone()),
+    };
+    report
+}
+
+/// Empties the outbox and drops the benchmark's slots.
+async fn reset(db: &Client) {
+    // One statement each: VACUUM refuses to run inside the implicit transaction of a
+    // multi-statement string.
+    for sql in [
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+           WHERE slot_name LIKE 'bench%' AND NOT active",
+        "TRUNCATE outbox",
+        "VACUUM outbox",
+        "CHECKPOINT",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+}
+
+/// Writes the workload; returns the WAL position after its last commit.
+async fn load(db: &Client, rows: usize) -> String {
+    let started = Instant::now();
+    for start in (0..rows).step_by(PER_TXN) {
+        let end = (start + PER_TXN).min(rows) as i64 - 1;
+        db.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'bench', 'agg-' || (g % $3), 'BenchEvent', \
+                    jsonb_build_object('n', g, 'agg', g % $3, 'pad', repeat('x', 150)) \
+             FROM generate_series($1::int8, $2::int8) g",
+            &[&(start as i64), &end, &(AGGREGATES as i64)],
+        )
+        .await
+        .unwrap();
+    }
+    let lsn: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    eprintln!("  loaded {rows} rows in {:.1?}", started.elapsed());
+    lsn
+}
+
+fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> Drain {
+    let started = Instant::now();
+    let child = Command::new(bin_dir().unwrap().join("pg_recvlogical"))
+        .args(["-d", &pg.url("bench"), "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
+        .args(["--endpos", end, "-o", "proto_version=1", "-o", "publication_names=outbox_relay"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("pg_recvlogical");
+    let (rss, cpu) = wait_measured(child);
+    drain(started.elapsed(), rows, rss, cpu)
+}
+
+async fn relay_log(db: &Client, url: &str, broker: &Tansu, end: &str, rows: usize) -> Drain {
+    let config = config_file(url, broker, "logical", "[source.logical]\nslot = \"bench_relay\"\ncreate_if_missing = false\n");
+    let started = Instant::now();
+    let relay = spawn_relay(config.path());
+    loop {
+        let done: bool = db
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots \
+                 WHERE slot_name = 'bench_relay'",
+                &[&end],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let (rss, cpu) = stop_measured(relay);
+    drain(elapsed, rows, rss, cpu)
+}
+
+async fn relay_polling(db: &Client, url: &str, broker: &Tansu, rows: usize) -> Drain {
+    let config = config_file(url, broker, "polling", "");
+    let started = Instant::now();
+    let relay = spawn_relay(config.path());
+    wait_empty(db, Duration::from_millis(10)).await;
+    let elapsed = started.elapsed();
+    let (rss, cpu) = stop_measured(relay);
+    drain(elapsed, rows, rss, cpu)
+}
+
+/// Process start to the first event acknowledged (its row deleted), polling mode.
+async fn first_event(db: &Client, url: &str, broker: &Tansu) -> f64 {
+    db.batch_execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('bench', 'first', 'First', '{}')",
+    )
+    .await
+    .unwrap();
+    let config = config_file(url, broker, "polling", "");
+    let started = Instant::now();
+    let relay = spawn_relay(config.path());
+    wait_empty(db, Duration::from_millis(1)).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    stop_measured(relay);
+    ms
+}
+
+async fn steady(a: &Args, db: &Client, url: &str, broker: &Tansu) -> Steady {
+    let port = free_port().unwrap();
+    let config = config_file(url, broker, "logical", "[source.logical]\nslot = \"bench_steady\"\n")
+        .with_listen(port);
+    let relay = spawn_relay(config.path());
+    // Wait for the slot before writing, so every event is streamed.
+    loop {
+        let ok = db
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_steady' AND active", &[])
+            .await
+            .unwrap()
+            .is_some();
+        if ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let per_tick = (a.steady_rate / 100).max(1); // a transaction every 10 ms
+    let ticks = a.steady_secs * 100;
+    let started = Instant::now();
+    let mut n = 0i64;
+    for tick in 0..ticks {
+        let due = started + Duration::from_millis(tick * 10);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        db.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'bench', 'agg-' || (g % $3), 'Steady', \
+                    jsonb_build_object('n', g, 'pad', repeat('x', 150)) \
+             FROM generate_series($1::int8, $2::int8) g",
+            &[&n, &(n + per_tick as i64 - 1), &(AGGREGATES as i64)],
+        )
+        .await
+        .unwrap();
+        n += per_tick as i64;
+    }
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let events = n as usize;
+    let (p50, p99) = loop {
+        let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+        let count = outbox_relay::testkit::metric_value(&metrics, "outbox_relay_commit_to_ack_seconds_count").unwrap_or(0.0);
+        if count as usize >= events {
+            break (quantile(&metrics, 0.5), quantile(&metrics, 0.99));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let elapsed = started.elapsed();
+    let (rss, _) = stop_measured(relay);
+    Steady {
+        target_events_per_second: a.steady_rate,
+        seconds: a.steady_secs,
+        events,
+        events_per_second: events as f64 / elapsed.as_secs_f64(),
+        commit_to_ack_p50_ms: p50 * 1000.0,
+        commit_to_ack_p99_ms: p99 * 1000.0,
+        peak_rss_mb: rss,
+    }
+}
+
+/// A quantile of the commit→ack histogram, interpolated inside its bucket.
+fn quantile(exposition: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = exposition
+        .lines()
+        .filter(|l| l.starts_with("outbox_relay_commit_to_ack_seconds_bucket{"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let within = if count > prev.1 { (rank - prev.1) / (count - prev.1) } else { 1.0 };
+            return prev.0 + (le - prev.0) * within;
+        }
+        prev = (le, count);
+    }
+    prev.0
+}
+
+async fn wait_empty(db: &Client, every: Duration) {
+    loop {
+        let empty: bool = db
+            .query_one("SELECT NOT EXISTS (SELECT 1 FROM outbox)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if empty {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+struct ConfigFile(tempfile::NamedTempFile, String);
+
+impl ConfigFile {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    fn with_listen(self, port: u16) -> ConfigFile {
+        let text = self.1.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+        write_config(text)
+    }
+}
+
+fn config_file(url: &str, broker: &Tansu, mode: &str, extra: &str) -> ConfigFile {
+    write_config(format!(
+        "[source]\nmode = \"{mode}\"\ndatabase_url = \"{url}\"\n{extra}\n\
+         [sink.kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+        broker.brokers()
+    ))
+}
+
+fn write_config(text: String) -> ConfigFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    ConfigFile(f, text)
+}
+
+fn spawn_relay(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("outbox-relay")
+}
+
+/// Peak RSS (MB) and CPU seconds of a running process, then SIGTERM and wait.
+fn stop_measured(mut child: Child) -> (f64, f64) {
+    let measured = measure(child.id());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    measured
+}
+
+/// Waits for a process to exit by itself, measuring it just before (polling /proc).
+fn wait_measured(mut child: Child) -> (f64, f64) {
+    let mut last = (0.0, 0.0);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return last;
+        }
+        last = measure(child.id());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn measure(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    (rss_kb / 1024.0, ticks / 100.0)
+}
+
+fn drain(elapsed: Duration, rows: usize, rss: f64, cpu: f64) -> Drain {
+    Drain {
+        seconds: elapsed.as_secs_f64(),
+        events_per_second: rows as f64 / elapsed.as_secs_f64(),
+        peak_rss_mb: rss,
+        cpu_seconds: cpu,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    format!("{cpus} cores, {model}")
+}
+
+fn print_table(r: &Report) {
+    let m = &r.median;
+    println!("\noutbox-relay benchmark — {} rows, median of {} ({})", r.rows, r.runs, r.machine);
+    println!("{:<38} {:>12} {:>10} {:>10} {:>9}", "", "events/s", "seconds", "RSS MB", "CPU s");
+    let row = |name: &str, d: &[Drain]| {
+        let mid = median(d.iter().map(|x| x.events_per_second).collect());
+        let x = d.iter().find(|x| x.events_per_second == mid).copied().unwrap();
+        println!(
+            "{name:<38} {:>12.0} {:>10.2} {:>10.1} {:>9.2}",
+            x.events_per_second, x.seconds, x.peak_rss_mb, x.cpu_seconds
+        );
+    };
+    row("pg_recvlogical → /dev/null", &r.pg_recvlogical);
+    row("relay, log mode → broker (acked)", &r.relay_log);
+    row("relay, polling mode (with deletes)", &r.relay_polling);
+    println!(
+        "ratio to pg_recvlogical: log mode {:.2}x, polling mode {:.2}x",
+        m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
+    );
+    println!("process start → first event acked: {:.0} ms", m.first_event_ms);
+    let s = &r.steady;
+    println!(
+        "steady state ({} events/s offered for {} s): {:.0} events/s end to end, commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
+        s.target_events_per_second, s.seconds, s.events_per_second, s.commit_to_ack_p50_ms, s.commit_to_ack_p99_ms, s.peak_rss_mb
+    );
+    println!("peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+}
