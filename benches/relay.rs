@@ -113,7 +113,9 @@ struct Medians {
 fn main() {
     let a = args();
     eprintln!("bench: starting PostgreSQL and tansu…");
-    let pg = Postgres::start_with(&["shared_buffers=256MB", "max_wal_size=4GB", "checkpoint_timeout=30min"])
+    // synchronous_commit=on: the walsender only sends flushed WAL, so the testkit's "off"
+    // would add up to wal_writer_delay to every commit→ack latency.
+    let pg = Postgres::start_with(&["shared_buffers=256MB", "max_wal_size=4GB", "checkpoint_timeout=30min", "synchronous_commit=on"])
         .expect("PostgreSQL");
     let broker = Tansu::start().expect("tansu");
     let rt = tokio::runtime::Runtime::new().unwrap();
