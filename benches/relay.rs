@@ -115,8 +115,13 @@ fn main() {
     eprintln!("bench: starting PostgreSQL and tansu…");
     // synchronous_commit=on: the walsender only sends flushed WAL, so the testkit's "off"
     // would add up to wal_writer_delay to every commit→ack latency.
-    let pg = Postgres::start_with(&["shared_buffers=256MB", "max_wal_size=4GB", "checkpoint_timeout=30min", "synchronous_commit=on"])
-        .expect("PostgreSQL");
+    let pg = Postgres::start_with(&[
+        "shared_buffers=256MB",
+        "max_wal_size=4GB",
+        "checkpoint_timeout=30min",
+        "synchronous_commit=on",
+    ])
+    .expect("PostgreSQL");
     let broker = Tansu::start().expect("tansu");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(run(&a, &pg, &broker));
@@ -127,11 +132,15 @@ fn main() {
 }
 
 async fn run(a: &Args, pg: &Postgres, broker: &Tansu) -> Report {
-    kafka::create_topics(&broker.brokers(), &[TOPIC, "outbox.dlq"], 4).await.expect("topics");
+    kafka::create_topics(&broker.brokers(), &[TOPIC, "outbox.dlq"], 4)
+        .await
+        .expect("topics");
     let url = pg.create_database("bench").await.expect("database");
     let db = pg.connect("bench").await.unwrap();
     for (name, sql) in outbox_relay::SETUP_SQL {
-        db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        db.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let mut report = Report {
         machine: machine(),
@@ -158,30 +167,56 @@ async fn run(a: &Args, pg: &Postgres, broker: &Tansu) -> Report {
         // created before it was written.
         reset(&db).await;
         for slot in ["bench_recv", "bench_relay"] {
-            db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
-                .await
-                .unwrap();
+            db.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap();
         }
         let end = load(&db, a.rows).await;
-        report.pg_recvlogical.push(recvlogical(pg, "bench_recv", &end, a.rows));
-        report.relay_log.push(relay_log(&db, &url, broker, &end, a.rows).await);
+        report
+            .pg_recvlogical
+            .push(recvlogical(pg, "bench_recv", &end, a.rows));
+        report
+            .relay_log
+            .push(relay_log(&db, &url, broker, &end, a.rows).await);
         eprintln!(
             "  pg_recvlogical {:.0}/s, relay log mode {:.0}/s",
             report.pg_recvlogical[run].events_per_second, report.relay_log[run].events_per_second
         );
         reset(&db).await;
         load(&db, a.rows).await;
-        report.relay_polling.push(relay_polling(&db, &url, broker, a.rows).await);
-        eprintln!("  relay polling {:.0}/s", report.relay_polling[run].events_per_second);
+        report
+            .relay_polling
+            .push(relay_polling(&db, &url, broker, a.rows).await);
+        eprintln!(
+            "  relay polling {:.0}/s",
+            report.relay_polling[run].events_per_second
+        );
         reset(&db).await;
-        report.first_event_ms.push(first_event(&db, &url, broker).await);
+        report
+            .first_event_ms
+            .push(first_event(&db, &url, broker).await);
     }
     reset(&db).await;
     report.steady = steady(a, &db, &url, broker).await;
     let med = |v: Vec<f64>| median(v);
-    let recv = med(report.pg_recvlogical.iter().map(|d| d.events_per_second).collect());
-    let log = med(report.relay_log.iter().map(|d| d.events_per_second).collect());
-    let polling = med(report.relay_polling.iter().map(|d| d.events_per_second).collect());
+    let recv = med(report
+        .pg_recvlogical
+        .iter()
+        .map(|d| d.events_per_second)
+        .collect());
+    let log = med(report
+        .relay_log
+        .iter()
+        .map(|d| d.events_per_second)
+        .collect());
+    let polling = med(report
+        .relay_polling
+        .iter()
+        .map(|d| d.events_per_second)
+        .collect());
     report.median = Medians {
         pg_recvlogical_events_per_second: recv,
         log_events_per_second: log,
@@ -229,7 +264,11 @@ async fn load(db: &Client, rows: usize) -> String {
         .await
         .unwrap();
     }
-    let lsn: String = db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     eprintln!("  loaded {rows} rows in {:.1?}", started.elapsed());
     lsn
 }
@@ -237,8 +276,24 @@ async fn load(db: &Client, rows: usize) -> String {
 fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> Drain {
     let started = Instant::now();
     let child = Command::new(bin_dir().unwrap().join("pg_recvlogical"))
-        .args(["-d", &pg.url("bench"), "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
-        .args(["--endpos", end, "-o", "proto_version=1", "-o", "publication_names=outbox_relay"])
+        .args([
+            "-d",
+            &pg.url("bench"),
+            "--slot",
+            slot,
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args([
+            "--endpos",
+            end,
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=outbox_relay",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("pg_recvlogical");
@@ -247,7 +302,12 @@ fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> Drain {
 }
 
 async fn relay_log(db: &Client, url: &str, broker: &Tansu, end: &str, rows: usize) -> Drain {
-    let config = config_file(url, broker, "logical", "[source.logical]\nslot = \"bench_relay\"\ncreate_if_missing = false\n");
+    let config = config_file(
+        url,
+        broker,
+        "logical",
+        "[source.logical]\nslot = \"bench_relay\"\ncreate_if_missing = false\n",
+    );
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     loop {
@@ -299,13 +359,21 @@ async fn first_event(db: &Client, url: &str, broker: &Tansu) -> f64 {
 
 async fn steady(a: &Args, db: &Client, url: &str, broker: &Tansu) -> Steady {
     let port = free_port().unwrap();
-    let config = config_file(url, broker, "logical", "[source.logical]\nslot = \"bench_steady\"\n")
-        .with_listen(port);
+    let config = config_file(
+        url,
+        broker,
+        "logical",
+        "[source.logical]\nslot = \"bench_steady\"\n",
+    )
+    .with_listen(port);
     let relay = spawn_relay(config.path());
     // Wait for the slot before writing, so every event is streamed.
     loop {
         let ok = db
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_steady' AND active", &[])
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_steady' AND active",
+                &[],
+            )
             .await
             .unwrap()
             .is_some();
@@ -338,7 +406,11 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &Tansu) -> Steady {
     let events = n as usize;
     let (p50, p99) = loop {
         let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
-        let count = outbox_relay::testkit::metric_value(&metrics, "outbox_relay_commit_to_ack_seconds_count").unwrap_or(0.0);
+        let count = outbox_relay::testkit::metric_value(
+            &metrics,
+            "outbox_relay_commit_to_ack_seconds_count",
+        )
+        .unwrap_or(0.0);
         if count as usize >= events {
             break (quantile(&metrics, 0.5), quantile(&metrics, 0.99));
         }
@@ -364,7 +436,11 @@ fn quantile(exposition: &str, q: f64) -> f64 {
         .filter(|l| l.starts_with("outbox_relay_commit_to_ack_seconds_bucket{"))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, l.rsplit(' ').next()?.parse().ok()?))
         })
         .collect();
@@ -377,7 +453,11 @@ fn quantile(exposition: &str, q: f64) -> f64 {
             if le.is_infinite() {
                 return prev.0;
             }
-            let within = if count > prev.1 { (rank - prev.1) / (count - prev.1) } else { 1.0 };
+            let within = if count > prev.1 {
+                (rank - prev.1) / (count - prev.1)
+            } else {
+                1.0
+            };
             return prev.0 + (le - prev.0) * within;
         }
         prev = (le, count);
@@ -407,7 +487,10 @@ impl ConfigFile {
     }
 
     fn with_listen(self, port: u16) -> ConfigFile {
-        let text = self.1.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+        let text = self.1.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
         write_config(text)
     }
 }
@@ -467,9 +550,20 @@ fn measure(pid: u32) -> (f64, f64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     (rss_kb / 1024.0, ticks / 100.0)
 }
 
@@ -488,21 +582,37 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     format!("{cpus} cores, {model}")
 }
 
 fn print_table(r: &Report) {
     let m = &r.median;
-    println!("\noutbox-relay benchmark — {} rows, median of {} ({})", r.rows, r.runs, r.machine);
-    println!("{:<38} {:>12} {:>10} {:>10} {:>9}", "", "events/s", "seconds", "RSS MB", "CPU s");
+    println!(
+        "\noutbox-relay benchmark — {} rows, median of {} ({})",
+        r.rows, r.runs, r.machine
+    );
+    println!(
+        "{:<38} {:>12} {:>10} {:>10} {:>9}",
+        "", "events/s", "seconds", "RSS MB", "CPU s"
+    );
     let row = |name: &str, d: &[Drain]| {
         let mid = median(d.iter().map(|x| x.events_per_second).collect());
-        let x = d.iter().find(|x| x.events_per_second == mid).copied().unwrap();
+        let x = d
+            .iter()
+            .find(|x| x.events_per_second == mid)
+            .copied()
+            .unwrap();
         println!(
             "{name:<38} {:>12.0} {:>10.2} {:>10.1} {:>9.2}",
             x.events_per_second, x.seconds, x.peak_rss_mb, x.cpu_seconds
@@ -515,7 +625,10 @@ fn print_table(r: &Report) {
         "ratio to pg_recvlogical: log mode {:.2}x, polling mode {:.2}x",
         m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
     );
-    println!("process start → first event acked: {:.0} ms", m.first_event_ms);
+    println!(
+        "process start → first event acked: {:.0} ms",
+        m.first_event_ms
+    );
     let s = &r.steady;
     println!(
         "steady state ({} events/s offered for {} s): {:.0} events/s end to end, commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",

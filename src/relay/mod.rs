@@ -16,8 +16,11 @@
 
 mod config;
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{RawRelayConfig, RelayConfig};
@@ -27,6 +30,9 @@ use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
 use crate::sink::kafka::{Delivery, KafkaSink, SinkError};
 use crate::source::{AnySource, Mode, Source, SourceError};
+
+/// Batches handed to Kafka and not yet acknowledged, at most.
+const PIPELINE_DEPTH: usize = 2;
 
 /// First pause after a failure; it doubles up to `relay.max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -43,6 +49,8 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("a relay task failed: {0}")]
+    Task(String),
     #[error(
         "shutdown grace period ({0:?}) ran out with events still unacknowledged by Kafka; \
          they stay in the outbox and are published by the next run"
@@ -57,7 +65,7 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    let sink = KafkaSink::new(&config.sink, telemetry.clone())?;
+    let sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
     let probe = sink.spawn_health_probe(shutdown.clone());
     let batch_size = match config.source.mode {
         Mode::Polling => config.source.polling.batch_size.get(),
@@ -121,7 +129,7 @@ pub async fn run(
 
 /// The batch loop's collaborators.
 struct Pump<'a> {
-    sink: &'a KafkaSink,
+    sink: &'a Arc<KafkaSink>,
     telemetry: &'a Telemetry,
     config: &'a RelayConfig,
     shutdown: &'a CancellationToken,
@@ -130,23 +138,54 @@ struct Pump<'a> {
 
 impl Pump<'_> {
     /// Moves batches from `source` to the sink until shutdown or a source error.
+    ///
+    /// Up to [`PIPELINE_DEPTH`] batches are in flight: while Kafka acknowledges one, the
+    /// next is read and handed over, so database and broker work overlap. Batches are
+    /// handed to the producer strictly in order and acknowledged strictly in order; when
+    /// one is not fully durable, the batches behind it are waited out and the source is
+    /// rewound, so everything after the durable prefix is read and sent again.
     async fn run<S: Source>(
         &mut self,
         source: &mut S,
         batch_size: usize,
     ) -> Result<(), RelayError> {
         let metrics = &self.telemetry.metrics;
+        let mut in_flight: VecDeque<JoinHandle<(Vec<OutboxEvent>, Vec<Delivery>)>> =
+            VecDeque::new();
+        let mut stopping = false;
         loop {
-            let batch = tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
-                batch = source.next_batch(batch_size) => batch?,
-            };
-            if batch.is_empty() {
-                continue;
+            if !stopping && in_flight.len() < PIPELINE_DEPTH {
+                // Only block for new events when nothing is waiting for Kafka.
+                let wait = in_flight.is_empty();
+                let batch = tokio::select! {
+                    _ = self.shutdown.cancelled() => {
+                        stopping = true;
+                        continue;
+                    }
+                    batch = source.next_batch(batch_size, wait) => batch?,
+                };
+                if !batch.is_empty() {
+                    metrics.batch_size.observe(batch.len() as f64);
+                    let sent = self.sink.send(&batch).await;
+                    let sink = self.sink.clone();
+                    in_flight.push_back(tokio::spawn(async move {
+                        let outcomes = sink.collect(&batch, sent).await;
+                        (batch, outcomes)
+                    }));
+                    continue;
+                }
+                if wait {
+                    continue;
+                }
             }
-            metrics.batch_size.observe(batch.len() as f64);
-            let outcomes = tokio::select! {
-                outcomes = self.sink.publish(&batch) => outcomes,
+            let Some(oldest) = in_flight.pop_front() else {
+                if stopping {
+                    return Ok(());
+                }
+                continue;
+            };
+            let (batch, outcomes) = tokio::select! {
+                done = oldest => done.map_err(|e| RelayError::Task(e.to_string()))?,
                 _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
                     return Err(RelayError::GraceExpired(self.config.shutdown_grace));
                 }
@@ -154,10 +193,16 @@ impl Pump<'_> {
             let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
             source.ack(&batch[..durable]).await?;
             self.record(&batch[..durable]);
-            if let Some((event, Delivery::Failed(e))) = batch.iter().zip(&outcomes).nth(durable) {
-                if let Some(fatal) = self.sink.fatal_error() {
-                    return Err(fatal.into());
-                }
+            if durable == batch.len() {
+                self.backoff.reset();
+                continue;
+            }
+            if let Some(fatal) = self.sink.fatal_error() {
+                return Err(fatal.into());
+            }
+            if let (Some(event), Some(Delivery::Failed(e))) =
+                (batch.get(durable), outcomes.get(durable))
+            {
                 // One line per failed batch, naming the first event that blocks it.
                 tracing::warn!(
                     event_id = event.id.as_deref().unwrap_or("?"),
@@ -168,14 +213,15 @@ impl Pump<'_> {
                     "Kafka did not acknowledge the batch from this event on; it will be sent again"
                 );
             }
-            if durable < batch.len() {
-                let pause = self.backoff.next();
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(pause) => {}
-                }
-            } else {
-                self.backoff.reset();
+            // What was sent behind the failed batch goes again too: wait it out, rewind.
+            for later in in_flight.drain(..) {
+                let _ = later.await;
+            }
+            source.rewind();
+            let pause = self.backoff.next();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -28,17 +28,26 @@ use crate::event::OutboxEvent;
 /// acknowledged. Batches are returned in publication order (`seq` or commit order).
 pub trait Source: Send {
     /// The next events to publish, at most `max`; an empty batch means "nothing now".
+    /// Events already returned are not returned again until [`Source::rewind`]. With
+    /// `wait`, an idle source may pause a little before answering empty (its poll
+    /// interval); without, it answers at once.
     fn next_batch(
         &mut self,
         max: usize,
+        wait: bool,
     ) -> impl Future<Output = Result<Vec<OutboxEvent>, SourceError>> + Send;
 
     /// Forgets events Kafka has acknowledged (delete the rows / advance the slot).
-    /// `events` is always a prefix of the batch `next_batch` returned last.
+    /// `events` is always the oldest of the events returned and not acknowledged yet,
+    /// in order.
     fn ack(
         &mut self,
         events: &[OutboxEvent],
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Forgets what was returned and not acknowledged: the next batches start again
+    /// from the oldest unacknowledged event (after a failed delivery).
+    fn rewind(&mut self);
 
     /// A graceful stop: the last acknowledgement goes out to PostgreSQL.
     fn finish(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send {
@@ -82,10 +91,21 @@ impl AnySource {
 }
 
 impl Source for AnySource {
-    async fn next_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        wait: bool,
+    ) -> Result<Vec<OutboxEvent>, SourceError> {
         match self {
-            AnySource::Polling(s) => s.next_batch(max).await,
-            AnySource::Logical(s) => s.next_batch(max).await,
+            AnySource::Polling(s) => s.next_batch(max, wait).await,
+            AnySource::Logical(s) => s.next_batch(max, wait).await,
+        }
+    }
+
+    fn rewind(&mut self) {
+        match self {
+            AnySource::Polling(s) => s.rewind(),
+            AnySource::Logical(s) => s.rewind(),
         }
     }
 

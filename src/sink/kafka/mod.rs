@@ -95,8 +95,14 @@ impl KafkaSink {
     /// Publishes `events` in order and reports, per event and in the same order, what
     /// became of it. Returns when every event has an outcome.
     pub async fn publish(&self, events: &[OutboxEvent]) -> Vec<Delivery> {
-        // Hand the whole batch to librdkafka first, so it is pipelined on the wire,
-        // then collect the delivery reports in order.
+        let sent = self.send(events).await;
+        self.collect(events, sent).await
+    }
+
+    /// First half of [`KafkaSink::publish`]: hands every event of the batch to librdkafka,
+    /// in order. Batches sent one after the other keep their order on the wire, so the
+    /// relay can send the next batch while this one's delivery reports are outstanding.
+    pub async fn send(&self, events: &[OutboxEvent]) -> SentBatch {
         let mut pending = Vec::with_capacity(events.len());
         let mut broken = false;
         for event in events {
@@ -124,9 +130,15 @@ impl KafkaSink {
                 Err(Poison(reason)) => Pending::Poison(reason),
             });
         }
+        SentBatch(pending)
+    }
+
+    /// Second half of [`KafkaSink::publish`]: waits for the delivery reports (and sends
+    /// poison events to the dead-letter topic).
+    pub async fn collect(&self, events: &[OutboxEvent], sent: SentBatch) -> Vec<Delivery> {
         let metrics = &self.telemetry.metrics;
         let mut outcomes = Vec::with_capacity(events.len());
-        for (event, pending) in events.iter().zip(pending) {
+        for (event, pending) in events.iter().zip(sent.0) {
             let sent = matches!(pending, Pending::Sent(..));
             let outcome = match pending {
                 Pending::Sent(topic, delivery) => match delivery.await {
@@ -282,6 +294,9 @@ impl KafkaSink {
         Ok(md.brokers().len())
     }
 }
+
+/// A batch handed to librdkafka, its delivery reports not collected yet.
+pub struct SentBatch(Vec<Pending>);
 
 enum Pending {
     Sent(String, DeliveryFuture),

@@ -79,6 +79,8 @@ pub struct LogicalSource {
     txn_ends: VecDeque<(u64, u64)>,
     /// Number of events taken from the stream so far.
     taken: u64,
+    /// How many of `unacked` (from the front) are with the relay; after a rewind, 0.
+    handed: usize,
     /// Number of events acknowledged so far.
     acked: u64,
     cleanup: Option<Cleanup>,
@@ -171,6 +173,7 @@ impl LogicalSource {
             unacked: VecDeque::new(),
             txn_ends: VecDeque::new(),
             taken: 0,
+            handed: 0,
             acked: 0,
             cleanup,
             payload_is_json,
@@ -391,6 +394,7 @@ impl LogicalSource {
         self.unacked.clear();
         self.txn_ends.clear();
         self.taken = self.acked;
+        self.handed = 0;
         if let Some(every) = logical.heartbeat_interval {
             self.spawn_heartbeat(every);
         }
@@ -519,7 +523,11 @@ impl LogicalSource {
         Ok(Vec::new())
     }
 
-    async fn next_stream_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
+    async fn next_stream_batch(
+        &mut self,
+        max: usize,
+        wait: bool,
+    ) -> Result<Vec<OutboxEvent>, SourceError> {
         let Phase::Streaming(s) = &mut self.phase else {
             return Ok(Vec::new());
         };
@@ -532,10 +540,18 @@ impl LogicalSource {
             }
             Item::TxnEnd { end_lsn } => self.txn_ends.push_back((self.taken, end_lsn)),
         };
-        if let Ok(Some(item)) = tokio::time::timeout(IDLE_WAIT, s.rx.recv()).await {
-            take(item, &mut batch);
-        } else if s.rx.is_closed() && s.rx.is_empty() {
-            return Err(stream_ended(s).await);
+        let first = if wait {
+            tokio::time::timeout(IDLE_WAIT, s.rx.recv())
+                .await
+                .ok()
+                .flatten()
+        } else {
+            s.rx.try_recv().ok()
+        };
+        match first {
+            Some(item) => take(item, &mut batch),
+            None if s.rx.is_closed() && s.rx.is_empty() => return Err(stream_ended(s).await),
+            None => {}
         }
         while batch.len() < max {
             match s.rx.try_recv() {
@@ -548,27 +564,41 @@ impl LogicalSource {
 }
 
 impl crate::source::Source for LogicalSource {
-    async fn next_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
-        // What was returned and not acknowledged is returned again, first.
-        if !self.unacked.is_empty() {
-            return Ok(self
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        wait: bool,
+    ) -> Result<Vec<OutboxEvent>, SourceError> {
+        // After a rewind, what was handed out and not acknowledged goes out again first.
+        if self.handed < self.unacked.len() {
+            let batch: Vec<OutboxEvent> = self
                 .unacked
                 .iter()
+                .skip(self.handed)
                 .take(max)
                 .map(|(_, e)| e.clone())
-                .collect());
+                .collect();
+            self.handed += batch.len();
+            return Ok(batch);
         }
         if let Phase::Snapshot(snap) = &self.phase {
             if !snap.exhausted {
                 let batch = self.next_snapshot_batch(max).await?;
+                self.handed = self.unacked.len();
                 if !batch.is_empty() {
                     return Ok(batch);
                 }
             }
+            if !self.unacked.is_empty() {
+                // The snapshot's last rows are still with Kafka: the slot is made only
+                // once all of them are acknowledged.
+                return Ok(Vec::new());
+            }
             self.finish_snapshot().await?;
         }
         self.measure_lag().await?;
-        let batch = self.next_stream_batch(max).await?;
+        let batch = self.next_stream_batch(max, wait).await?;
+        self.handed = self.unacked.len();
         self.flush_completed();
         if batch.is_empty() {
             self.clean_up(true).await?;
@@ -576,7 +606,12 @@ impl crate::source::Source for LogicalSource {
         Ok(batch)
     }
 
+    fn rewind(&mut self) {
+        self.handed = 0;
+    }
+
     async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
+        self.handed = self.handed.saturating_sub(events.len());
         for _ in 0..events.len() {
             let Some((no, event)) = self.unacked.pop_front() else {
                 break;

@@ -67,6 +67,9 @@ pub struct PollingSource {
     payload_is_json: bool,
     telemetry: Telemetry,
     backlog_counted: Option<Instant>,
+    /// Highest seq returned by `next_batch` and not yet acknowledged or rewound: reads
+    /// continue above it while earlier batches are with Kafka.
+    returned_upto: i64,
 }
 
 struct Statements {
@@ -97,6 +100,7 @@ impl PollingSource {
             payload_is_json: shape.payload_is_json,
             telemetry,
             backlog_counted: None,
+            returned_upto: 0,
         })
     }
 
@@ -171,7 +175,10 @@ impl PollingSource {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let rows = self
             .client
-            .query(&self.statements.batch, &[&self.fence.seq(), &limit])
+            .query(
+                &self.statements.batch,
+                &[&self.returned_upto, &self.fence.seq(), &limit],
+            )
             .await
             .map_err(SourceError::pg("reading outbox rows"))?;
         Ok(rows
@@ -182,21 +189,30 @@ impl PollingSource {
 }
 
 impl super::Source for PollingSource {
-    async fn next_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        wait: bool,
+    ) -> Result<Vec<OutboxEvent>, SourceError> {
         // Everything here only reads, so dropping the future (shutdown) is harmless.
         self.count_backlog().await?;
-        let batch = self.read(max).await?;
-        if !batch.is_empty() {
-            return Ok(batch);
-        }
-        self.fence
-            .advance(&self.client, self.config.interval)
-            .await?;
-        let batch = self.read(max).await?;
+        let mut batch = self.read(max).await?;
         if batch.is_empty() {
-            tokio::time::sleep(self.config.interval).await;
+            self.fence
+                .advance(&self.client, self.config.interval)
+                .await?;
+            batch = self.read(max).await?;
+        }
+        match batch.last().map(|e| e.position) {
+            Some(Position::Seq(seq)) => self.returned_upto = seq,
+            _ if wait => tokio::time::sleep(self.config.interval).await,
+            _ => {}
         }
         Ok(batch)
+    }
+
+    fn rewind(&mut self) {
+        self.returned_upto = 0;
     }
 
     async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
@@ -229,7 +245,7 @@ async fn prepare(
 ) -> Result<Statements, SourceError> {
     let q = |name: &str| crate::source::quote_ident(name);
     let select = format!(
-        "{} WHERE {seq} <= $1::int8 ORDER BY {seq} LIMIT $2",
+        "{} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT $3",
         table::select_sql(t, c, shape),
         seq = q(&c.seq),
     );
