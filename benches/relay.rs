@@ -97,6 +97,9 @@ struct Steady {
     commit_to_ack_p50_ms: f64,
     commit_to_ack_p99_ms: f64,
     peak_rss_mb: f64,
+    /// Resident memory sampled every second after the first tenth of the run.
+    rss_min_mb: f64,
+    rss_max_mb: f64,
 }
 
 #[derive(Serialize)]
@@ -386,7 +389,13 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &Tansu) -> Steady {
     let ticks = a.steady_secs * 100;
     let started = Instant::now();
     let mut n = 0i64;
+    let (mut rss_min, mut rss_max) = (f64::MAX, 0.0f64);
     for tick in 0..ticks {
+        if tick >= ticks / 10 && tick % 100 == 0 {
+            let rss = current_rss(relay.id());
+            rss_min = rss_min.min(rss);
+            rss_max = rss_max.max(rss);
+        }
         let due = started + Duration::from_millis(tick * 10);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
@@ -426,7 +435,20 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &Tansu) -> Steady {
         commit_to_ack_p50_ms: p50 * 1000.0,
         commit_to_ack_p99_ms: p99 * 1000.0,
         peak_rss_mb: rss,
+        rss_min_mb: rss_min,
+        rss_max_mb: rss_max,
     }
+}
+
+/// Resident memory (VmRSS) now, in MB.
+fn current_rss(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 /// A quantile of the commit→ack histogram, interpolated inside its bucket.
@@ -633,6 +655,12 @@ fn print_table(r: &Report) {
     println!(
         "steady state ({} events/s offered for {} s): {:.0} events/s end to end, commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
         s.target_events_per_second, s.seconds, s.events_per_second, s.commit_to_ack_p50_ms, s.commit_to_ack_p99_ms, s.peak_rss_mb
+    );
+    println!(
+        "steady-state memory after warm-up: {:.1}–{:.1} MB ({:+.1}% spread)",
+        s.rss_min_mb,
+        s.rss_max_mb,
+        (s.rss_max_mb / s.rss_min_mb - 1.0) * 100.0
     );
     println!("peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
 }

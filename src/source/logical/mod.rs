@@ -30,7 +30,7 @@
 //! gets "slot is active for PID n", waits as a standby and retries.
 
 mod config;
-mod mapping;
+pub mod mapping;
 pub mod pgoutput;
 mod protocol;
 mod stream;
