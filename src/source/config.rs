@@ -197,7 +197,9 @@ fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgr
                 let user = pg.get_user().unwrap_or_default().to_owned();
                 pg.dbname(user);
             }
-            pg.application_name("outbox-relay");
+            if pg.get_application_name().is_none() {
+                pg.application_name("outbox-relay");
+            }
             // Notice a dead peer in seconds rather than the kernel's two hours: a leader
             // whose host vanished must lose its lock quickly (see also the server-side
             // settings in table::connect).

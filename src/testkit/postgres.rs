@@ -15,8 +15,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Postgres {
     port: u16,
-    child: Child,
+    // Behind a lock so a test can restart the server through a shared reference.
+    child: std::sync::Mutex<Child>,
     data: PathBuf,
+    settings: Vec<String>,
     // Declared last: removed after the server is gone.
     _dir: tempfile::TempDir,
 }
@@ -87,8 +89,9 @@ impl Postgres {
         };
         Ok(Postgres {
             port,
-            child,
+            child: std::sync::Mutex::new(child),
             data,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
         })
     }
@@ -133,20 +136,72 @@ impl Postgres {
         Ok(client)
     }
 
-    /// Immediate shutdown: the data is disposable, so no checkpoint is worth waiting for.
-    fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGQUIT);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
+    /// Restarts the server on the same port and data, like `pg_ctl restart -m fast`
+    /// (`immediate = false`: clean shutdown) or `-m immediate` (crash, then recovery).
+    pub fn restart(&self, immediate: bool) -> std::io::Result<()> {
+        let signal = if immediate {
+            Signal::SIGQUIT
+        } else {
+            Signal::SIGINT
+        };
+        let mut child = self.child.lock().unwrap();
+        stop_child(&mut child, signal);
+        let bin = bin_dir()?;
+        let as_user = server_user()?;
+        let settings: Vec<&str> = self.settings.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            // The old postmaster's port can take a moment to be free again.
+            let mut next = spawn_server(&bin, &self.data, self.port, &as_user, &settings)?;
+            match wait_ready(&bin, &mut next, self.port) {
+                Ok(()) => {
+                    *child = next;
+                    return Ok(());
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "postgres restart: retrying");
+                    let _ = next.kill();
+                    let _ = next.wait();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(std::io::Error::other(format!(
+                        "{e}; server log:\n{}",
+                        self.log()
+                    )))
+                }
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
+    }
+}
+
+/// Signals the postmaster and waits for it. A fast shutdown can wait forever for a
+/// walsender whose client stopped reading, so after 5 s it becomes an immediate one
+/// (which also stops the backends); SIGKILL only as the last resort, since it would
+/// leave backends holding the shared memory a restart needs.
+fn stop_child(child: &mut Child, signal: Signal) {
+    let exited = |child: &mut Child, within: Duration| {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    };
+    if let Ok(None) = child.try_wait() {
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, signal);
+        if exited(child, Duration::from_secs(5)) {
+            return;
+        }
+        let _ = kill(pid, Signal::SIGQUIT);
+        if exited(child, Duration::from_secs(10)) {
+            return;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -229,7 +284,10 @@ fn wait_ready(bin: &Path, child: &mut Child, port: u16) -> std::io::Result<()> {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        self.stop();
+        // Immediate shutdown: the data is disposable, no checkpoint is worth waiting for.
+        if let Ok(child) = self.child.get_mut() {
+            stop_child(child, Signal::SIGQUIT);
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod tls;
 
 mod cli;
 mod deploy;
+mod faults;
 mod kafka_sink;
 mod logical;
 mod logical_process;

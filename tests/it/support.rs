@@ -20,8 +20,13 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
+        Env::start_with(&[]).await
+    }
+
+    /// [`Env::start`] with extra PostgreSQL settings.
+    pub async fn start_with(settings: &[&str]) -> Env {
         init_logs();
-        let pg = Postgres::start().expect("start PostgreSQL");
+        let pg = Postgres::start_with(settings).expect("start PostgreSQL");
         let kafka = Tansu::start().expect("start tansu");
         let db_url = pg.create_database("app").await.expect("create database");
         let env = Env { pg, kafka, db_url };

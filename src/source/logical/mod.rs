@@ -336,9 +336,17 @@ impl LogicalSource {
                 &[&snap.temp_slot, slot],
             )
             .await
-            .map_err(SourceError::pg(
-                "creating the replication slot from the snapshot's",
-            ))?;
+            .map_err(|e| match e.code().map(|c| c.code()) {
+                // Another relay finished its first start first: it leads, this one waits.
+                Some("42710") => SourceError::SlotBusy {
+                    slot: slot.clone(),
+                    detail: "another relay created it first".into(),
+                },
+                _ => SourceError::Postgres {
+                    context: "creating the replication slot from the snapshot's",
+                    source: e,
+                },
+            })?;
         tracing::info!(%slot, "first-start snapshot published; created the replication slot");
         let point = snap.consistent_point;
         drop(snap); // closes the holder: the temporary slot goes away

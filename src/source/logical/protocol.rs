@@ -363,7 +363,9 @@ impl StreamReader {
             };
             match frame.tag {
                 b'd' => {}
-                b'c' => return Ok(StreamMessage::Done),
+                // CopyDone; CommandComplete and ReadyForQuery follow it when the server
+                // ends the stream (a shutdown, say).
+                b'c' | b'C' | b'Z' => return Ok(StreamMessage::Done),
                 b'E' => return Err(server_error(frame.body)),
                 b'N' => continue,
                 other => return Err(unexpected(other, "replication stream")),

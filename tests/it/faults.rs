@@ -1,0 +1,333 @@
+//! The fault suite: two relays (a leader and a standby) on one outbox under a steady
+//! write load, while faults are injected at random moments — the leader killed with
+//! SIGKILL, the broker going away and coming back, PostgreSQL restarted fast and
+//! immediate. Afterwards every event must be in Kafka, each aggregate's events in order.
+//! A table of what happened is printed.
+//!
+//! The broker is librdkafka's mock cluster: it can go down and come back with its data,
+//! so delivered events can be counted across the outage (tansu's memory storage would
+//! forget them). CI runs the short plan; `OUTBOX_RELAY_LONG=1` runs the long one
+//! (20 kills, 5 broker outages of 30 s, 3 database restarts).
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use outbox_relay::testkit::kafka::Reader;
+use rand::{Rng, SeedableRng};
+use rdkafka::mocking::MockCluster;
+
+use crate::support::Env;
+
+struct Plan {
+    events: usize,
+    kills: usize,
+    outages: usize,
+    outage: Duration,
+    db_restarts: usize,
+}
+
+fn plan() -> Plan {
+    if std::env::var("OUTBOX_RELAY_LONG").is_ok_and(|v| v == "1") {
+        Plan {
+            events: 40_000,
+            kills: 20,
+            outages: 5,
+            outage: Duration::from_secs(30),
+            db_restarts: 3,
+        }
+    } else {
+        Plan {
+            events: 8_000,
+            kills: 3,
+            outages: 1,
+            outage: Duration::from_secs(5),
+            db_restarts: 2,
+        }
+    }
+}
+
+const AGGREGATES: usize = 200;
+const PER_TXN: usize = 20;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillLeader,
+    BrokerOutage,
+    RestartFast,
+    RestartImmediate,
+}
+
+struct Relay {
+    name: String,
+    child: Child,
+}
+
+impl Relay {
+    fn spawn(name: &str, config: &std::path::Path) -> Relay {
+        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env("OUTBOX_RELAY__HTTP__LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn outbox-relay");
+        Relay {
+            name: name.to_owned(),
+            child,
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The application name of the relay that currently leads, if any. The monitoring
+/// connection is reopened after a database restart closed it.
+async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> Option<String> {
+    if db.is_closed() {
+        *db = env.pg.connect("app").await.ok()?;
+    }
+    let sql = if mode == "polling" {
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted"
+    } else {
+        "SELECT a.application_name FROM pg_replication_slots s JOIN pg_stat_activity a \
+         ON a.pid = s.active_pid WHERE s.slot_name = 'outbox_relay'"
+    };
+    db.query_opt(sql, &[])
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+/// Writes `events` events, `PER_TXN` per transaction, with ids derived from (aggregate,
+/// n), so a transaction retried after a lost connection cannot write an event twice.
+async fn write(env_url: String, events: usize) {
+    let mut n = 0;
+    let mut client: Option<tokio_postgres::Client> = None;
+    while n < events {
+        let db = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                match tokio_postgres::connect(&env_url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        client = Some(c);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                continue;
+            }
+        };
+        let result = db
+            .execute(
+                "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT md5('agg-' || (i % $3) || ':' || (i / $3))::uuid, 'order', 'agg-' || (i % $3), \
+                        'Tick', jsonb_build_object('n', i / $3) \
+                 FROM generate_series($1::int8, $2::int8) i ON CONFLICT (id) DO NOTHING",
+                &[&(n as i64), &((n + PER_TXN - 1) as i64), &(AGGREGATES as i64)],
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                n += PER_TXN;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(_) => {
+                client = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn fault_suite(mode: &'static str) {
+    let plan = plan();
+    // A commit the writer saw must survive an immediate restart: the testkit's default
+    // synchronous_commit=off could lose it in PostgreSQL itself, before any relay.
+    let env = Env::start_with(&["synchronous_commit=on"]).await;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outbox.order", 4, 1).unwrap();
+    cluster.create_topic("outbox.dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let seed: u64 = std::env::var("FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    eprintln!("fault suite ({mode}): seed {seed}");
+
+    let config = |name: &str| {
+        let toml = env
+            .config_toml(mode, "", "")
+            .replace(&env.kafka.brokers(), &brokers)
+            .replace("/app\"", &format!("/app?application_name={name}\""))
+            .replace("standby_retry = \"100ms\"", "standby_retry = \"300ms\"")
+            .replace(
+                "[source.polling]",
+                "[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n\n[source.polling]",
+            );
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(toml.as_bytes()).unwrap();
+        f
+    };
+    let (config_a, config_b) = (config("relay-a"), config("relay-b"));
+    let mut relays = vec![
+        Relay::spawn("relay-a", config_a.path()),
+        Relay::spawn("relay-b", config_b.path()),
+    ];
+    let mut db = env.client().await;
+
+    let writer = tokio::spawn(write(env.db_url.clone(), plan.events));
+    let mut faults: Vec<Fault> = std::iter::repeat_n(Fault::KillLeader, plan.kills)
+        .chain(std::iter::repeat_n(Fault::BrokerOutage, plan.outages))
+        .chain((0..plan.db_restarts).map(|i| {
+            if i % 2 == 0 {
+                Fault::RestartFast
+            } else {
+                Fault::RestartImmediate
+            }
+        }))
+        .collect();
+    // Random order, random moments.
+    for i in (1..faults.len()).rev() {
+        faults.swap(i, rng.random_range(0..=i));
+    }
+    let mut takeovers = Vec::new();
+    for fault in &faults {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        match fault {
+            Fault::KillLeader => {
+                // Right after a restart or a failover there may be no leader for a moment.
+                let mut current = None;
+                for _ in 0..100 {
+                    current = leader(&env, &mut db, mode).await;
+                    if current.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let name = current.expect("a relay leads within 5 s");
+                let idx = relays
+                    .iter()
+                    .position(|r| r.name == name)
+                    .expect("known relay");
+                let killed = Instant::now();
+                relays[idx].kill9();
+                // The standby must take over within 5 s.
+                let deadline = killed + Duration::from_secs(5);
+                loop {
+                    if leader(&env, &mut db, mode).await.is_some_and(|l| l != name) {
+                        takeovers.push(killed.elapsed());
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "no takeover within 5 s of killing {name}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let config = if name == "relay-a" {
+                    config_a.path()
+                } else {
+                    config_b.path()
+                };
+                relays[idx] = Relay::spawn(&name, config);
+            }
+            Fault::BrokerOutage => {
+                cluster.broker_down(1).unwrap();
+                tokio::time::sleep(plan.outage).await;
+                cluster.broker_up(1).unwrap();
+            }
+            Fault::RestartFast | Fault::RestartImmediate => {
+                let immediate = matches!(fault, Fault::RestartImmediate);
+                tokio::task::block_in_place(|| env.pg.restart(immediate))
+                    .expect("restart PostgreSQL");
+            }
+        }
+    }
+    writer.await.unwrap();
+
+    // Read until every event arrived (or time runs out), duplicates included.
+    let messages = tokio::task::spawn_blocking({
+        let (brokers, events) = (brokers.clone(), plan.events);
+        move || {
+            let reader = Reader::new(&brokers, &["outbox.order"]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let (mut all, mut ids) = (Vec::new(), HashSet::new());
+            while ids.len() < events && Instant::now() < deadline {
+                if let Ok(Some(m)) = reader.next(Duration::from_millis(200)) {
+                    let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+                    let id = m.header("id").unwrap().to_owned();
+                    ids.insert(id.clone());
+                    all.push((m.key_str().to_owned(), v["n"].as_u64().unwrap(), id));
+                }
+            }
+            all
+        }
+    })
+    .await
+    .unwrap();
+    drop(relays);
+
+    let mut first = HashSet::new();
+    let mut next: HashMap<&str, u64> = HashMap::new();
+    let mut reordered = 0;
+    for (key, n, id) in &messages {
+        if !first.insert(id.as_str()) {
+            continue;
+        }
+        let expected = next.entry(key.as_str()).or_insert(0);
+        if *n != *expected {
+            reordered += 1;
+        }
+        *expected = n + 1;
+    }
+    let delivered = first.len();
+    let count = |f: fn(&Fault) -> bool| faults.iter().filter(|x| f(x)).count();
+    let slowest = takeovers.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "\nfault suite, {mode} mode (seed {seed})\n\
+         | kills | broker outages | db restarts (fast/immediate) | written | delivered | lost | reordered | duplicated | slowest takeover |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+         | {} | {} | {}/{} | {} | {} | {} | {} | {} | {:.2?} |\n",
+        takeovers.len(),
+        count(|f| matches!(f, Fault::BrokerOutage)),
+        count(|f| matches!(f, Fault::RestartFast)),
+        count(|f| matches!(f, Fault::RestartImmediate)),
+        plan.events,
+        delivered,
+        plan.events - delivered,
+        reordered,
+        messages.len() - delivered,
+        slowest,
+    );
+    assert_eq!(plan.events - delivered, 0, "events lost");
+    assert_eq!(reordered, 0, "events reordered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_suite_polling() {
+    fault_suite("polling").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_suite_logical() {
+    fault_suite("logical").await;
+}
