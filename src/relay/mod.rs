@@ -154,15 +154,28 @@ impl Pump<'_> {
             VecDeque::new();
         let mut stopping = false;
         loop {
-            if !stopping && in_flight.len() < PIPELINE_DEPTH {
+            // When stopping, a transaction half handed to Kafka is finished first: the
+            // source can only acknowledge whole transactions, so stopping in the middle
+            // would send its first part again after the restart.
+            let want_more = !stopping || source.mid_transaction();
+            if want_more && in_flight.len() < PIPELINE_DEPTH {
                 // Only block for new events when nothing is waiting for Kafka.
                 let wait = in_flight.is_empty();
-                let batch = tokio::select! {
-                    _ = self.shutdown.cancelled() => {
-                        stopping = true;
-                        continue;
+                let batch = if stopping {
+                    tokio::select! {
+                        batch = source.next_batch(batch_size, wait) => batch?,
+                        _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
+                            return Err(RelayError::GraceExpired(self.config.shutdown_grace));
+                        }
                     }
-                    batch = source.next_batch(batch_size, wait) => batch?,
+                } else {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => {
+                            stopping = true;
+                            continue;
+                        }
+                        batch = source.next_batch(batch_size, wait) => batch?,
+                    }
                 };
                 if !batch.is_empty() {
                     metrics.batch_size.observe(batch.len() as f64);

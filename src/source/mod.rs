@@ -49,6 +49,12 @@ pub trait Source: Send {
     /// from the oldest unacknowledged event (after a failed delivery).
     fn rewind(&mut self);
 
+    /// True while events of a transaction were handed out but the transaction's end was
+    /// not: a graceful stop reads on until it is false.
+    fn mid_transaction(&self) -> bool {
+        false
+    }
+
     /// A graceful stop: the last acknowledgement goes out to PostgreSQL.
     fn finish(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send {
         async { Ok(()) }
@@ -113,6 +119,13 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.ack(events).await,
             AnySource::Logical(s) => s.ack(events).await,
+        }
+    }
+
+    fn mid_transaction(&self) -> bool {
+        match self {
+            AnySource::Polling(s) => s.mid_transaction(),
+            AnySource::Logical(s) => s.mid_transaction(),
         }
     }
 

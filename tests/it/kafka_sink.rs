@@ -318,3 +318,76 @@ async fn the_relay_retries_failed_deliveries_and_deletes_only_acked_rows() {
     assert_eq!(seen.len(), 100, "every event delivered");
     assert_per_key_order_no_dups(&first);
 }
+
+/// The broker itself refusing an event as too large (its message.max.bytes is smaller
+/// than the producer's): dead-lettered with its original bytes, the rest flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_broker_refuses_as_too_large_is_dead_lettered() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outbox.order", 1, 1).unwrap();
+    cluster.create_topic("outbox.dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let sink = KafkaSink::new(
+        &sink_config(&brokers, "\"linger.ms\" = 0"),
+        Default::default(),
+    )
+    .unwrap();
+    assert!(sink.publish(&[event(1, "a")]).await[0].is_durable());
+    // The next produce request is refused by the broker; the retry to the dead-letter
+    // topic goes through.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let mut big = event(2, "a");
+    big.payload = Some(format!("\"{}\"", "y".repeat(5000)).into_bytes());
+    let outcomes = sink.publish(&[big]).await;
+    assert!(
+        matches!(outcomes[0], Delivery::DeadLettered { .. }),
+        "{outcomes:?}"
+    );
+    assert!(sink.publish(&[event(3, "a")]).await[0].is_durable());
+    let dlq = read(&brokers, "outbox.dlq", 1).await;
+    assert!(
+        dlq[0]
+            .header("error")
+            .unwrap()
+            .to_lowercase()
+            .contains("too large"),
+        "{:?}",
+        dlq[0].header("error")
+    );
+    assert_eq!(dlq[0].value.len(), 5002, "original bytes");
+    assert_eq!(read(&brokers, "outbox.order", 2).await.len(), 2);
+}
+
+/// A topic the broker refuses (here: not authorised) sends its events to the dead-letter
+/// topic, counted; events for other topics keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_broker_refuses_sends_its_events_to_the_dead_letter_topic() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outbox.order", 1, 1).unwrap();
+    cluster.create_topic("outbox.dlq", 1, 1).unwrap();
+    cluster
+        .topic_error(
+            "outbox.secret",
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let telemetry = outbox_relay::metrics::Telemetry::default();
+    let config = sink_config(&brokers, "\"message.timeout.ms\" = 10000");
+    let sink = KafkaSink::new(&config, telemetry.clone()).unwrap();
+    let mut secret = event(2, "a");
+    secret.aggregate_type = Some("secret".into());
+    let outcomes = sink.publish(&[event(1, "a"), secret, event(3, "b")]).await;
+    let kinds: Vec<bool> = outcomes
+        .iter()
+        .map(|o| matches!(o, Delivery::DeadLettered { .. }))
+        .collect();
+    assert_eq!(kinds, [false, true, false], "{outcomes:?}");
+    assert!(outcomes.iter().all(Delivery::is_durable));
+    assert_eq!(telemetry.metrics.events_dead_lettered.get(), 1);
+    let dlq = read(&brokers, "outbox.dlq", 1).await;
+    assert_eq!(dlq[0].header("id"), Some("id-2"));
+}

@@ -618,6 +618,14 @@ impl crate::source::Source for LogicalSource {
         self.handed = 0;
     }
 
+    fn mid_transaction(&self) -> bool {
+        let ended = self
+            .txn_ends
+            .back()
+            .map_or(self.acked, |&(before, _)| before);
+        matches!(self.phase, Phase::Streaming(_)) && self.taken > ended.max(self.acked)
+    }
+
     async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
         self.handed = self.handed.saturating_sub(events.len());
         for _ in 0..events.len() {
