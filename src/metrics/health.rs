@@ -45,6 +45,11 @@ impl Health {
         s.kafka = problem;
     }
 
+    /// Whether Kafka answered the last probe or delivery.
+    pub fn kafka_reachable(&self) -> bool {
+        self.state.lock().unwrap().kafka_ok
+    }
+
     pub fn readiness(&self) -> Readiness {
         let s = self.state.lock().unwrap().clone();
         if !s.postgres_ok {

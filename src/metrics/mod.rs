@@ -31,7 +31,8 @@ pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
 /// The `reason` label values of [`FAILURES`].
-pub const FAILURE_REASONS: [&str; 4] = ["delivery", "dead_letter", "producer", "postgres"];
+pub const FAILURE_REASONS: [&str; 5] =
+    ["delivery", "dead_letter", "producer", "postgres", "stalled"];
 
 /// Every metric this crate exports (the process_* metrics come on top).
 pub const NAMES: [&str; 14] = [

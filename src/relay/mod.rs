@@ -18,7 +18,7 @@ mod config;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,9 @@ use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
 use crate::sink::kafka::{Delivery, KafkaSink, SinkError};
 use crate::source::{AnySource, Mode, Source, SourceError};
+
+/// How often a batch waiting for Kafka is checked for a stall.
+const STALL_CHECK: Duration = Duration::from_secs(1);
 
 /// Batches handed to Kafka and not yet acknowledged, at most.
 const PIPELINE_DEPTH: usize = 2;
@@ -51,6 +54,8 @@ pub enum RelayError {
     },
     #[error("a relay task failed: {0}")]
     Task(String),
+    #[error("Kafka acknowledged nothing for {0:?} although it answers")]
+    Stalled(Duration),
     #[error(
         "shutdown grace period ({0:?}) ran out with events still unacknowledged by Kafka; \
          they stay in the outbox and are published by the next run"
@@ -65,8 +70,8 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    let sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
-    let probe = sink.spawn_health_probe(shutdown.clone());
+    let mut sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
+    let mut probe = sink.spawn_health_probe(shutdown.clone());
     let batch_size = match config.source.mode {
         Mode::Polling => config.source.polling.batch_size.get(),
         Mode::Logical => config.source.logical.batch_size.get(),
@@ -117,6 +122,25 @@ pub async fn run(
                     _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(pause) => {}
                 }
+            }
+            Err(RelayError::Stalled(waited)) => {
+                // A producer that stopped getting answers from a broker that does answer
+                // (e.g. one restarted with its state lost) does not recover by itself:
+                // start over with a new one. Nothing was acknowledged, so the events are
+                // read again — duplicates at most.
+                tracing::warn!(
+                    waited = ?waited,
+                    "Kafka acknowledged nothing for relay.stall_timeout although it answers: \
+                     replacing the producer and reading the unacknowledged events again"
+                );
+                telemetry
+                    .metrics
+                    .failures
+                    .with_label_values(&["stalled"])
+                    .inc();
+                probe.abort();
+                sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
+                probe = sink.spawn_health_probe(shutdown.clone());
             }
             Err(e) => break Err(e),
         }
@@ -197,10 +221,28 @@ impl Pump<'_> {
                 }
                 continue;
             };
-            let (batch, outcomes) = tokio::select! {
-                done = oldest => done.map_err(|e| RelayError::Task(e.to_string()))?,
-                _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
-                    return Err(RelayError::GraceExpired(self.config.shutdown_grace));
+            let started = Instant::now();
+            let mut oldest = oldest;
+            let (batch, outcomes) = loop {
+                tokio::select! {
+                    done = &mut oldest => break done.map_err(|e| RelayError::Task(e.to_string()))?,
+                    _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
+                        oldest.abort();
+                        return Err(RelayError::GraceExpired(self.config.shutdown_grace));
+                    }
+                    _ = tokio::time::sleep(STALL_CHECK) => {
+                        // Waiting is right while the broker is unreachable; it is a stall
+                        // when the broker answers and still acknowledges nothing.
+                        let stalled = started.elapsed() >= self.config.stall_timeout
+                            && self.telemetry.health.kafka_reachable();
+                        if stalled {
+                            oldest.abort();
+                            for later in in_flight.drain(..) {
+                                later.abort();
+                            }
+                            return Err(RelayError::Stalled(started.elapsed()));
+                        }
+                    }
                 }
             };
             let durable = outcomes.iter().take_while(|o| o.is_durable()).count();

@@ -76,6 +76,33 @@ impl Tansu {
         Ok(tansu)
     }
 
+    /// Kills the broker and starts a new one on the same port. With memory storage the
+    /// new broker starts empty: topics must be created again.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match Tansu::start_on(&binary()?, self.port) {
+                Ok(mut fresh) => {
+                    std::mem::swap(&mut self.child, &mut fresh.child);
+                    return Ok(()); // `fresh` now holds the dead child
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "tansu restart: retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Kills the broker (until [`Tansu::restart`]).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)

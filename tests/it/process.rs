@@ -204,3 +204,78 @@ async fn sigterm_under_load_polling() {
 async fn sigterm_under_load_logical() {
     sigterm_under_load_then_clean_restart("logical").await;
 }
+
+/// The broker process goes away for a while and comes back (tansu killed, restarted on
+/// the same port). With its memory storage the new broker starts empty, so only events
+/// written from the outage on can be counted there: all of them must arrive, in order,
+/// and the outbox must drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_and_restarted_is_caught_up_with() {
+    let mut env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(
+        env.config_toml("polling", "", "")
+            .replace(
+                "max_backoff = \"1s\"",
+                "max_backoff = \"1s\"\nstall_timeout = \"5s\"",
+            )
+            .as_bytes(),
+    )
+    .unwrap();
+    let relay = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["run", "--config"])
+            .arg(file.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let db = env.client().await;
+    crate::support::insert_event(&db, "order", "o-1", "Before", r#"{"n": 0}"#).await;
+    assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);
+
+    env.kafka.kill();
+    for n in 1..=50 {
+        crate::support::insert_event(&db, "order", "o-1", "During", &format!("{{\"n\": {n}}}"))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.outbox_count().await,
+        50,
+        "nothing deleted while the broker is gone"
+    );
+    tokio::task::block_in_place(|| env.kafka.restart()).unwrap();
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+
+    // The relay notices that the broker answers but its producer gets nothing
+    // acknowledged (relay.stall_timeout), replaces the producer and sends again.
+    let got = env.consume(&["outbox.order"], 50, 60).await;
+    let ns: Vec<u64> = got
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let mut deduped = ns.clone();
+    deduped.dedup();
+    assert_eq!(
+        deduped,
+        (1..=50).collect::<Vec<u64>>(),
+        "all events written during the outage, in order"
+    );
+    let mut left = env.outbox_count().await;
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = env.outbox_count().await;
+    }
+    assert_eq!(left, 0, "the outbox drained");
+    drop(relay);
+}
