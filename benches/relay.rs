@@ -565,12 +565,7 @@ fn wait_measured(mut child: Child) -> (f64, f64) {
 }
 
 fn measure(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
+    let rss = outbox_relay::testkit::peak_rss_bytes(pid).unwrap_or(0) as f64;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -586,7 +581,7 @@ fn measure(pid: u32) -> (f64, f64) {
             .get(12)
             .and_then(|s| s.parse::<f64>().ok())
             .unwrap_or(0.0);
-    (rss_kb / 1024.0, ticks / 100.0)
+    (rss / (1024.0 * 1024.0), ticks / 100.0)
 }
 
 fn drain(elapsed: Duration, rows: usize, rss: f64, cpu: f64) -> Drain {

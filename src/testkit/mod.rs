@@ -47,3 +47,17 @@ pub fn metric_value(exposition: &str, name: &str) -> Option<f64> {
     }
     found
 }
+
+/// Peak resident memory (VmHWM) of a running process, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

@@ -11,16 +11,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 
-use crate::support::Env;
+use crate::support::{Env, RelayProcess};
 
 struct Plan {
     events: usize,
@@ -63,34 +60,15 @@ enum Fault {
 
 struct Relay {
     name: String,
-    child: Child,
+    process: RelayProcess,
 }
 
 impl Relay {
     fn spawn(name: &str, config: &std::path::Path) -> Relay {
-        let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env("OUTBOX_RELAY__HTTP__LISTEN", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn outbox-relay");
         Relay {
             name: name.to_owned(),
-            child,
+            process: RelayProcess::spawn(config),
         }
-    }
-
-    fn kill9(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -229,7 +207,7 @@ async fn fault_suite(mode: &'static str) {
                     .position(|r| r.name == name)
                     .expect("known relay");
                 let killed = Instant::now();
-                relays[idx].kill9();
+                relays[idx].process.kill9();
                 // The standby must take over within 5 s.
                 let deadline = killed + Duration::from_secs(5);
                 loop {

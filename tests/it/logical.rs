@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{insert_event, load_toml, Env, RunningRelay};
+use crate::support::{insert_event, load_toml, run_error, Env, RunningRelay};
 
 /// `[source.logical]` settings for tests: fast status reports.
 pub fn logical_toml(env: &Env, extra_logical: &str) -> String {
@@ -319,15 +319,6 @@ async fn a_second_relay_waits_for_the_slot_and_takes_over() {
         .map(|m| m.header("event_type").unwrap())
         .collect();
     assert_eq!(types, ["One", "Two"]);
-}
-
-async fn run_error(config: outbox_relay::config::Config) -> String {
-    let run = outbox_relay::run(config, tokio_util::sync::CancellationToken::new());
-    match tokio::time::timeout(Duration::from_secs(20), run).await {
-        Ok(Err(e)) => e.to_string(),
-        Ok(Ok(())) => panic!("the relay ran without error"),
-        Err(_) => panic!("the relay kept retrying instead of failing clearly"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

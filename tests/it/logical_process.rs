@@ -6,71 +6,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 
 use crate::logical::logical_toml;
-use crate::support::Env;
-
-struct Relay(Child);
-
-impl Relay {
-    fn spawn(config: &std::path::Path) -> Relay {
-        Relay(
-            Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-                .args(["run", "--config"])
-                .arg(config)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn outbox-relay"),
-        )
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.0.id() as i32)
-    }
-
-    /// Peak resident memory (VmHWM) in bytes.
-    fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kb * 1024
-    }
-
-    fn kill9(&mut self) {
-        kill(self.pid(), Signal::SIGKILL).unwrap();
-        self.0.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> Option<i32> {
-        kill(self.pid(), Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{Env, RelayProcess};
 
 fn long() -> bool {
     std::env::var("OUTBOX_RELAY_LONG").is_ok_and(|v| v == "1")
@@ -147,16 +89,16 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
         }
     });
 
-    let mut relay = Relay::spawn(file.path());
+    let mut relay = RelayProcess::spawn(file.path());
     for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
         relay.kill9();
-        relay = Relay::spawn(file.path());
+        relay = RelayProcess::spawn(file.path());
     }
     writer.await.unwrap();
     let messages = read_until(env.kafka.brokers(), "outbox.order", EVENTS, 180).await;
     assert_eq!(
-        relay.terminate(),
+        relay.terminate(Duration::from_secs(30)).await,
         Some(0),
         "clean exit after the last restart"
     );
@@ -191,7 +133,7 @@ async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
     let env = Env::start().await;
     env.create_topics(&["outbox.order"], 4).await;
     let file = config_file(&logical_toml(&env, "batch_size = 5000"));
-    let relay = Relay::spawn(file.path());
+    let mut relay = RelayProcess::spawn(file.path());
     let db = env.client().await;
     // Let the relay take its slot first, so the transaction is streamed, not snapshotted.
     for _ in 0..100 {
@@ -217,7 +159,7 @@ async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
     let messages = read_until(env.kafka.brokers(), "outbox.order", ROWS, 300).await;
     let elapsed = started.elapsed();
     let peak = relay.peak_rss();
-    assert_eq!(relay.terminate(), Some(0));
+    assert_eq!(relay.terminate(Duration::from_secs(30)).await, Some(0));
     let distinct: HashSet<&str> = messages.iter().map(|m| m.2.as_str()).collect();
     eprintln!(
         "large transaction: {} rows relayed in {elapsed:.1?}, relay peak RSS {:.1} MB",

@@ -3,29 +3,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-use crate::support::{java_partition, Env};
+use crate::support::{java_partition, Env, RelayProcess};
 
 const WRITERS: usize = 4;
 const EVENTS_PER_WRITER: usize = 2_500;
 const AGGREGATES: usize = 100;
 /// Events per writer transaction.
 const PER_TRANSACTION: usize = 50;
-
-/// Kills the child if the test fails before it stopped it.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
@@ -35,14 +21,7 @@ async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
     file.write_all(env.config_toml("polling", "", "").as_bytes())
         .unwrap();
 
-    let child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["run", "--config"])
-        .arg(file.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn outbox-relay");
-    let mut child = ChildGuard(child);
+    let mut relay = RelayProcess::spawn(file.path());
     let started = Instant::now();
 
     // Each writer owns every 4th aggregate, so per-aggregate seq order is the order in
@@ -86,19 +65,8 @@ async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
         got.len() as f64 / elapsed.as_secs_f64()
     );
 
-    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay did not exit within 20 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+    let code = relay.terminate(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "clean exit on SIGTERM");
 
     assert_eq!(got.len(), total, "every event arrived");
     let ids: HashSet<&str> = got.iter().map(|m| m.header("id").unwrap()).collect();
@@ -141,17 +109,7 @@ async fn sigterm_under_load_then_clean_restart(mode: &str) {
     );
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     file.write_all(toml.as_bytes()).unwrap();
-    let spawn = || {
-        ChildGuard(
-            Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-                .args(["run", "--config"])
-                .arg(file.path())
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let spawn = || RelayProcess::spawn(file.path());
     const TOTAL: usize = 6000;
     let db = env.client().await;
     let writer = tokio::spawn(async move {
@@ -169,19 +127,12 @@ async fn sigterm_under_load_then_clean_restart(mode: &str) {
     });
     let mut relay = spawn();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let stopped = Instant::now();
-    kill(Pid::from_raw(relay.0.id() as i32), Signal::SIGTERM).unwrap();
-    let status = loop {
-        if let Some(status) = relay.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(10),
-            "no exit within the 10 s grace"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0), "{mode}: clean exit under load");
+    let code = relay.terminate(Duration::from_secs(10)).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "{mode}: clean exit under load, within the grace period"
+    );
     let relay = spawn();
     writer.await.unwrap();
     let got = env.consume(&["outbox.order"], TOTAL, 60).await;
@@ -223,15 +174,7 @@ async fn a_broker_killed_and_restarted_is_caught_up_with() {
             .as_bytes(),
     )
     .unwrap();
-    let relay = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-            .args(["run", "--config"])
-            .arg(file.path())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let relay = RelayProcess::spawn(file.path());
     let db = env.client().await;
     crate::support::insert_event(&db, "order", "o-1", "Before", r#"{"n": 0}"#).await;
     assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);

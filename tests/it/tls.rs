@@ -8,7 +8,7 @@ use std::time::Duration;
 use outbox_relay::testkit::postgres::Postgres;
 use outbox_relay::testkit::tansu::Tansu;
 
-use crate::support::{insert_event, load_toml, RunningRelay};
+use crate::support::{insert_event, load_toml, run_error, RunningRelay};
 
 /// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
 fn make_certs(dir: &Path, ca_name: &str) {
@@ -92,15 +92,6 @@ fn give_to_server_user(dir: &Path) {
         ] {
             nix::unistd::chown(&p, Some(pg.uid), Some(pg.gid)).unwrap();
         }
-    }
-}
-
-async fn run_error(config: outbox_relay::config::Config) -> String {
-    let run = outbox_relay::run(config, tokio_util::sync::CancellationToken::new());
-    match tokio::time::timeout(Duration::from_secs(20), run).await {
-        Ok(Err(e)) => e.to_string(),
-        Ok(Ok(())) => panic!("ran without error"),
-        Err(_) => panic!("kept retrying instead of failing clearly"),
     }
 }
 
