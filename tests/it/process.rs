@@ -167,10 +167,7 @@ async fn a_broker_killed_and_restarted_is_caught_up_with() {
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     file.write_all(
         env.config_toml("polling", "", "")
-            .replace(
-                "max_backoff = \"1s\"",
-                "max_backoff = \"1s\"\nstall_timeout = \"5s\"",
-            )
+            .replace("stall_timeout = \"10s\"", "stall_timeout = \"5s\"")
             .as_bytes(),
     )
     .unwrap();

@@ -65,6 +65,7 @@ brokers = "{brokers}"
 [relay]
 shutdown_grace = "10s"
 max_backoff = "1s"
+stall_timeout = "10s"
 
 [http]
 listen = "127.0.0.1:0"
