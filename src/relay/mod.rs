@@ -268,9 +268,11 @@ impl Pump<'_> {
                     "Kafka did not acknowledge the batch from this event on; it will be sent again"
                 );
             }
-            // What was sent behind the failed batch goes again too: wait it out, rewind.
+            // What was sent behind the failed batch goes again too. Its delivery reports
+            // are not worth waiting for (the broker may be gone): librdkafka still
+            // delivers those messages, in order and ahead of the re-sent copies.
             for later in in_flight.drain(..) {
-                let _ = later.await;
+                later.abort();
             }
             source.rewind();
             let pause = self.backoff.next();

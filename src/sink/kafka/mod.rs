@@ -104,6 +104,7 @@ impl KafkaSink {
     /// relay can send the next batch while this one's delivery reports are outstanding.
     pub async fn send(&self, events: &[OutboxEvent]) -> SentBatch {
         let mut pending = Vec::with_capacity(events.len());
+        let mut outstanding = 0;
         let mut broken = false;
         for event in events {
             // After a failed hand-over, later events are not sent at all: sending them
@@ -116,6 +117,7 @@ impl KafkaSink {
                 Ok(msg) => match self.enqueue(&msg).await {
                     Ok(delivery) => {
                         self.telemetry.metrics.in_flight.inc();
+                        outstanding += 1;
                         Pending::Sent(msg.topic, delivery)
                     }
                     Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
@@ -130,16 +132,20 @@ impl KafkaSink {
                 Err(Poison(reason)) => Pending::Poison(reason),
             });
         }
-        SentBatch(pending)
+        SentBatch {
+            pending,
+            in_flight: self.telemetry.metrics.in_flight.clone(),
+            outstanding,
+        }
     }
 
     /// Second half of [`KafkaSink::publish`]: waits for the delivery reports (and sends
     /// poison events to the dead-letter topic).
-    pub async fn collect(&self, events: &[OutboxEvent], sent: SentBatch) -> Vec<Delivery> {
-        let metrics = &self.telemetry.metrics;
+    pub async fn collect(&self, events: &[OutboxEvent], mut sent: SentBatch) -> Vec<Delivery> {
         let mut outcomes = Vec::with_capacity(events.len());
-        for (event, pending) in events.iter().zip(sent.0) {
-            let sent = matches!(pending, Pending::Sent(..));
+        let pending = std::mem::take(&mut sent.pending);
+        for (event, pending) in events.iter().zip(pending) {
+            let was_sent = matches!(pending, Pending::Sent(..));
             let outcome = match pending {
                 Pending::Sent(topic, delivery) => match delivery.await {
                     Ok(Ok(_)) => Delivery::Published { topic },
@@ -155,8 +161,9 @@ impl KafkaSink {
                 Pending::Poison(reason) => self.dead_letter(event, reason).await,
                 Pending::Failed(e) => Delivery::Failed(e),
             };
-            if sent {
-                metrics.in_flight.dec();
+            if was_sent {
+                sent.outstanding -= 1;
+                sent.in_flight.dec();
             }
             self.account(&outcome);
             outcomes.push(outcome);
@@ -295,8 +302,19 @@ impl KafkaSink {
     }
 }
 
-/// A batch handed to librdkafka, its delivery reports not collected yet.
-pub struct SentBatch(Vec<Pending>);
+/// A batch handed to librdkafka, its delivery reports not collected yet. Dropping it
+/// (an aborted collection) takes its events out of the in-flight gauge.
+pub struct SentBatch {
+    pending: Vec<Pending>,
+    in_flight: prometheus::IntGauge,
+    outstanding: i64,
+}
+
+impl Drop for SentBatch {
+    fn drop(&mut self) {
+        self.in_flight.sub(self.outstanding);
+    }
+}
 
 enum Pending {
     Sent(String, DeliveryFuture),
