@@ -1,18 +1,23 @@
 //! The loop between source and sink: read a batch, publish it, acknowledge what Kafka
 //! acknowledged, repeat — and survive everything in between.
 //!
-//! One event's path: [`Source::next_batch`] returns it (a row, in `seq` order) →
-//! [`KafkaSink::publish`] hands it to librdkafka and waits for its delivery report →
-//! [`Source::ack`] forgets it (deletes the row). Only events whose report said "durable"
-//! are acknowledged, and only as an unbroken prefix of the batch: if event 7 of 10
-//! failed, events 1–6 are acknowledged and 7–10 are read and sent again, so a retry can
-//! never put an aggregate's later event ahead of an earlier one that is still missing.
+//! One event's path: [`Source::next_batch`] returns it (a row in `seq` order, or a row
+//! or message in commit order) → [`KafkaSink::send`] hands it to librdkafka →
+//! [`KafkaSink::collect`] waits for its delivery report → [`Source::ack`] forgets it
+//! (deletes the row, or moves the slot past its transaction). Two batches may be with
+//! Kafka at once; they are handed over and acknowledged strictly in order.
+//!
+//! Only events whose report said "durable" are acknowledged, and only as an unbroken
+//! prefix: if event 7 of 10 failed, events 1–6 are acknowledged, and 7–10 and the batch
+//! behind them are read and sent again, so a retry can never put an aggregate's later
+//! event ahead of an earlier one that is still missing.
 //!
 //! # Shutdown
 //!
-//! The `shutdown` token stops reading at once. A batch already handed to Kafka is given
-//! `relay.shutdown_grace` to be acknowledged, then acknowledged to PostgreSQL, and the
-//! loop returns. What was not acknowledged by then is simply read again by the next run.
+//! The `shutdown` token stops reading (after finishing a transaction half handed to
+//! Kafka, in log mode). Batches already handed over get `relay.shutdown_grace` to be
+//! acknowledged, then are acknowledged to PostgreSQL, and the loop returns. What was not
+//! acknowledged by then is simply read again by the next run.
 
 mod config;
 

@@ -1,6 +1,6 @@
 //! Where events come from: the PostgreSQL side of the relay.
 //!
-//! Both capture modes yield the same [`OutboxEvent`](crate::event::OutboxEvent)s and
+//! Both capture modes yield the same [`OutboxEvent`]s and
 //! accept the same acknowledgement: "Kafka has these, you may forget them". What
 //! forgetting means is theirs: the polling source deletes rows, the logical source
 //! advances the slot's flushed LSN.

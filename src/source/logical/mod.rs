@@ -4,9 +4,9 @@
 //!
 //! A transaction inserts an outbox row (or emits a transactional logical message with the
 //! configured prefix) and commits. The walsender decodes it and streams Begin, Insert…,
-//! Commit over the replication connection; [`stream`] maps the rows to events and hands
-//! them over a bounded channel; [`LogicalSource::next_batch`] gives them to the relay;
-//! [`LogicalSource::ack`] hears which ones Kafka acknowledged, and once every event of a
+//! Commit over the replication connection; the `stream` task maps the rows to events and hands
+//! them over a bounded channel; `next_batch` gives them to the relay;
+//! `ack` hears which ones Kafka acknowledged, and once every event of a
 //! transaction is acknowledged the slot's flushed position moves past its commit.
 //!
 //! Protocol version 1 is requested: the server sends a transaction only after it
