@@ -254,19 +254,7 @@ impl ReplicationClient {
 
     /// Skips parameter status, backend key data and notices until ReadyForQuery.
     async fn wait_ready(&mut self) -> Result<(), ReplicationError> {
-        let mut error = None;
-        loop {
-            // A FATAL error is followed by the server hanging up: report the error.
-            let frame = match self.recv().await {
-                Ok(frame) => frame,
-                Err(e) => return Err(error.unwrap_or(e)),
-            };
-            match frame.tag {
-                b'Z' => return error.map_or(Ok(()), Err),
-                b'E' => error = Some(server_error(frame.body)),
-                _ => {}
-            }
-        }
+        self.finish_command(|_| Ok(())).await
     }
 
     /// Runs one replication command and returns its rows as text.
@@ -278,6 +266,21 @@ impl ReplicationClient {
         frontend::query(sql, &mut buf)?;
         self.send(buf).await?;
         let mut rows = Vec::new();
+        self.finish_command(|body| {
+            rows.push(data_row(body)?);
+            Ok(())
+        })
+        .await?;
+        Ok(rows)
+    }
+
+    /// Reads a command's responses up to ReadyForQuery, handing each DataRow to `on_row`.
+    /// A server error is returned once the server is ready again — or when it hangs up,
+    /// as it does after a FATAL one.
+    async fn finish_command(
+        &mut self,
+        mut on_row: impl FnMut(Bytes) -> Result<(), ReplicationError>,
+    ) -> Result<(), ReplicationError> {
         let mut error = None;
         loop {
             let frame = match self.recv().await {
@@ -285,9 +288,9 @@ impl ReplicationClient {
                 Err(e) => return Err(error.unwrap_or(e)),
             };
             match frame.tag {
-                b'D' => rows.push(data_row(frame.body)?),
+                b'D' => on_row(frame.body)?,
                 b'E' => error = Some(server_error(frame.body)),
-                b'Z' => return error.map_or(Ok(rows), Err),
+                b'Z' => return error.map_or(Ok(()), Err),
                 _ => {}
             }
         }
