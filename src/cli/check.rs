@@ -41,11 +41,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
         }
         Mode::Logical => {
             let client = table::connect(src).await?;
-            let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
-            anyhow::ensure!(
-                wal_level == "logical",
-                "wal_level is {wal_level:?}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
-            );
+            crate::source::logical::require_logical_wal(&client).await?;
             let may_replicate: bool = client
                 .query_one(
                     "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",

@@ -75,16 +75,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
                     )
                 })
                 .collect();
-            let aggs: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-            let payloads: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-            db.execute(
-                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-                 SELECT 'order', a, 'Tick', p::jsonb FROM unnest($1::text[], $2::text[]) \
-                 WITH ORDINALITY AS t(a, p, o) ORDER BY o",
-                &[&aggs, &payloads],
-            )
-            .await
-            .unwrap();
+            crate::support::insert_events(&db, &rows).await;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });

@@ -38,16 +38,7 @@ async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
                         (agg, format!("{{\"writer\": {w}, \"n\": {i}}}"))
                     })
                     .collect();
-                let aggs: Vec<&str> = tx_rows.iter().map(|r| r.0.as_str()).collect();
-                let payloads: Vec<&str> = tx_rows.iter().map(|r| r.1.as_str()).collect();
-                db.execute(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-                     SELECT 'order', a, 'Tick', p::jsonb FROM unnest($1::text[], $2::text[]) \
-                     WITH ORDINALITY AS t(a, p, o) ORDER BY o",
-                    &[&aggs, &payloads],
-                )
-                .await
-                .unwrap();
+                crate::support::insert_events(&db, &tx_rows).await;
                 n += PER_TRANSACTION;
             }
         }));

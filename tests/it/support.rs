@@ -298,3 +298,18 @@ pub async fn run_error(config: Config) -> String {
         Err(_) => panic!("the relay kept retrying instead of failing clearly"),
     }
 }
+
+/// Inserts `(aggregate_id, payload JSON)` rows as 'order'/'Tick' events in one statement
+/// (one transaction), keeping their order in `seq`.
+pub async fn insert_events(db: &tokio_postgres::Client, rows: &[(String, String)]) {
+    let aggs: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    db.execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'order', a, 'Tick', p::jsonb FROM unnest($1::text[], $2::text[]) \
+         WITH ORDINALITY AS t(a, p, o) ORDER BY o",
+        &[&aggs, &payloads],
+    )
+    .await
+    .expect("insert events");
+}

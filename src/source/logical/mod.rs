@@ -126,17 +126,7 @@ impl LogicalSource {
         telemetry: Telemetry,
     ) -> Result<LogicalSource, SourceError> {
         let sql = table::connect(config).await?;
-        let wal_level: String = sql
-            .query_one("SHOW wal_level", &[])
-            .await
-            .map_err(SourceError::pg("reading wal_level"))?
-            .get(0);
-        if wal_level != "logical" {
-            return Err(SourceError::Setup(format!(
-                "wal_level is {wal_level:?}: log mode needs wal_level = logical in postgresql.conf \
-                 (then restart PostgreSQL), or use source.mode = \"polling\""
-            )));
-        }
+        require_logical_wal(&sql).await?;
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
         if let Some(t) = &config.table {
@@ -660,6 +650,22 @@ impl Drop for LogicalSource {
             s.task.abort();
         }
     }
+}
+
+/// Log mode needs `wal_level = logical`; says how to get it otherwise.
+pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
+    let wal_level: String = sql
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(SourceError::pg("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::Setup(format!(
+            "wal_level is {wal_level:?}: log mode needs wal_level = logical in postgresql.conf \
+             (then restart PostgreSQL), or use source.mode = \"polling\""
+        )));
+    }
+    Ok(())
 }
 
 /// Creates the publication when it is missing and allowed; checks it covers the table.
