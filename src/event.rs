@@ -1,6 +1,30 @@
 //! The event as it travels from source to sink, independent of the capture mode.
 
 use std::fmt;
+use std::str::FromStr;
+
+/// A position in PostgreSQL's write-ahead log, written as PostgreSQL writes it
+/// (`16/B374D848`: the high and low 32 bits in hex).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Lsn, String> {
+        let invalid = || format!("{s:?} is not an LSN (expected hex like 16/B374D848)");
+        let (hi, lo) = s.split_once('/').ok_or_else(invalid)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| invalid())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| invalid())?;
+        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
 
 /// Where an event sits in its source: its order key, and what the source forgets on ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -8,14 +32,14 @@ pub enum Position {
     /// The outbox row's `seq` (polling, and rows of the first-start snapshot).
     Seq(i64),
     /// The commit LSN of the transaction that wrote the event (log mode).
-    Lsn(u64),
+    Lsn(Lsn),
 }
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Seq(seq) => write!(f, "seq:{seq}"),
-            Position::Lsn(lsn) => write!(f, "lsn:{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF),
+            Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
         }
     }
 }
@@ -50,4 +74,20 @@ pub struct OutboxEvent {
     /// The event's bytes as the source received them, when they differ from `payload`
     /// (a logical message's whole envelope): what the dead-letter topic gets.
     pub original: Option<Vec<u8>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_round_trip_in_postgres_notation() {
+        assert_eq!("16/B374D848".parse(), Ok(Lsn(0x16_B374_D848)));
+        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+        assert_eq!(Lsn(0).to_string(), "0/0");
+        assert_eq!(Position::Lsn(Lsn(0x1_0000_0002)).to_string(), "lsn:1/2");
+        for bad in ["nonsense", "1/", "/1", "1/2/3", "G/1", "100000000/0"] {
+            assert!(bad.parse::<Lsn>().is_err(), "{bad} parsed");
+        }
+    }
 }

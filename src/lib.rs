@@ -14,9 +14,11 @@
 //!   ([`sink::kafka::message`]) and produces it with an idempotent producer.
 //!
 //! Around them: [`config`] (TOML + environment, validated with every problem named),
-//! [`cli`] (the `outbox-relay` commands), and [`testkit`] (ephemeral PostgreSQL and
-//! Kafka-protocol broker processes for tests, the demo and benchmarks).
+//! [`cli`] (the `outbox-relay` commands), and, with the `testkit` feature, `testkit`
+//! (ephemeral PostgreSQL and Kafka-protocol broker processes for tests, the demo and
+//! benchmarks).
 
+mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod relay;
 pub mod sink;
 pub mod source;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use daemon::run;

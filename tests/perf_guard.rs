@@ -129,7 +129,12 @@ fn allocations_per_event_stay_near_the_baseline() {
             panic!("insert")
         };
         let event = mapper
-            .insert(relation, &tuple, Position::Lsn(1), 0)
+            .insert(
+                relation,
+                &tuple,
+                Position::Lsn(outbox_relay::event::Lsn(1)),
+                0,
+            )
             .unwrap();
         let message = to_message(&event, &config.sink).unwrap();
         bytes += message.value.len();

@@ -20,27 +20,23 @@
 //! acknowledged by then is simply read again by the next run.
 
 mod config;
+mod pump;
+#[cfg(test)]
+mod tests;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{RawRelayConfig, RelayConfig};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::event::OutboxEvent;
-use crate::metrics::{unix_now, Telemetry};
-use crate::sink::kafka::{Delivery, KafkaSink, SinkError};
+use crate::metrics::Telemetry;
+use crate::sink::kafka::{KafkaSink, SinkError};
 use crate::source::{AnySource, Mode, Source, SourceError};
-
-/// How often a batch waiting for Kafka is checked for a stall.
-const STALL_CHECK: Duration = Duration::from_secs(1);
-
-/// Batches handed to Kafka and not yet acknowledged, at most.
-const PIPELINE_DEPTH: usize = 2;
+use pump::Pump;
 
 /// First pause after a failure; it doubles up to `relay.max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -81,7 +77,7 @@ pub async fn run(
         Mode::Polling => config.source.polling.batch_size.get(),
         Mode::Logical => config.source.logical.batch_size.get(),
     };
-    let mut backoff = Backoff::new(config.relay.max_backoff);
+    let mut backoff = Backoff::new(FIRST_BACKOFF, config.relay.max_backoff);
     tracing::info!(
         database = %config.source.redacted_url(),
         table = %config.source.table_label(),
@@ -95,7 +91,10 @@ pub async fn run(
         let outcome = async {
             let mut source = AnySource::connect(&config.source, telemetry.clone()).await?;
             health.set_postgres(None);
-            if !source.lead(&shutdown).await? {
+            if !source
+                .lead(config.source.standby_retry, &telemetry, &shutdown)
+                .await?
+            {
                 return Ok(());
             }
             let mut pump = Pump {
@@ -113,7 +112,7 @@ pub async fn run(
         match outcome {
             Ok(()) => break Ok(()),
             Err(RelayError::Source(e)) if e.is_retryable() => {
-                let pause = backoff.next();
+                let pause = backoff.next_pause();
                 tracing::warn!(error = %e, retry_in = ?pause, "lost PostgreSQL; reconnecting");
                 telemetry
                     .metrics
@@ -154,191 +153,4 @@ pub async fn run(
     health.set_leader(false, Some("stopping"));
     probe.abort();
     result
-}
-
-/// The batch loop's collaborators.
-struct Pump<'a> {
-    sink: &'a Arc<KafkaSink>,
-    telemetry: &'a Telemetry,
-    config: &'a RelayConfig,
-    shutdown: &'a CancellationToken,
-    backoff: &'a mut Backoff,
-}
-
-impl Pump<'_> {
-    /// Moves batches from `source` to the sink until shutdown or a source error.
-    ///
-    /// Up to [`PIPELINE_DEPTH`] batches are in flight: while Kafka acknowledges one, the
-    /// next is read and handed over, so database and broker work overlap. Batches are
-    /// handed to the producer strictly in order and acknowledged strictly in order; when
-    /// one is not fully durable, the batches behind it are waited out and the source is
-    /// rewound, so everything after the durable prefix is read and sent again.
-    async fn run<S: Source>(
-        &mut self,
-        source: &mut S,
-        batch_size: usize,
-    ) -> Result<(), RelayError> {
-        let metrics = &self.telemetry.metrics;
-        let mut in_flight: VecDeque<JoinHandle<(Vec<OutboxEvent>, Vec<Delivery>)>> =
-            VecDeque::new();
-        let mut stopping = false;
-        loop {
-            // When stopping, a transaction half handed to Kafka is finished first: the
-            // source can only acknowledge whole transactions, so stopping in the middle
-            // would send its first part again after the restart.
-            let want_more = !stopping || source.mid_transaction();
-            if want_more && in_flight.len() < PIPELINE_DEPTH {
-                // Only block for new events when nothing is waiting for Kafka.
-                let wait = in_flight.is_empty();
-                let batch = if stopping {
-                    tokio::select! {
-                        batch = source.next_batch(batch_size, wait) => batch?,
-                        _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
-                            return Err(RelayError::GraceExpired(self.config.shutdown_grace));
-                        }
-                    }
-                } else {
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => {
-                            stopping = true;
-                            continue;
-                        }
-                        batch = source.next_batch(batch_size, wait) => batch?,
-                    }
-                };
-                if !batch.is_empty() {
-                    metrics.batch_size.observe(batch.len() as f64);
-                    let sent = self.sink.send(&batch).await;
-                    let sink = self.sink.clone();
-                    in_flight.push_back(tokio::spawn(async move {
-                        let outcomes = sink.collect(&batch, sent).await;
-                        (batch, outcomes)
-                    }));
-                    continue;
-                }
-                if wait {
-                    continue;
-                }
-            }
-            let Some(oldest) = in_flight.pop_front() else {
-                if stopping {
-                    return Ok(());
-                }
-                continue;
-            };
-            let started = Instant::now();
-            let mut oldest = oldest;
-            let (batch, outcomes) = loop {
-                tokio::select! {
-                    done = &mut oldest => break done.map_err(|e| RelayError::Task(e.to_string()))?,
-                    _ = grace_expired(self.shutdown, self.config.shutdown_grace) => {
-                        oldest.abort();
-                        return Err(RelayError::GraceExpired(self.config.shutdown_grace));
-                    }
-                    _ = tokio::time::sleep(STALL_CHECK) => {
-                        // Waiting is right while the broker is unreachable; it is a stall
-                        // when the broker answers and still acknowledges nothing.
-                        let stalled = started.elapsed() >= self.config.stall_timeout
-                            && self.telemetry.health.kafka_reachable();
-                        if stalled {
-                            oldest.abort();
-                            for later in in_flight.drain(..) {
-                                later.abort();
-                            }
-                            return Err(RelayError::Stalled(started.elapsed()));
-                        }
-                    }
-                }
-            };
-            let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
-            source.ack(&batch[..durable]).await?;
-            self.record(&batch[..durable]);
-            if durable == batch.len() {
-                self.backoff.reset();
-                continue;
-            }
-            if let Some(fatal) = self.sink.fatal_error() {
-                return Err(fatal.into());
-            }
-            if let (Some(event), Some(Delivery::Failed(e))) =
-                (batch.get(durable), outcomes.get(durable))
-            {
-                // One line per failed batch, naming the first event that blocks it.
-                tracing::warn!(
-                    event_id = event.id.as_deref().unwrap_or("?"),
-                    aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
-                    position = %event.position,
-                    error = %e,
-                    unacknowledged = batch.len() - durable,
-                    "Kafka did not acknowledge the batch from this event on; it will be sent again"
-                );
-            }
-            // What was sent behind the failed batch goes again too. Its delivery reports
-            // are not worth waiting for (the broker may be gone): librdkafka still
-            // delivers those messages, in order and ahead of the re-sent copies.
-            for later in in_flight.drain(..) {
-                later.abort();
-            }
-            source.rewind();
-            let pause = self.backoff.next();
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(pause) => {}
-            }
-        }
-    }
-
-    /// Latency and progress of events just acknowledged to the source.
-    fn record(&self, acked: &[OutboxEvent]) {
-        if acked.is_empty() {
-            return;
-        }
-        let metrics = &self.telemetry.metrics;
-        let now = unix_now();
-        for event in acked {
-            if let Some(ms) = event.timestamp_ms {
-                metrics
-                    .commit_to_ack
-                    .observe((now - ms as f64 / 1000.0).max(0.0));
-            }
-            tracing::debug!(
-                event_id = event.id.as_deref().unwrap_or("?"),
-                aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
-                position = %event.position,
-                "event acknowledged"
-            );
-        }
-        metrics.acked_now();
-    }
-}
-
-/// Resolves `grace` after `shutdown` fired; never before.
-async fn grace_expired(shutdown: &CancellationToken, grace: Duration) {
-    shutdown.cancelled().await;
-    tokio::time::sleep(grace).await;
-}
-
-/// Capped exponential backoff.
-struct Backoff {
-    current: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Backoff {
-        Backoff {
-            current: FIRST_BACKOFF.min(max),
-            max,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let pause = self.current;
-        self.current = (self.current * 2).min(self.max);
-        pause
-    }
-
-    fn reset(&mut self) {
-        self.current = FIRST_BACKOFF.min(self.max);
-    }
 }

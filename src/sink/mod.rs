@@ -1,3 +1,33 @@
-//! Where events go. One sink today: Kafka.
+//! Where events go. One sink: Kafka ([`kafka::KafkaSink`]).
+//!
+//! The relay loop sees it through [`Sink`], two steps per batch, so that it can keep two
+//! batches with the broker at once and so that its logic (durable prefix, rewind,
+//! stall, shutdown grace) is tested against a fake sink without a broker.
 
 pub mod kafka;
+
+use std::future::Future;
+
+use crate::event::OutboxEvent;
+pub use kafka::{Delivery, SinkError};
+
+/// A destination that takes events in order and reports, per event, what became of it.
+///
+/// Delivery is at-least-once: the relay acknowledges an event to PostgreSQL only after
+/// its outcome is durable ([`Delivery::is_durable`]).
+pub trait Sink: Send + Sync + 'static {
+    /// A batch handed over whose outcomes are not collected yet.
+    type Sent: Send + 'static;
+
+    /// Hands every event of the batch over, in order. Batches sent one after the other
+    /// keep their order, so the next one may be sent before this one is collected.
+    fn send(&self, events: &[OutboxEvent]) -> impl Future<Output = Self::Sent> + Send;
+
+    /// Waits for each event's outcome, in the batch's order. A failure no retry can fix
+    /// (the producer is unusable) comes back as [`SinkError::Fatal`].
+    fn collect(
+        &self,
+        events: &[OutboxEvent],
+        sent: Self::Sent,
+    ) -> impl Future<Output = Vec<Delivery>> + Send;
+}

@@ -10,6 +10,7 @@ use super::polling::{PollingConfig, RawPollingConfig};
 use crate::config::Problems;
 
 const DEFAULT_TABLE: &str = "public.outbox";
+const DEFAULT_STANDBY_RETRY: &str = "1s";
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -24,6 +25,7 @@ pub struct RawSourceConfig {
     table: String,
     #[serde(default)]
     columns: RawColumns,
+    standby_retry: Option<String>,
     #[serde(default)]
     polling: RawPollingConfig,
     #[serde(default)]
@@ -54,6 +56,8 @@ pub struct SourceConfig {
     /// `None` for a table-less outbox (`table = ""`, log mode: logical messages only).
     pub table: Option<TableName>,
     pub columns: Columns,
+    /// How often a standby tries to become the leader (lock or slot).
+    pub standby_retry: std::time::Duration,
     pub polling: PollingConfig,
     pub logical: LogicalConfig,
 }
@@ -100,7 +104,7 @@ impl SourceConfig {
 }
 
 impl RawSourceConfig {
-    pub fn validate(self, problems: &mut Problems) -> Option<SourceConfig> {
+    pub fn validate(mut self, problems: &mut Problems) -> Option<SourceConfig> {
         let mode = match self.mode.as_deref() {
             Some("polling") => Some(Mode::Polling),
             Some("logical") => Some(Mode::Logical),
@@ -169,6 +173,20 @@ impl RawSourceConfig {
                 .map(Some)
         };
         let columns = self.columns.validate(problems);
+        let standby_retry = match (self.standby_retry, self.polling.standby_retry.take()) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "source.polling.standby_retry",
+                    "is the old name of source.standby_retry: set only source.standby_retry",
+                );
+                None
+            }
+            (Some(raw), None) => problems.positive_duration("source.standby_retry", &raw),
+            (None, Some(raw)) => problems.positive_duration("source.polling.standby_retry", &raw),
+            (None, None) => {
+                problems.positive_duration("source.standby_retry", DEFAULT_STANDBY_RETRY)
+            }
+        };
         let polling = self.polling.validate(problems);
         let logical = self.logical.validate(problems);
         Some(SourceConfig {
@@ -177,6 +195,7 @@ impl RawSourceConfig {
             tls: tls?,
             table: table?,
             columns: columns?,
+            standby_retry: standby_retry?,
             polling: polling?,
             logical: logical?,
         })

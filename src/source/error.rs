@@ -44,14 +44,7 @@ impl SourceError {
         match self {
             SourceError::Setup(_) => false,
             SourceError::SlotBusy { .. } => true,
-            SourceError::Replication { source, .. } => {
-                use crate::source::logical::ReplicationError as R;
-                match source {
-                    R::Io(_) | R::Protocol(_) => true,
-                    R::Auth(_) | R::Tls(_) => false,
-                    R::Server { code, .. } => retryable_class(code),
-                }
-            }
+            SourceError::Replication { source, .. } => source.is_retryable(),
             SourceError::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: retry when the connection itself broke (refused, reset,
                 // closed); not for client-side mistakes such as a type mismatch.
@@ -68,7 +61,7 @@ impl SourceError {
                             || std::error::Error::source(source)
                                 .is_some_and(|s| s.is::<std::io::Error>()))
                 }
-                Some(code) => retryable_class(code.code()),
+                Some(code) => retryable_sqlstate(code.code()),
             },
         }
     }
@@ -78,7 +71,7 @@ impl SourceError {
 /// deadlock), 53 insufficient resources, 55 object not in prerequisite state (lock not
 /// available, object in use), 57 operator intervention (shutdown, restart), 58 system
 /// error.
-fn retryable_class(code: &str) -> bool {
+pub fn retryable_sqlstate(code: &str) -> bool {
     matches!(code.get(..2), Some("08" | "40" | "53" | "55" | "57" | "58"))
 }
 

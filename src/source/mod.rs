@@ -9,6 +9,7 @@ pub(crate) mod config;
 mod error;
 pub mod logical;
 pub mod polling;
+pub mod standby;
 pub mod table;
 pub mod tls;
 
@@ -17,7 +18,7 @@ use std::future::Future;
 pub use config::{
     quote_ident, quote_ident_opt, Columns, Mode, RawSourceConfig, SourceConfig, TableName,
 };
-pub use error::SourceError;
+pub use error::{retryable_sqlstate, SourceError};
 
 use crate::event::OutboxEvent;
 
@@ -45,9 +46,12 @@ pub trait Source: Send {
         events: &[OutboxEvent],
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
 
-    /// Forgets what was returned and not acknowledged: the next batches start again
-    /// from the oldest unacknowledged event (after a failed delivery).
-    fn rewind(&mut self);
+    /// After a failed delivery: the next batches start again from the oldest
+    /// unacknowledged event. `unacknowledged` is every event returned and not
+    /// acknowledged, in order — the relay holds the only copy of an event in flight, so
+    /// a source that cannot read its events again (the log stream) replays these; one
+    /// that can (the table) drops them.
+    fn rewind(&mut self, unacknowledged: Vec<OutboxEvent>);
 
     /// True while events of a transaction were handed out but the transaction's end was
     /// not: a graceful stop reads on until it is false.
@@ -84,14 +88,16 @@ impl AnySource {
     }
 
     /// Becomes the one publishing relay of this outbox, waiting as a standby while
-    /// another one is; `false` when `shutdown` fired first.
+    /// another one is (retrying every `retry`); `false` when `shutdown` fired first.
     pub async fn lead(
         &mut self,
+        retry: std::time::Duration,
+        telemetry: &crate::metrics::Telemetry,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<bool, SourceError> {
         match self {
-            AnySource::Polling(s) => s.lead(shutdown).await,
-            AnySource::Logical(s) => s.lead(shutdown).await,
+            AnySource::Polling(s) => standby::lead(s, retry, telemetry, shutdown).await,
+            AnySource::Logical(s) => standby::lead(s, retry, telemetry, shutdown).await,
         }
     }
 }
@@ -108,10 +114,10 @@ impl Source for AnySource {
         }
     }
 
-    fn rewind(&mut self) {
+    fn rewind(&mut self, unacknowledged: Vec<OutboxEvent>) {
         match self {
-            AnySource::Polling(s) => s.rewind(),
-            AnySource::Logical(s) => s.rewind(),
+            AnySource::Polling(s) => s.rewind(unacknowledged),
+            AnySource::Logical(s) => s.rewind(unacknowledged),
         }
     }
 

@@ -1,7 +1,7 @@
 //! The Kafka sink: one idempotent producer, delivery reports in, outcomes out.
 //!
 //! Delivery is **at-least-once**: the relay acknowledges an event to PostgreSQL only
-//! after [`KafkaSink::publish`] reported it [`Delivery::Published`] (the broker has it,
+//! after the sink ([`Sink::collect`](crate::sink::Sink::collect)) reported it [`Delivery::Published`] (the broker has it,
 //! `acks=all`) or [`Delivery::DeadLettered`] (the dead-letter topic has it). A failed
 //! delivery comes back as [`Delivery::Failed`] and the event is simply read again.
 //!
@@ -95,14 +95,15 @@ impl KafkaSink {
     /// Publishes `events` in order and reports, per event and in the same order, what
     /// became of it. Returns when every event has an outcome.
     pub async fn publish(&self, events: &[OutboxEvent]) -> Vec<Delivery> {
-        let sent = self.send(events).await;
-        self.collect(events, sent).await
+        let sent = self.send_batch(events).await;
+        self.collect_batch(events, sent).await
     }
 
-    /// First half of [`KafkaSink::publish`]: hands every event of the batch to librdkafka,
-    /// in order. Batches sent one after the other keep their order on the wire, so the
-    /// relay can send the next batch while this one's delivery reports are outstanding.
-    pub async fn send(&self, events: &[OutboxEvent]) -> SentBatch {
+    /// [`Sink::send`](crate::sink::Sink::send): hands every event of the batch to
+    /// librdkafka, in order. Batches sent one after the other keep their order on the
+    /// wire, so the relay can send the next batch while this one's delivery reports are
+    /// outstanding.
+    async fn send_batch(&self, events: &[OutboxEvent]) -> SentBatch {
         let mut pending = Vec::with_capacity(events.len());
         let mut outstanding = 0;
         let mut broken = false;
@@ -139,9 +140,9 @@ impl KafkaSink {
         }
     }
 
-    /// Second half of [`KafkaSink::publish`]: waits for the delivery reports (and sends
-    /// poison events to the dead-letter topic).
-    pub async fn collect(&self, events: &[OutboxEvent], mut sent: SentBatch) -> Vec<Delivery> {
+    /// [`Sink::collect`](crate::sink::Sink::collect): waits for the delivery reports (and
+    /// sends poison events to the dead-letter topic).
+    async fn collect_batch(&self, events: &[OutboxEvent], mut sent: SentBatch) -> Vec<Delivery> {
         let mut outcomes = Vec::with_capacity(events.len());
         let pending = std::mem::take(&mut sent.pending);
         for (event, pending) in events.iter().zip(pending) {
@@ -167,6 +168,13 @@ impl KafkaSink {
             }
             self.account(&outcome);
             outcomes.push(outcome);
+        }
+        // A fatal producer error (e.g. the idempotent producer was fenced) poisons every
+        // later send: the only cure is a new producer, so the relay must stop.
+        if let Some(failed) = outcomes.iter_mut().find(|o| !o.is_durable()) {
+            if let Some(fatal) = self.fatal_error() {
+                *failed = Delivery::Failed(fatal);
+            }
         }
         outcomes
     }
@@ -286,9 +294,8 @@ impl KafkaSink {
         })
     }
 
-    /// A fatal producer error (e.g. the idempotent producer was fenced) poisons every
-    /// later send; the only cure is a new producer, so the relay must stop.
-    pub fn fatal_error(&self) -> Option<SinkError> {
+    /// The producer's fatal error, if it has one.
+    fn fatal_error(&self) -> Option<SinkError> {
         self.producer
             .client()
             .fatal_error()
@@ -299,6 +306,18 @@ impl KafkaSink {
     pub fn ping(&self, timeout: Duration) -> Result<usize, KafkaError> {
         let md = self.producer.client().fetch_metadata(None, timeout)?;
         Ok(md.brokers().len())
+    }
+}
+
+impl crate::sink::Sink for KafkaSink {
+    type Sent = SentBatch;
+
+    async fn send(&self, events: &[OutboxEvent]) -> SentBatch {
+        self.send_batch(events).await
+    }
+
+    async fn collect(&self, events: &[OutboxEvent], sent: SentBatch) -> Vec<Delivery> {
+        self.collect_batch(events, sent).await
     }
 }
 

@@ -160,7 +160,7 @@ impl Mapper {
 
 fn empty_event() -> OutboxEvent {
     OutboxEvent {
-        position: Position::Lsn(0),
+        position: Position::Lsn(crate::event::Lsn(0)),
         id: None,
         aggregate_type: None,
         aggregate_id: None,
@@ -232,21 +232,45 @@ mod tests {
             br#"{"id":"e1","aggregate_type":"order","aggregate_id":"o1","event_type":"Placed","payload":{"b": 1,"a":[2]},"headers":{"k":"v"}}"#,
         );
         let e = m
-            .message("outbox", true, &content, Position::Lsn(5), Some(7))
+            .message(
+                "outbox",
+                true,
+                &content,
+                Position::Lsn(crate::event::Lsn(5)),
+                Some(7),
+            )
             .unwrap();
         assert_eq!(e.payload.as_deref(), Some(&br#"{"b": 1,"a":[2]}"#[..]));
         assert_eq!(e.headers.as_deref(), Some(r#"{"k":"v"}"#));
         assert_eq!((e.id.as_deref(), e.invalid.as_deref()), (Some("e1"), None));
         assert!(m
-            .message("other", true, &content, Position::Lsn(5), None)
+            .message(
+                "other",
+                true,
+                &content,
+                Position::Lsn(crate::event::Lsn(5)),
+                None
+            )
             .is_none());
         let e = m
-            .message("outbox", false, &content, Position::Lsn(5), None)
+            .message(
+                "outbox",
+                false,
+                &content,
+                Position::Lsn(crate::event::Lsn(5)),
+                None,
+            )
             .unwrap();
         assert!(e.invalid.unwrap().contains("non-transactional"));
         let bad = Bytes::from_static(b"{not json");
         let e = m
-            .message("outbox", true, &bad, Position::Lsn(5), None)
+            .message(
+                "outbox",
+                true,
+                &bad,
+                Position::Lsn(crate::event::Lsn(5)),
+                None,
+            )
             .unwrap();
         assert!(e.invalid.unwrap().contains("not a valid outbox envelope"));
         assert_eq!(e.original.as_deref(), Some(&b"{not json"[..]));

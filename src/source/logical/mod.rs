@@ -1,59 +1,57 @@
-//! The log tailer: a logical-replication client on pgoutput (SPEC §2, "logical").
+//! The log tailer: a logical-replication client on pgoutput.
 //!
 //! # How an event travels
 //!
 //! A transaction inserts an outbox row (or emits a transactional logical message with the
 //! configured prefix) and commits. The walsender decodes it and streams Begin, Insert…,
-//! Commit over the replication connection; the `stream` task maps the rows to events and hands
-//! them over a bounded channel; `next_batch` gives them to the relay;
-//! `ack` hears which ones Kafka acknowledged, and once every event of a
-//! transaction is acknowledged the slot's flushed position moves past its commit.
+//! Commit over the replication connection; the [`stream`] task maps the rows to events
+//! and passes them, with the transaction ends and keepalives, over a bounded channel;
+//! `next_batch` takes them through the [`Ledger`](ledger::Ledger) and gives the events to
+//! the relay; `ack` tells the ledger which ones Kafka acknowledged, and the ledger says
+//! how far the slot may now forget, which reaches the stream task through a `watch`.
+//! The rule itself is in [`ledger`] and in
+//! [design §4](../../../docs/design.md#4-log-mode-the-acknowledgement-rule).
 //!
 //! Protocol version 1 is requested: the server sends a transaction only after it
 //! committed (spilling large ones to its own disk), and the relay passes its rows on in
 //! batches as they arrive, so a transaction of any size needs bounded memory here.
 //!
-//! # First start
+//! # The files
 //!
-//! When the slot does not exist and `create_if_missing` is set, rows already in the
-//! outbox must not be missed, nor sent twice. The relay creates a *temporary* slot that
-//! exports a snapshot, reads the table through that snapshot in `seq` order and
-//! publishes it, then copies the temporary slot into the real one
-//! (`pg_copy_logical_replication_slot`) and streams from the snapshot's consistent point:
-//! no gap, no overlap. A crash before the copy leaves no slot behind (temporary slots
-//! die with their session), so the next start simply does it all again; duplicates are
-//! possible only then.
-//!
-//! # Leadership
-//!
-//! The slot is the lock: PostgreSQL lets one connection stream from it. A second relay
-//! gets "slot is active for PID n", waits as a standby and retries.
+//! [`setup`] checks `wal_level` and the publication; [`slot`] finds or creates the slot
+//! and starts streaming from it (the slot is the leader lock); [`snapshot`] publishes
+//! the rows that existed before the slot, on the first start; this file is the
+//! [`Source`](crate::source::Source) the relay drives.
 
 mod config;
+pub mod ledger;
 pub mod mapping;
 pub mod pgoutput;
 mod protocol;
+mod setup;
+mod slot;
+mod snapshot;
 mod stream;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 
 pub use config::{LogicalConfig, RawLogicalConfig};
-pub use protocol::{format_lsn, parse_lsn, ReplicationError};
+pub use protocol::ReplicationError;
+pub use setup::require_logical_wal;
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
+use crate::source::standby::Attempt;
 use crate::source::table::{self, Checks};
-use crate::source::{quote_ident, SourceConfig, SourceError, TableName};
-use mapping::Mapper;
-use protocol::ReplicationClient;
-use stream::{Item, Shared};
+use crate::source::{quote_ident, SourceConfig, SourceError};
+use ledger::{Item, Ledger};
+use slot::protocol_error;
+use snapshot::Snapshot;
+use stream::Feedback;
 
 /// Items buffered between the stream task and the relay.
 const CHANNEL: usize = 4096;
@@ -63,7 +61,6 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 const CLEANUP_BATCH: usize = 1000;
 /// How long a graceful stop waits for the final status update to go out.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
-const SNAPSHOT_CURSOR: &str = "outbox_relay_snapshot";
 /// How often the slot-lag gauge is refreshed.
 const LAG_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -72,17 +69,9 @@ pub struct LogicalSource {
     sql: Client,
     telemetry: Telemetry,
     phase: Phase,
-    /// Events returned by `next_batch` and not acknowledged yet, with their number and
-    /// whether they are table rows (which `cleanup` deletes).
-    unacked: VecDeque<(u64, OutboxEvent)>,
-    /// Transaction ends: (number of events before it, end LSN).
-    txn_ends: VecDeque<(u64, u64)>,
-    /// Number of events taken from the stream so far.
-    taken: u64,
-    /// How many of `unacked` (from the front) are with the relay; after a rewind, 0.
-    handed: usize,
-    /// Number of events acknowledged so far.
-    acked: u64,
+    /// What is taken, acknowledged and flushable; the events the relay holds are not
+    /// copied here.
+    ledger: Ledger,
     cleanup: Option<Cleanup>,
     payload_is_json: bool,
     select_sql: Option<String>,
@@ -97,19 +86,9 @@ enum Phase {
     Streaming(Streaming),
 }
 
-struct Snapshot {
-    /// Holds the temporary slot: closing it drops the slot.
-    _holder: ReplicationClient,
-    /// Inside a REPEATABLE READ transaction on the exported snapshot, with the cursor.
-    reader: Client,
-    temp_slot: String,
-    consistent_point: u64,
-    exhausted: bool,
-}
-
 struct Streaming {
     rx: mpsc::Receiver<Item>,
-    shared: Arc<Shared>,
+    feedback: watch::Sender<Feedback>,
     task: JoinHandle<Result<(), SourceError>>,
 }
 
@@ -154,249 +133,18 @@ impl LogicalSource {
                 });
             }
         }
-        ensure_publication(&sql, config).await?;
+        setup::ensure_publication(&sql, config).await?;
         Ok(LogicalSource {
             config: config.clone(),
             sql,
             telemetry,
             phase: Phase::Idle,
-            unacked: VecDeque::new(),
-            txn_ends: VecDeque::new(),
-            taken: 0,
-            handed: 0,
-            acked: 0,
+            ledger: Ledger::default(),
             cleanup,
             payload_is_json,
             select_sql,
             lag_measured: None,
         })
-    }
-
-    /// Takes the slot (creating it, with the first-start snapshot, when allowed), or
-    /// waits as a standby while another relay streams from it. Returns `false` when
-    /// `shutdown` fired first.
-    pub async fn lead(&mut self, shutdown: &CancellationToken) -> Result<bool, SourceError> {
-        let slot = self.config.logical.slot.clone();
-        let mut announced = false;
-        loop {
-            match self.take_slot().await {
-                Ok(()) => {
-                    tracing::info!(%slot, "replication slot taken: this relay publishes the outbox");
-                    self.telemetry.metrics.leader.set(1);
-                    self.telemetry.health.set_leader(true, None);
-                    return Ok(true);
-                }
-                Err(SourceError::SlotBusy { detail, .. }) => {
-                    let why = format!("standby: replication slot {slot} is in use ({detail})");
-                    self.telemetry.metrics.leader.set(0);
-                    self.telemetry.health.set_leader(false, Some(&why));
-                    if !announced {
-                        tracing::info!(%slot, %detail, "slot in use by another relay: waiting as a standby");
-                        announced = true;
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(self.config.polling.standby_retry) => {}
-            }
-        }
-    }
-
-    async fn take_slot(&mut self) -> Result<(), SourceError> {
-        let logical = &self.config.logical;
-        let exists = self
-            .sql
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&logical.slot],
-            )
-            .await
-            .map_err(SourceError::pg("looking up the replication slot"))?
-            .is_some();
-        if exists {
-            return self.start_streaming(0).await;
-        }
-        if !logical.create_if_missing {
-            return Err(SourceError::Setup(format!(
-                "replication slot {} does not exist and source.logical.create_if_missing = false: \
-                 create it (outbox-relay setup prints the SQL) or allow the relay to",
-                logical.slot
-            )));
-        }
-        if self.select_sql.is_none() {
-            // Table-less: nothing existed before the slot, so nothing to snapshot.
-            let mut repl = self.replication_client().await?;
-            let slot = &logical.slot;
-            repl.simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
-            ))
-            .await
-            .map_err(slot_error(slot))?;
-            tracing::info!(%slot, "created the replication slot");
-            return self.start_streaming(0).await;
-        }
-        self.begin_snapshot().await
-    }
-
-    async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
-        ReplicationClient::connect(&self.config.pg, &self.config.tls)
-            .await
-            .map_err(|e| match e.code() {
-                Some("42501") => SourceError::Setup(format!(
-                    "role {} may not open a replication connection: ALTER ROLE {} REPLICATION",
-                    self.config.pg.get_user().unwrap_or("?"),
-                    self.config.pg.get_user().unwrap_or("?")
-                )),
-                _ => SourceError::Replication {
-                    context: "opening the replication connection",
-                    source: e,
-                },
-            })
-    }
-
-    /// First start: a temporary slot exporting a snapshot, and a reader on it.
-    async fn begin_snapshot(&mut self) -> Result<(), SourceError> {
-        let slot = &self.config.logical.slot;
-        let temp_slot: String = format!(
-            "{}_init_{}",
-            &slot[..slot.len().min(40)],
-            std::process::id()
-        );
-        let mut holder = self.replication_client().await?;
-        let rows = holder
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{temp_slot}\" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
-            ))
-            .await
-            .map_err(slot_error(&temp_slot))?;
-        let row = rows
-            .first()
-            .ok_or_else(|| protocol_error("CREATE_REPLICATION_SLOT returned no row"))?;
-        let consistent_point = row
-            .get(1)
-            .and_then(|v| v.as_deref())
-            .and_then(parse_lsn)
-            .ok_or_else(|| {
-                protocol_error("CREATE_REPLICATION_SLOT returned no consistent point")
-            })?;
-        let snapshot = row
-            .get(2)
-            .and_then(|v| v.clone())
-            .ok_or_else(|| protocol_error("CREATE_REPLICATION_SLOT returned no snapshot"))?;
-        let reader = table::connect(&self.config).await?;
-        let select = self.select_sql.as_deref().expect("snapshot needs a table");
-        reader
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-                 SET TRANSACTION SNAPSHOT '{snapshot}'; \
-                 DECLARE {SNAPSHOT_CURSOR} NO SCROLL CURSOR FOR {select}"
-            ))
-            .await
-            .map_err(SourceError::pg("opening the first-start snapshot"))?;
-        tracing::info!(
-            %slot,
-            consistent_point = %format_lsn(consistent_point),
-            "first start: publishing the rows already in the outbox, then streaming"
-        );
-        self.phase = Phase::Snapshot(Box::new(Snapshot {
-            _holder: holder,
-            reader,
-            temp_slot,
-            consistent_point,
-            exhausted: false,
-        }));
-        Ok(())
-    }
-
-    /// The snapshot is published: make the real slot and stream from where it ends.
-    async fn finish_snapshot(&mut self) -> Result<(), SourceError> {
-        let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            return Ok(());
-        };
-        snap.reader
-            .batch_execute("COMMIT")
-            .await
-            .map_err(SourceError::pg("closing the first-start snapshot"))?;
-        let slot = &self.config.logical.slot;
-        self.sql
-            .execute(
-                "SELECT pg_copy_logical_replication_slot($1, $2, false)",
-                &[&snap.temp_slot, slot],
-            )
-            .await
-            .map_err(|e| match e.code().map(|c| c.code()) {
-                // Another relay finished its first start first: it leads, this one waits.
-                Some("42710") => SourceError::SlotBusy {
-                    slot: slot.clone(),
-                    detail: "another relay created it first".into(),
-                },
-                _ => SourceError::Postgres {
-                    context: "creating the replication slot from the snapshot's",
-                    source: e,
-                },
-            })?;
-        tracing::info!(%slot, "first-start snapshot published; created the replication slot");
-        let point = snap.consistent_point;
-        drop(snap); // closes the holder: the temporary slot goes away
-        self.start_streaming(point).await
-    }
-
-    async fn start_streaming(&mut self, from: u64) -> Result<(), SourceError> {
-        let logical = &self.config.logical;
-        let mut repl = self.replication_client().await?;
-        // Which server and timeline this stream comes from, for the operator's logs.
-        let system = repl
-            .simple_query("IDENTIFY_SYSTEM")
-            .await
-            .map_err(SourceError::repl("IDENTIFY_SYSTEM"))?;
-        if let Some(row) = system.first() {
-            let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-            tracing::info!(
-                system_id = %field(0),
-                timeline = %field(1),
-                wal_position = %field(2),
-                slot = %logical.slot,
-                from = %format_lsn(from),
-                "starting replication"
-            );
-        }
-        let command = format!(
-            "START_REPLICATION SLOT \"{}\" LOGICAL {} (proto_version '1', publication_names '\"{}\"', messages 'true')",
-            logical.slot,
-            format_lsn(from),
-            logical.publication
-        );
-        let stream = repl
-            .start_replication(&command)
-            .await
-            .map_err(slot_error(&logical.slot))?;
-        let (tx, rx) = mpsc::channel(CHANNEL);
-        let shared = Arc::new(Shared::default());
-        let mapper = Mapper::new(
-            self.config.table.clone(),
-            self.config.columns.clone(),
-            logical.message_prefix.clone(),
-        );
-        let task = tokio::spawn(stream::run(
-            stream,
-            mapper,
-            tx,
-            shared.clone(),
-            logical.status_interval,
-            self.telemetry.clone(),
-        ));
-        self.phase = Phase::Streaming(Streaming { rx, shared, task });
-        // Events already returned belong to the previous stream: it will send them again.
-        self.unacked.clear();
-        self.txn_ends.clear();
-        self.taken = self.acked;
-        self.handed = 0;
-        if let Some(every) = logical.heartbeat_interval {
-            self.spawn_heartbeat(every);
-        }
-        Ok(())
     }
 
     /// Writes a transactional message with a prefix of its own every `every`: on a quiet
@@ -406,13 +154,13 @@ impl LogicalSource {
         let Phase::Streaming(s) = &self.phase else {
             return;
         };
-        let shared = s.shared.clone();
+        let stream_alive = s.feedback.subscribe();
         tokio::spawn(async move {
             let Ok(client) = table::connect(&source_config).await else {
                 return;
             };
-            // Ends when the stream it serves is gone (the source dropped its state).
-            while Arc::strong_count(&shared) > 1 {
+            // Ends with the stream it serves (the source dropped the sender).
+            while stream_alive.has_changed().is_ok() {
                 tokio::time::sleep(every).await;
                 if let Err(e) = client
                     .execute(
@@ -468,57 +216,20 @@ impl LogicalSource {
         Ok(())
     }
 
-    /// Moves the slot's flushed position past every transaction whose events are all
-    /// acknowledged.
-    fn flush_completed(&mut self) {
+    /// Tells the stream task how far the slot may forget, when that moved.
+    fn report_flushable(&mut self) {
         let Phase::Streaming(s) = &self.phase else {
             return;
         };
-        let mut flushed = None;
-        let mut count = 0;
-        while let Some(&(events_before, end_lsn)) = self.txn_ends.front() {
-            if events_before > self.acked {
-                break;
-            }
-            self.txn_ends.pop_front();
-            flushed = Some(end_lsn);
-            count += 1;
-        }
-        if let Some(lsn) = flushed {
-            let mut state = s.shared.state.lock().unwrap();
-            state.flushed_lsn = state.flushed_lsn.max(lsn);
-            state.flushed_ends += count;
-            drop(state);
-            s.shared.notify.notify_one();
+        let flushable = self.ledger.flushable();
+        let moved = s.feedback.send_if_modified(|f| {
+            let moved = flushable > f.flushed;
+            f.flushed = f.flushed.max(flushable);
+            moved
+        });
+        if moved {
             self.telemetry.metrics.acked_now();
         }
-    }
-
-    async fn next_snapshot_batch(&mut self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
-        let Phase::Snapshot(snap) = &mut self.phase else {
-            return Ok(Vec::new());
-        };
-        if !snap.exhausted {
-            let rows = snap
-                .reader
-                .query(&format!("FETCH {max} FROM {SNAPSHOT_CURSOR}"), &[])
-                .await
-                .map_err(SourceError::pg("reading the first-start snapshot"))?;
-            if rows.is_empty() {
-                snap.exhausted = true;
-            } else {
-                let events: Vec<OutboxEvent> = rows
-                    .iter()
-                    .map(|r| table::row_to_event(r, self.payload_is_json))
-                    .collect();
-                for e in &events {
-                    self.taken += 1;
-                    self.unacked.push_back((self.taken, e.clone()));
-                }
-                return Ok(events);
-            }
-        }
-        Ok(Vec::new())
     }
 
     async fn next_stream_batch(
@@ -530,14 +241,6 @@ impl LogicalSource {
             return Ok(Vec::new());
         };
         let mut batch = Vec::new();
-        let mut take = |item: Item, batch: &mut Vec<OutboxEvent>| match item {
-            Item::Event(e) => {
-                self.taken += 1;
-                batch.push(e.clone());
-                self.unacked.push_back((self.taken, e));
-            }
-            Item::TxnEnd { end_lsn } => self.txn_ends.push_back((self.taken, end_lsn)),
-        };
         let first = if wait {
             tokio::time::timeout(IDLE_WAIT, s.rx.recv())
                 .await
@@ -547,17 +250,31 @@ impl LogicalSource {
             s.rx.try_recv().ok()
         };
         match first {
-            Some(item) => take(item, &mut batch),
+            Some(item) => batch.extend(self.ledger.take(item)),
             None if s.rx.is_closed() && s.rx.is_empty() => return Err(stream_ended(s).await),
             None => {}
         }
         while batch.len() < max {
             match s.rx.try_recv() {
-                Ok(item) => take(item, &mut batch),
+                Ok(item) => batch.extend(self.ledger.take(item)),
                 Err(_) => break,
             }
         }
         Ok(batch)
+    }
+}
+
+impl crate::source::standby::Lead for LogicalSource {
+    /// Takes the slot (creating it, with the first-start snapshot, when allowed).
+    async fn try_take(&mut self) -> Result<Attempt, SourceError> {
+        let slot = self.config.logical.slot.clone();
+        match self.take_slot().await {
+            Ok(()) => Ok(Attempt::Led(format!("replication slot {slot}"))),
+            Err(SourceError::SlotBusy { detail, .. }) => Ok(Attempt::Busy(format!(
+                "replication slot {slot} is in use ({detail})"
+            ))),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -567,27 +284,18 @@ impl crate::source::Source for LogicalSource {
         max: usize,
         wait: bool,
     ) -> Result<Vec<OutboxEvent>, SourceError> {
-        // After a rewind, what was handed out and not acknowledged goes out again first.
-        if self.handed < self.unacked.len() {
-            let batch: Vec<OutboxEvent> = self
-                .unacked
-                .iter()
-                .skip(self.handed)
-                .take(max)
-                .map(|(_, e)| e.clone())
-                .collect();
-            self.handed += batch.len();
-            return Ok(batch);
+        // After a rewind, what the relay gave back goes out again first.
+        if self.ledger.has_replay() {
+            return Ok(self.ledger.replay(max));
         }
         if let Phase::Snapshot(snap) = &self.phase {
             if !snap.exhausted {
                 let batch = self.next_snapshot_batch(max).await?;
-                self.handed = self.unacked.len();
                 if !batch.is_empty() {
                     return Ok(batch);
                 }
             }
-            if !self.unacked.is_empty() {
+            if self.ledger.unacknowledged() > 0 {
                 // The snapshot's last rows are still with Kafka: the slot is made only
                 // once all of them are acknowledged.
                 return Ok(Vec::new());
@@ -596,48 +304,37 @@ impl crate::source::Source for LogicalSource {
         }
         self.measure_lag().await?;
         let batch = self.next_stream_batch(max, wait).await?;
-        self.handed = self.unacked.len();
-        self.flush_completed();
+        self.report_flushable();
         if batch.is_empty() {
             self.clean_up(true).await?;
         }
         Ok(batch)
     }
 
-    fn rewind(&mut self) {
-        self.handed = 0;
+    fn rewind(&mut self, unacknowledged: Vec<OutboxEvent>) {
+        self.ledger.rewind(unacknowledged);
     }
 
     fn mid_transaction(&self) -> bool {
-        let ended = self
-            .txn_ends
-            .back()
-            .map_or(self.acked, |&(before, _)| before);
-        matches!(self.phase, Phase::Streaming(_)) && self.taken > ended.max(self.acked)
+        self.ledger.mid_transaction()
     }
 
     async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
-        self.handed = self.handed.saturating_sub(events.len());
-        for _ in 0..events.len() {
-            let Some((no, event)) = self.unacked.pop_front() else {
-                break;
-            };
-            self.acked = no;
-            if let (Some(cleanup), Some(id)) = (&mut self.cleanup, event.id) {
-                if event.original.is_none() {
-                    cleanup.ids.push(id);
-                }
-            }
+        self.ledger.ack(events.len());
+        if let Some(cleanup) = &mut self.cleanup {
+            // Table rows only: a logical message (its envelope kept in `original`) has
+            // no row to delete.
+            let rows = events.iter().filter(|e| e.original.is_none());
+            cleanup.ids.extend(rows.filter_map(|e| e.id.clone()));
         }
-        self.flush_completed();
+        self.report_flushable();
         self.clean_up(false).await
     }
 
     async fn finish(&mut self) -> Result<(), SourceError> {
         self.clean_up(true).await?;
         if let Phase::Streaming(s) = &mut self.phase {
-            s.shared.state.lock().unwrap().finishing = true;
-            s.shared.notify.notify_one();
+            s.feedback.send_modify(|f| f.finishing = true);
             let _ = tokio::time::timeout(FINISH_TIMEOUT, &mut s.task).await;
         }
         Ok(())
@@ -649,114 +346,6 @@ impl Drop for LogicalSource {
         if let Phase::Streaming(s) = &self.phase {
             s.task.abort();
         }
-    }
-}
-
-/// Log mode needs `wal_level = logical`; says how to get it otherwise.
-pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
-    let wal_level: String = sql
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(SourceError::pg("reading wal_level"))?
-        .get(0);
-    if wal_level != "logical" {
-        return Err(SourceError::Setup(format!(
-            "wal_level is {wal_level:?}: log mode needs wal_level = logical in postgresql.conf \
-             (then restart PostgreSQL), or use source.mode = \"polling\""
-        )));
-    }
-    Ok(())
-}
-
-/// Creates the publication when it is missing and allowed; checks it covers the table.
-async fn ensure_publication(sql: &Client, config: &SourceConfig) -> Result<(), SourceError> {
-    let name = &config.logical.publication;
-    let row = sql
-        .query_opt(
-            "SELECT p.puballtables, \
-               EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
-                       AND t.schemaname = $2 AND t.tablename = $3) \
-             FROM pg_publication p WHERE p.pubname = $1",
-            &[
-                name,
-                &config
-                    .table
-                    .as_ref()
-                    .map(|t| t.schema.clone())
-                    .unwrap_or_default(),
-                &config
-                    .table
-                    .as_ref()
-                    .map(|t| t.name.clone())
-                    .unwrap_or_default(),
-            ],
-        )
-        .await
-        .map_err(SourceError::pg("looking up the publication"))?;
-    match (row, &config.table) {
-        (Some(row), Some(t)) => {
-            let (all, has): (bool, bool) = (row.get(0), row.get(1));
-            if !all && !has {
-                return Err(SourceError::Setup(format!(
-                    "publication {name} does not publish {t}: ALTER PUBLICATION {name} ADD TABLE {}",
-                    t.quoted()
-                )));
-            }
-            Ok(())
-        }
-        (Some(_), None) => Ok(()),
-        (None, _) if !config.logical.create_if_missing => Err(SourceError::Setup(format!(
-            "publication {name} does not exist and source.logical.create_if_missing = false: \
-             CREATE PUBLICATION {name} FOR TABLE <outbox> WITH (publish = 'insert') (see sql/002_publication.sql)"
-        ))),
-        (None, table) => {
-            let target = table_clause(table.as_ref());
-            sql.batch_execute(&format!(
-                "CREATE PUBLICATION {} {target} WITH (publish = 'insert')",
-                quote_ident(name)
-            ))
-            .await
-            .map_err(|e| match e.code().map(|c| c.code()) {
-                Some("42501") => SourceError::Setup(format!(
-                    "may not create publication {name}: create it as the table's owner \
-                     (sql/002_publication.sql) or grant this role ownership of the table"
-                )),
-                _ => SourceError::Postgres {
-                    context: "creating the publication",
-                    source: e,
-                },
-            })?;
-            tracing::info!(publication = %name, "created the publication");
-            Ok(())
-        }
-    }
-}
-
-fn table_clause(table: Option<&TableName>) -> String {
-    table.map_or_else(String::new, |t| format!("FOR TABLE {}", t.quoted()))
-}
-
-/// Maps slot errors: "in use" means another relay leads; the rest keep their context.
-fn slot_error(slot: &str) -> impl FnOnce(ReplicationError) -> SourceError + '_ {
-    move |e| match e.code() {
-        Some("55006") => SourceError::SlotBusy {
-            slot: slot.to_owned(),
-            detail: e.to_string(),
-        },
-        Some("55000") | Some("0A000") => {
-            SourceError::Setup(format!("replication slot {slot}: {e}"))
-        }
-        _ => SourceError::Replication {
-            context: "using the replication slot",
-            source: e,
-        },
-    }
-}
-
-fn protocol_error(what: &str) -> SourceError {
-    SourceError::Replication {
-        context: "creating the replication slot",
-        source: ReplicationError::Protocol(what.to_owned()),
     }
 }
 

@@ -17,6 +17,8 @@ use postgres_protocol::message::frontend;
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
+use crate::event::Lsn;
+
 /// Messages larger than this are refused rather than buffered.
 const MAX_MESSAGE: usize = 1 << 30;
 /// Seconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
@@ -58,6 +60,17 @@ impl ReplicationError {
         match self {
             ReplicationError::Server { code, .. } => Some(code),
             _ => None,
+        }
+    }
+
+    /// True when reconnecting may help: the connection broke, or the server refused for
+    /// a passing reason (see [`crate::source::retryable_sqlstate`]). Credentials and
+    /// certificates are refused again on every retry.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReplicationError::Io(_) | ReplicationError::Protocol(_) => true,
+            ReplicationError::Auth(_) | ReplicationError::Tls(_) => false,
+            ReplicationError::Server { code, .. } => crate::source::retryable_sqlstate(code),
         }
     }
 }
@@ -346,7 +359,7 @@ pub enum StreamMessage {
     /// WAL data: one pgoutput message.
     XLogData { data: Bytes },
     /// The server's current WAL end; `reply` asks for a status update now.
-    Keepalive { wal_end: u64, reply: bool },
+    Keepalive { wal_end: Lsn, reply: bool },
     /// The server ended the stream (CopyDone).
     Done,
 }
@@ -385,7 +398,7 @@ impl StreamReader {
                     Ok(StreamMessage::XLogData { data: body })
                 }
                 b'k' if body.len() >= 17 => {
-                    let wal_end = body.get_u64();
+                    let wal_end = Lsn(body.get_u64());
                     body.advance(8);
                     Ok(StreamMessage::Keepalive {
                         wal_end,
@@ -403,14 +416,15 @@ impl StreamReader {
 
 impl StreamWriter {
     /// Standby status update: everything up to `flushed` may be forgotten by the slot.
-    pub async fn send_status(&mut self, flushed: u64, reply: bool) -> Result<(), ReplicationError> {
+    /// It never asks the server for a reply: the relay has no use for one.
+    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), ReplicationError> {
         let mut data = BytesMut::with_capacity(34);
         data.put_u8(b'r');
-        data.put_u64(flushed); // written
-        data.put_u64(flushed); // flushed
-        data.put_u64(flushed); // applied
+        data.put_u64(flushed.0); // written
+        data.put_u64(flushed.0); // flushed
+        data.put_u64(flushed.0); // applied
         data.put_i64(pg_now());
-        data.put_u8(u8::from(reply));
+        data.put_u8(0); // no reply requested
         let mut buf = BytesMut::new();
         frontend::CopyData::new(data.freeze())?.write(&mut buf);
         self.sink.send(buf.freeze()).await?;
@@ -437,17 +451,6 @@ pub fn pg_now() -> i64 {
 /// Unix milliseconds from a PostgreSQL timestamp (µs since 2000-01-01).
 pub fn pg_ts_to_unix_ms(ts: i64) -> i64 {
     ts / 1000 + (PG_EPOCH_OFFSET_SECS as i64) * 1000
-}
-
-/// `X/Y`, PostgreSQL's LSN notation.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
-
-/// Parses `X/Y`.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// SSLRequest, then the TLS handshake when the server agrees (and the mode asks for it).
@@ -556,13 +559,6 @@ fn unexpected(tag: u8, during: &str) -> ReplicationError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsns_round_trip() {
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
-        assert_eq!(parse_lsn("nonsense"), None);
-    }
 
     #[test]
     fn codec_refuses_absurd_lengths_and_waits_for_whole_frames() {

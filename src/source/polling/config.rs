@@ -10,14 +10,14 @@ use crate::config::Problems;
 const DEFAULT_INTERVAL: &str = "100ms";
 const DEFAULT_BATCH_SIZE: usize = 1000;
 const MAX_BATCH_SIZE: usize = 100_000;
-const DEFAULT_STANDBY_RETRY: &str = "1s";
 
 #[derive(Deserialize)]
 #[serde(default)]
 pub struct RawPollingConfig {
     interval: String,
     batch_size: usize,
-    standby_retry: String,
+    /// The old name of `source.standby_retry`, still accepted.
+    pub(crate) standby_retry: Option<String>,
 }
 
 impl Default for RawPollingConfig {
@@ -25,7 +25,7 @@ impl Default for RawPollingConfig {
         RawPollingConfig {
             interval: DEFAULT_INTERVAL.into(),
             batch_size: DEFAULT_BATCH_SIZE,
-            standby_retry: DEFAULT_STANDBY_RETRY.into(),
+            standby_retry: None,
         }
     }
 }
@@ -37,15 +37,11 @@ pub struct PollingConfig {
     pub interval: Duration,
     /// Rows read, published and deleted per round trip.
     pub batch_size: NonZeroUsize,
-    /// How often a standby tries to take the leader lock.
-    pub standby_retry: Duration,
 }
 
 impl RawPollingConfig {
     pub fn validate(self, problems: &mut Problems) -> Option<PollingConfig> {
         let interval = problems.positive_duration("source.polling.interval", &self.interval);
-        let standby_retry =
-            problems.positive_duration("source.polling.standby_retry", &self.standby_retry);
         let batch_size = match NonZeroUsize::new(self.batch_size) {
             Some(n) if n.get() <= MAX_BATCH_SIZE => Some(n),
             _ => {
@@ -62,7 +58,6 @@ impl RawPollingConfig {
         Some(PollingConfig {
             interval: interval?,
             batch_size: batch_size?,
-            standby_retry: standby_retry?,
         })
     }
 }

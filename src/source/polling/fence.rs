@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
 
-use super::next_pause;
+use crate::backoff::Backoff;
 use crate::source::{quote_ident, SourceError, TableName};
 
 /// First pause while waiting for outbox writers to finish; it doubles up to the poll
@@ -92,7 +92,7 @@ impl Fence {
             .await
             .map_err(SourceError::pg("listing outbox writers"))?
             .get(0);
-        let mut pause = FIRST_WAIT;
+        let mut pause = Backoff::new(FIRST_WAIT, max_pause);
         let started = Instant::now();
         let mut warned = false;
         while !writers.is_empty() {
@@ -114,8 +114,7 @@ impl Fence {
                 );
                 warned = true;
             }
-            tokio::time::sleep(pause).await;
-            pause = next_pause(pause, max_pause);
+            tokio::time::sleep(pause.next_pause()).await;
         }
         self.settled = high;
         Ok(())

@@ -38,10 +38,10 @@ mod fence;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, Statement};
-use tokio_util::sync::CancellationToken;
 
 pub use config::{PollingConfig, RawPollingConfig};
 
+use super::standby::Attempt;
 use super::table::{self, Checks, TableShape};
 use super::{Columns, SourceConfig, SourceError, TableName};
 use crate::event::{OutboxEvent, Position};
@@ -104,53 +104,6 @@ impl PollingSource {
         })
     }
 
-    /// Tries once to become the leader for this outbox.
-    pub async fn try_lead(&self) -> Result<bool, SourceError> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, $2::oid::int4)",
-                &[&LOCK_CLASS, &self.table_oid],
-            )
-            .await
-            .map_err(SourceError::pg("taking the leader lock"))?;
-        Ok(row.get(0))
-    }
-
-    /// Waits as a standby until this relay holds the leader lock. Returns `false` when
-    /// `shutdown` fired first.
-    pub async fn lead(&self, shutdown: &CancellationToken) -> Result<bool, SourceError> {
-        let mut announced = false;
-        loop {
-            if self.try_lead().await? {
-                tracing::info!(table = %self.table, "leader lock taken: this relay publishes the outbox");
-                self.telemetry.metrics.leader.set(1);
-                self.telemetry.health.set_leader(true, None);
-                return Ok(true);
-            }
-            self.telemetry.metrics.leader.set(0);
-            self.telemetry.health.set_leader(
-                false,
-                Some(&format!(
-                    "standby: another relay holds the leader lock on {}",
-                    self.table
-                )),
-            );
-            if !announced {
-                tracing::info!(
-                    table = %self.table,
-                    retry = ?self.config.standby_retry,
-                    "another relay holds the leader lock: waiting as a standby"
-                );
-                announced = true;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(self.config.standby_retry) => {}
-            }
-        }
-    }
-
     /// Refreshes the backlog gauge, at most every [`BACKLOG_INTERVAL`].
     async fn count_backlog(&mut self) -> Result<(), SourceError> {
         if self
@@ -188,6 +141,28 @@ impl PollingSource {
     }
 }
 
+impl super::standby::Lead for PollingSource {
+    /// The advisory lock, on the connection that reads and deletes.
+    async fn try_take(&mut self) -> Result<Attempt, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2::oid::int4)",
+                &[&LOCK_CLASS, &self.table_oid],
+            )
+            .await
+            .map_err(SourceError::pg("taking the leader lock"))?;
+        Ok(if row.get(0) {
+            Attempt::Led(format!("leader lock on {}", self.table))
+        } else {
+            Attempt::Busy(format!(
+                "another relay holds the leader lock on {}",
+                self.table
+            ))
+        })
+    }
+}
+
 impl super::Source for PollingSource {
     async fn next_batch(
         &mut self,
@@ -211,7 +186,8 @@ impl super::Source for PollingSource {
         Ok(batch)
     }
 
-    fn rewind(&mut self) {
+    fn rewind(&mut self, _unacknowledged: Vec<OutboxEvent>) {
+        // The rows are still in the table: read them again from the start.
         self.returned_upto = 0;
     }
 
@@ -272,9 +248,4 @@ async fn prepare(
             .await
             .map_err(SourceError::pg("preparing the delete"))?,
     })
-}
-
-/// A pause that grows from `min` to `max`, for loops that poll the database.
-pub(crate) fn next_pause(current: Duration, max: Duration) -> Duration {
-    (current * 2).min(max)
 }

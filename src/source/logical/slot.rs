@@ -1,0 +1,147 @@
+//! The replication slot: finding or creating it, and streaming from it.
+//!
+//! The slot is also the leader lock
+//! ([design §6](../../../docs/design.md#6-leadership-and-standbys)): PostgreSQL lets one
+//! connection stream from a slot, so a second relay gets "slot is active for PID n" and
+//! waits as a standby.
+
+use tokio::sync::{mpsc, watch};
+
+use super::mapping::Mapper;
+use super::protocol::{ReplicationClient, ReplicationError};
+use super::stream::{self, Feedback};
+use super::{LogicalSource, Phase, Streaming, CHANNEL};
+use crate::event::Lsn;
+use crate::source::SourceError;
+
+impl LogicalSource {
+    pub(super) async fn take_slot(&mut self) -> Result<(), SourceError> {
+        let logical = &self.config.logical;
+        let exists = self
+            .sql
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&logical.slot],
+            )
+            .await
+            .map_err(SourceError::pg("looking up the replication slot"))?
+            .is_some();
+        if exists {
+            return self.start_streaming(Lsn(0)).await;
+        }
+        if !logical.create_if_missing {
+            return Err(SourceError::Setup(format!(
+                "replication slot {} does not exist and source.logical.create_if_missing = false: \
+                 create it (outbox-relay setup prints the SQL) or allow the relay to",
+                logical.slot
+            )));
+        }
+        if self.select_sql.is_none() {
+            // Table-less: nothing existed before the slot, so nothing to snapshot.
+            let mut repl = self.replication_client().await?;
+            let slot = &logical.slot;
+            repl.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
+            ))
+            .await
+            .map_err(slot_error(slot))?;
+            tracing::info!(%slot, "created the replication slot");
+            return self.start_streaming(Lsn(0)).await;
+        }
+        self.begin_snapshot().await
+    }
+
+    pub(super) async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
+        ReplicationClient::connect(&self.config.pg, &self.config.tls)
+            .await
+            .map_err(|e| match e.code() {
+                Some("42501") => SourceError::Setup(format!(
+                    "role {} may not open a replication connection: ALTER ROLE {} REPLICATION",
+                    self.config.pg.get_user().unwrap_or("?"),
+                    self.config.pg.get_user().unwrap_or("?")
+                )),
+                _ => SourceError::Replication {
+                    context: "opening the replication connection",
+                    source: e,
+                },
+            })
+    }
+
+    /// Streams from the slot, from `from` (0: wherever the slot stands).
+    pub(super) async fn start_streaming(&mut self, from: Lsn) -> Result<(), SourceError> {
+        let logical = &self.config.logical;
+        let mut repl = self.replication_client().await?;
+        // Which server and timeline this stream comes from, for the operator's logs.
+        let system = repl
+            .simple_query("IDENTIFY_SYSTEM")
+            .await
+            .map_err(SourceError::repl("IDENTIFY_SYSTEM"))?;
+        if let Some(row) = system.first() {
+            let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            tracing::info!(
+                system_id = %field(0),
+                timeline = %field(1),
+                wal_position = %field(2),
+                slot = %logical.slot,
+                from = %from,
+                "starting replication"
+            );
+        }
+        let command = format!(
+            "START_REPLICATION SLOT \"{}\" LOGICAL {} (proto_version '1', publication_names '\"{}\"', messages 'true')",
+            logical.slot,
+            from,
+            logical.publication
+        );
+        let stream = repl
+            .start_replication(&command)
+            .await
+            .map_err(slot_error(&logical.slot))?;
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let (feedback, feedback_rx) = watch::channel(Feedback::default());
+        let mapper = Mapper::new(
+            self.config.table.clone(),
+            self.config.columns.clone(),
+            logical.message_prefix.clone(),
+        );
+        let task = tokio::spawn(stream::run(
+            stream,
+            mapper,
+            tx,
+            feedback_rx,
+            logical.status_interval,
+            self.telemetry.clone(),
+        ));
+        self.phase = Phase::Streaming(Streaming { rx, feedback, task });
+        // Events taken from an earlier stream are that stream's: this one sends them again.
+        self.ledger = Default::default();
+        if let Some(every) = logical.heartbeat_interval {
+            self.spawn_heartbeat(every);
+        }
+        Ok(())
+    }
+}
+
+/// Maps slot errors: "in use" means another relay leads; the rest keep their context.
+pub(super) fn slot_error(slot: &str) -> impl FnOnce(ReplicationError) -> SourceError + '_ {
+    move |e| match e.code() {
+        Some("55006") => SourceError::SlotBusy {
+            slot: slot.to_owned(),
+            detail: e.to_string(),
+        },
+        Some("55000") | Some("0A000") => {
+            SourceError::Setup(format!("replication slot {slot}: {e}"))
+        }
+        _ => SourceError::Replication {
+            context: "using the replication slot",
+            source: e,
+        },
+    }
+}
+
+pub(super) fn protocol_error(what: &str) -> SourceError {
+    SourceError::Replication {
+        context: "creating the replication slot",
+        source: ReplicationError::Protocol(what.to_owned()),
+    }
+}

@@ -1,0 +1,143 @@
+//! The first start ([design §5](../../../docs/design.md#5-first-start)): rows already in
+//! the outbox when the slot is created are published before the stream starts.
+//!
+//! A *temporary* slot exports a snapshot; the table is read through it in `seq` order
+//! and published; only then is the temporary slot copied into the real one
+//! (`pg_copy_logical_replication_slot`), and the stream starts at the snapshot's
+//! consistent point: no gap, no overlap. A crash before the copy leaves no slot behind
+//! (temporary slots die with their session), so the next start does it all again.
+
+use tokio_postgres::Client;
+
+use super::protocol::ReplicationClient;
+use super::slot::{protocol_error, slot_error};
+use super::{LogicalSource, Phase};
+use crate::event::{Lsn, OutboxEvent};
+use crate::source::{table, SourceError};
+
+const SNAPSHOT_CURSOR: &str = "outbox_relay_snapshot";
+
+pub(super) struct Snapshot {
+    /// Holds the temporary slot: closing it drops the slot.
+    _holder: ReplicationClient,
+    /// Inside a REPEATABLE READ transaction on the exported snapshot, with the cursor.
+    reader: Client,
+    temp_slot: String,
+    consistent_point: Lsn,
+    pub(super) exhausted: bool,
+}
+
+impl LogicalSource {
+    /// First start: a temporary slot exporting a snapshot, and a reader on it.
+    pub(super) async fn begin_snapshot(&mut self) -> Result<(), SourceError> {
+        let slot = &self.config.logical.slot;
+        let temp_slot: String = format!(
+            "{}_init_{}",
+            &slot[..slot.len().min(40)],
+            std::process::id()
+        );
+        let mut holder = self.replication_client().await?;
+        let rows = holder
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT \"{temp_slot}\" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+            ))
+            .await
+            .map_err(slot_error(&temp_slot))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| protocol_error("CREATE_REPLICATION_SLOT returned no row"))?;
+        let consistent_point = row
+            .get(1)
+            .and_then(|v| v.as_deref())
+            .and_then(|v| v.parse::<Lsn>().ok())
+            .ok_or_else(|| {
+                protocol_error("CREATE_REPLICATION_SLOT returned no consistent point")
+            })?;
+        let snapshot = row
+            .get(2)
+            .and_then(|v| v.clone())
+            .ok_or_else(|| protocol_error("CREATE_REPLICATION_SLOT returned no snapshot"))?;
+        let reader = table::connect(&self.config).await?;
+        let select = self.select_sql.as_deref().expect("snapshot needs a table");
+        reader
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                 SET TRANSACTION SNAPSHOT '{snapshot}'; \
+                 DECLARE {SNAPSHOT_CURSOR} NO SCROLL CURSOR FOR {select}"
+            ))
+            .await
+            .map_err(SourceError::pg("opening the first-start snapshot"))?;
+        tracing::info!(
+            %slot,
+            %consistent_point,
+            "first start: publishing the rows already in the outbox, then streaming"
+        );
+        self.phase = Phase::Snapshot(Box::new(Snapshot {
+            _holder: holder,
+            reader,
+            temp_slot,
+            consistent_point,
+            exhausted: false,
+        }));
+        Ok(())
+    }
+
+    /// The snapshot is published: make the real slot and stream from where it ends.
+    pub(super) async fn finish_snapshot(&mut self) -> Result<(), SourceError> {
+        let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Ok(());
+        };
+        snap.reader
+            .batch_execute("COMMIT")
+            .await
+            .map_err(SourceError::pg("closing the first-start snapshot"))?;
+        let slot = &self.config.logical.slot;
+        self.sql
+            .execute(
+                "SELECT pg_copy_logical_replication_slot($1, $2, false)",
+                &[&snap.temp_slot, slot],
+            )
+            .await
+            .map_err(|e| match e.code().map(|c| c.code()) {
+                // Another relay finished its first start first: it leads, this one waits.
+                Some("42710") => SourceError::SlotBusy {
+                    slot: slot.clone(),
+                    detail: "another relay created it first".into(),
+                },
+                _ => SourceError::Postgres {
+                    context: "creating the replication slot from the snapshot's",
+                    source: e,
+                },
+            })?;
+        tracing::info!(%slot, "first-start snapshot published; created the replication slot");
+        let point = snap.consistent_point;
+        drop(snap); // closes the holder: the temporary slot goes away
+        self.start_streaming(point).await
+    }
+
+    pub(super) async fn next_snapshot_batch(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<OutboxEvent>, SourceError> {
+        let Phase::Snapshot(snap) = &mut self.phase else {
+            return Ok(Vec::new());
+        };
+        if !snap.exhausted {
+            let rows = snap
+                .reader
+                .query(&format!("FETCH {max} FROM {SNAPSHOT_CURSOR}"), &[])
+                .await
+                .map_err(SourceError::pg("reading the first-start snapshot"))?;
+            if rows.is_empty() {
+                snap.exhausted = true;
+            } else {
+                let ledger = &mut self.ledger;
+                return Ok(rows
+                    .iter()
+                    .map(|r| ledger.take_unframed(table::row_to_event(r, self.payload_is_json)))
+                    .collect());
+            }
+        }
+        Ok(Vec::new())
+    }
+}
