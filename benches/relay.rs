@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use outbox_relay::testkit::postgres::{bin_dir, Postgres};
 use outbox_relay::testkit::tansu::Tansu;
-use outbox_relay::testkit::{free_port, http_get, kafka};
+use outbox_relay::testkit::{free_port, http_get, kafka, RelayProcess};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -531,24 +531,14 @@ fn write_config(text: String) -> ConfigFile {
     ConfigFile(f, text)
 }
 
-fn spawn_relay(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("outbox-relay")
+fn spawn_relay(config: &Path) -> RelayProcess {
+    RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay"), config)
 }
 
-/// Peak RSS (MB) and CPU seconds of a running process, then SIGTERM and wait.
-fn stop_measured(mut child: Child) -> (f64, f64) {
-    let measured = measure(child.id());
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+/// Peak RSS (MB) and CPU seconds of a running relay, then SIGTERM and wait.
+fn stop_measured(mut relay: RelayProcess) -> (f64, f64) {
+    let measured = measure(relay.id());
+    let _ = relay.terminate_blocking();
     measured
 }
 

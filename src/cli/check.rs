@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use crate::config::Config;
 use crate::metrics::Telemetry;
 use crate::sink::kafka::KafkaSink;
+use crate::source::logical;
 use crate::source::polling::PollingSource;
 use crate::source::table;
 use crate::source::Mode;
@@ -41,7 +42,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
         }
         Mode::Logical => {
             let client = table::connect(src).await?;
-            crate::source::logical::require_logical_wal(&client).await?;
+            logical::require_logical_wal(&client).await?;
             let may_replicate: bool = client
                 .query_one(
                     "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -55,10 +56,26 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 src.pg.get_user().unwrap_or("?"),
                 src.pg.get_user().unwrap_or("?")
             );
-            Ok(format!(
+            let mut what = format!(
                 "{}, wal_level=logical, REPLICATION granted",
                 src.redacted_url()
-            ))
+            );
+            if let Some(t) = &src.table {
+                let checks = table::Checks::logical(src.logical.cleanup);
+                table::describe(&client, t, &src.columns, checks).await?;
+                what.push_str(&format!(", table {t} readable"));
+            }
+            let publication = &src.logical.publication;
+            if logical::publication_ready(&client, src).await? {
+                what.push_str(&format!(", publication {publication} carries it"));
+            } else if src.logical.create_if_missing {
+                what.push_str(&format!(
+                    ", publication {publication} missing (the relay creates it at start)"
+                ));
+            } else {
+                return Err(logical::missing_publication(publication).into());
+            }
+            Ok(what)
         }
     }
 }

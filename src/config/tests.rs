@@ -284,3 +284,38 @@ fn a_password_file_supplies_the_password() {
     let c = load_str(&toml, &[]).unwrap();
     assert_eq!(c.source.pg.get_password(), Some(&b"from-file"[..]));
 }
+
+#[test]
+fn standby_retry_lives_in_source_and_its_old_name_still_works() {
+    assert_eq!(
+        load_str(VALID, &[]).unwrap().source.standby_retry,
+        Duration::from_secs(1),
+        "default"
+    );
+    let new = VALID.replace(
+        "table = \"public.outbox\"\n",
+        "table = \"public.outbox\"\nstandby_retry = \"250ms\"\n",
+    );
+    assert_eq!(
+        load_str(&new, &[]).unwrap().source.standby_retry,
+        Duration::from_millis(250)
+    );
+    let old = VALID.replace(
+        "batch_size = 200\n",
+        "batch_size = 200\nstandby_retry = \"3s\"\n",
+    );
+    assert_eq!(
+        load_str(&old, &[]).unwrap().source.standby_retry,
+        Duration::from_secs(3),
+        "source.polling.standby_retry is an alias"
+    );
+    let both = new.replace(
+        "batch_size = 200\n",
+        "batch_size = 200\nstandby_retry = \"3s\"\n",
+    );
+    assert_eq!(
+        problem_keys(load_str(&both, &[])),
+        ["source.polling.standby_retry"]
+    );
+    assert!(problem_text(load_str(&both, &[])).contains("set only source.standby_retry"));
+}

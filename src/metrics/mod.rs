@@ -31,8 +31,14 @@ pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
 /// The `reason` label values of [`FAILURES`].
-pub const FAILURE_REASONS: [&str; 5] =
-    ["delivery", "dead_letter", "producer", "postgres", "stalled"];
+pub const FAILURE_REASONS: [&str; 6] = [
+    "delivery",
+    "dead_letter",
+    "producer",
+    "not_attempted",
+    "postgres",
+    "stalled",
+];
 
 /// Every metric this crate exports (the process_* metrics come on top).
 pub const NAMES: [&str; 14] = [
@@ -85,7 +91,10 @@ impl Metrics {
             )
             .unwrap(),
             failures: IntCounterVec::new(
-                Opts::new(FAILURES, "Failures by reason: delivery, dead_letter, postgres."),
+                Opts::new(
+                    FAILURES,
+                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled.",
+                ),
                 &["reason"],
             )
             .unwrap(),

@@ -79,6 +79,15 @@ impl Checks {
         seq_cache: true,
         seq: true,
     };
+
+    /// Log mode: DELETE only with `cleanup`; `seq` orders the first-start snapshot.
+    pub const fn logical(cleanup: bool) -> Checks {
+        Checks {
+            delete: cleanup,
+            seq_cache: false,
+            seq: true,
+        }
+    }
 }
 
 /// Checks the table, its columns and the relay's privileges, naming the config key of

@@ -4,7 +4,10 @@
 
 pub mod kafka;
 pub mod postgres;
+mod process;
 pub mod tansu;
+
+pub use process::RelayProcess;
 
 use std::net::TcpListener;
 

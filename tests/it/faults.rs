@@ -17,7 +17,7 @@ use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 
-use crate::support::{Env, RelayProcess};
+use crate::support::{spawn_relay, Env, RelayProcess};
 
 struct Plan {
     events: usize,
@@ -67,7 +67,7 @@ impl Relay {
     fn spawn(name: &str, config: &std::path::Path) -> Relay {
         Relay {
             name: name.to_owned(),
-            process: RelayProcess::spawn(config),
+            process: spawn_relay(config),
         }
     }
 }

@@ -12,7 +12,7 @@ use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 
 use crate::logical::logical_toml;
-use crate::support::{Env, RelayProcess};
+use crate::support::{spawn_relay, Env};
 
 fn long() -> bool {
     std::env::var("OUTBOX_RELAY_LONG").is_ok_and(|v| v == "1")
@@ -80,11 +80,11 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
         }
     });
 
-    let mut relay = RelayProcess::spawn(file.path());
+    let mut relay = spawn_relay(file.path());
     for _ in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
         relay.kill9();
-        relay = RelayProcess::spawn(file.path());
+        relay = spawn_relay(file.path());
     }
     writer.await.unwrap();
     let messages = read_until(env.kafka.brokers(), "outbox.order", EVENTS, 180).await;
@@ -124,7 +124,7 @@ async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
     let env = Env::start().await;
     env.create_topics(&["outbox.order"], 4).await;
     let file = config_file(&logical_toml(&env, "batch_size = 5000"));
-    let mut relay = RelayProcess::spawn(file.path());
+    let mut relay = spawn_relay(file.path());
     let db = env.client().await;
     // Let the relay take its slot first, so the transaction is streamed, not snapshotted.
     for _ in 0..100 {

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::support::{java_partition, Env, RelayProcess};
+use crate::support::{java_partition, spawn_relay, Env};
 
 const WRITERS: usize = 4;
 const EVENTS_PER_WRITER: usize = 2_500;
@@ -21,7 +21,7 @@ async fn relays_10k_events_from_4_writers_and_stops_cleanly_on_sigterm() {
     file.write_all(env.config_toml("polling", "", "").as_bytes())
         .unwrap();
 
-    let mut relay = RelayProcess::spawn(file.path());
+    let mut relay = spawn_relay(file.path());
     let started = Instant::now();
 
     // Each writer owns every 4th aggregate, so per-aggregate seq order is the order in
@@ -100,7 +100,7 @@ async fn sigterm_under_load_then_clean_restart(mode: &str) {
     );
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     file.write_all(toml.as_bytes()).unwrap();
-    let spawn = || RelayProcess::spawn(file.path());
+    let spawn = || spawn_relay(file.path());
     const TOTAL: usize = 6000;
     let db = env.client().await;
     let writer = tokio::spawn(async move {
@@ -162,7 +162,7 @@ async fn a_broker_killed_and_restarted_is_caught_up_with() {
             .as_bytes(),
     )
     .unwrap();
-    let relay = RelayProcess::spawn(file.path());
+    let relay = spawn_relay(file.path());
     let db = env.client().await;
     crate::support::insert_event(&db, "order", "o-1", "Before", r#"{"n": 0}"#).await;
     assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);

@@ -234,59 +234,12 @@ pub async fn wait_for_leader(db: &tokio_postgres::Client) {
     panic!("no relay took the leader lock within 10 s");
 }
 
-/// The `outbox-relay` binary running `run --config FILE`; killed when dropped, so a
-/// failing test leaves no relay behind.
-pub struct RelayProcess(pub std::process::Child);
+pub use outbox_relay::testkit::RelayProcess;
 
-impl RelayProcess {
-    pub fn spawn(config: &std::path::Path) -> RelayProcess {
-        RelayProcess(
-            std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-                .args(["run", "--config"])
-                .arg(config)
-                .env("RUST_LOG", "warn")
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn outbox-relay"),
-        )
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.0.id() as i32)
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-
-    /// SIGTERM, then waits for the exit (failing the test after `within`); returns the
-    /// exit code.
-    pub async fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let sent = std::time::Instant::now();
-        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                sent.elapsed() < within,
-                "the relay did not exit within {within:?} of SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn peak_rss(&self) -> u64 {
-        outbox_relay::testkit::peak_rss_bytes(self.0.id()).expect("relay still running")
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The relay binary under test, `run --config FILE`, as a child process (killed when
+/// dropped).
+pub fn spawn_relay(config: &std::path::Path) -> RelayProcess {
+    RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay"), config)
 }
 
 /// Runs a relay in this process that must fail, and returns its error message.

@@ -41,7 +41,7 @@ use tokio_postgres::Client;
 
 pub use config::{LogicalConfig, RawLogicalConfig};
 pub use protocol::ReplicationError;
-pub use setup::require_logical_wal;
+pub use setup::{missing_publication, publication_ready, require_logical_wal};
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
@@ -109,11 +109,7 @@ impl LogicalSource {
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
         if let Some(t) = &config.table {
-            let checks = Checks {
-                delete: logical.cleanup,
-                seq_cache: false,
-                seq: true,
-            };
+            let checks = Checks::logical(logical.cleanup);
             let shape = table::describe(&sql, t, &config.columns, checks).await?;
             payload_is_json = shape.payload_is_json;
             select_sql = Some(format!(

@@ -21,71 +21,78 @@ pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
     Ok(())
 }
 
-/// Creates the publication when it is missing and allowed; checks it covers the table.
-pub(super) async fn ensure_publication(
-    sql: &Client,
-    config: &SourceConfig,
-) -> Result<(), SourceError> {
+/// Checks that the publication exists and carries the outbox table, without changing
+/// anything (`check` uses it as is); `Ok(false)` when it does not exist.
+pub async fn publication_ready(sql: &Client, config: &SourceConfig) -> Result<bool, SourceError> {
     let name = &config.logical.publication;
+    let (schema, table) = config
+        .table
+        .as_ref()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .unwrap_or_default();
     let row = sql
         .query_opt(
             "SELECT p.puballtables, \
                EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
                        AND t.schemaname = $2 AND t.tablename = $3) \
              FROM pg_publication p WHERE p.pubname = $1",
-            &[
-                name,
-                &config
-                    .table
-                    .as_ref()
-                    .map(|t| t.schema.clone())
-                    .unwrap_or_default(),
-                &config
-                    .table
-                    .as_ref()
-                    .map(|t| t.name.clone())
-                    .unwrap_or_default(),
-            ],
+            &[name, &schema, &table],
         )
         .await
         .map_err(SourceError::pg("looking up the publication"))?;
-    match (row, &config.table) {
-        (Some(row), Some(t)) => {
-            let (all, has): (bool, bool) = (row.get(0), row.get(1));
-            if !all && !has {
-                return Err(SourceError::Setup(format!(
-                    "publication {name} does not publish {t}: ALTER PUBLICATION {name} ADD TABLE {}",
-                    t.quoted()
-                )));
-            }
-            Ok(())
-        }
-        (Some(_), None) => Ok(()),
-        (None, _) if !config.logical.create_if_missing => Err(SourceError::Setup(format!(
-            "publication {name} does not exist and source.logical.create_if_missing = false: \
-             CREATE PUBLICATION {name} FOR TABLE <outbox> WITH (publish = 'insert') (see sql/002_publication.sql)"
-        ))),
-        (None, table) => {
-            let target = table_clause(table.as_ref());
-            sql.batch_execute(&format!(
-                "CREATE PUBLICATION {} {target} WITH (publish = 'insert')",
-                quote_ident(name)
-            ))
-            .await
-            .map_err(|e| match e.code().map(|c| c.code()) {
-                Some("42501") => SourceError::Setup(format!(
-                    "may not create publication {name}: create it as the table's owner \
-                     (sql/002_publication.sql) or grant this role ownership of the table"
-                )),
-                _ => SourceError::Postgres {
-                    context: "creating the publication",
-                    source: e,
-                },
-            })?;
-            tracing::info!(publication = %name, "created the publication");
-            Ok(())
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    if let Some(t) = &config.table {
+        let (all, has): (bool, bool) = (row.get(0), row.get(1));
+        if !all && !has {
+            return Err(SourceError::Setup(format!(
+                "publication {name} does not publish {t}: ALTER PUBLICATION {name} ADD TABLE {}",
+                t.quoted()
+            )));
         }
     }
+    Ok(true)
+}
+
+/// Creates the publication when it is missing and allowed; checks it covers the table.
+pub(super) async fn ensure_publication(
+    sql: &Client,
+    config: &SourceConfig,
+) -> Result<(), SourceError> {
+    if publication_ready(sql, config).await? {
+        return Ok(());
+    }
+    let name = &config.logical.publication;
+    if !config.logical.create_if_missing {
+        return Err(missing_publication(name));
+    }
+    let target = table_clause(config.table.as_ref());
+    sql.batch_execute(&format!(
+        "CREATE PUBLICATION {} {target} WITH (publish = 'insert')",
+        quote_ident(name)
+    ))
+    .await
+    .map_err(|e| match e.code().map(|c| c.code()) {
+        Some("42501") => SourceError::Setup(format!(
+            "may not create publication {name}: create it as the table's owner \
+             (sql/002_publication.sql) or grant this role ownership of the table"
+        )),
+        _ => SourceError::Postgres {
+            context: "creating the publication",
+            source: e,
+        },
+    })?;
+    tracing::info!(publication = %name, "created the publication");
+    Ok(())
+}
+
+/// The error for a publication that is missing and may not be created.
+pub fn missing_publication(name: &str) -> SourceError {
+    SourceError::Setup(format!(
+        "publication {name} does not exist and source.logical.create_if_missing = false: \
+         CREATE PUBLICATION {name} FOR TABLE <outbox> WITH (publish = 'insert') (see sql/002_publication.sql)"
+    ))
 }
 
 fn table_clause(table: Option<&TableName>) -> String {
