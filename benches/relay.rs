@@ -1,4 +1,4 @@
-//! The SPEC §8 benchmark: `scripts/bench` (or `cargo bench --bench relay`).
+//! The benchmark of docs/design.md §11 (the performance targets): `scripts/bench` (or `cargo bench --bench relay`).
 //!
 //! In one run it starts an ephemeral PostgreSQL and a tansu broker, writes the workload
 //! (200,000 outbox rows of ~200-byte JSON, 1,000 rows per transaction, 10,000 aggregate

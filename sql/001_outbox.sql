@@ -1,4 +1,4 @@
--- The outbox table (SPEC §1). Services insert one row per event in the same transaction
+-- The outbox table (docs/design.md §2). Services insert one row per event in the same transaction
 -- as their business change; the relay publishes it to Kafka and then deletes it
 -- (polling mode) or reads it from the write-ahead log (logical mode).
 CREATE TABLE IF NOT EXISTS public.outbox (

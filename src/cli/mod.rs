@@ -1,4 +1,4 @@
-//! The command line (SPEC §6): `run`, `check`, `status`, `setup`, `--version`.
+//! The command line: `run`, `check`, `status`, `setup`, `--version`.
 //!
 //! Exit codes: 0 ok, 2 bad configuration or usage, 1 anything that failed at run time.
 

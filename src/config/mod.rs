@@ -1,4 +1,5 @@
-//! Loading and validating the relay's configuration (SPEC §5).
+//! Loading and validating the relay's configuration
+//! ([design §9](../../docs/design.md#9-configuration); every key is in the README).
 //!
 //! Configuration is read in two stages, so that an operator sees every problem in one
 //! go instead of fixing them one restart at a time:

@@ -1,4 +1,4 @@
-//! The monitoring endpoints (SPEC §7), for Prometheus and for orchestrators' probes:
+//! The monitoring endpoints ([design §10](../../docs/design.md#10-monitoring)), for Prometheus and for orchestrators' probes:
 //!
 //! * `GET /metrics` — Prometheus text format, see [`crate::metrics`];
 //! * `GET /healthz` — 200 while the process serves requests (liveness);

@@ -1,4 +1,4 @@
-//! Telemetry shared by every component: Prometheus metrics (SPEC §7) and the readiness
+//! Telemetry shared by every component: Prometheus metrics ([design §10](../../docs/design.md#10-monitoring)) and the readiness
 //! state behind `/readyz`.
 //!
 //! All metric names live here, as constants, so the README table, the Grafana dashboard

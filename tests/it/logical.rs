@@ -165,7 +165,7 @@ async fn cleanup_deletes_delivered_rows() {
     );
 }
 
-/// SPEC §2: both modes produce the same Kafka message for the same event — key, value,
+/// Both modes produce the same Kafka message for the same event — key, value,
 /// headers and partition byte for byte (only the timestamp may differ).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_modes_produce_byte_identical_messages() {
@@ -438,7 +438,7 @@ async fn md5_and_scram_authentication() {
         }
         insert_event(&db, "order", "o-1", event, "{}").await;
         // The second relay's new slot starts with a snapshot: it publishes the first
-        // relay's event again (SPEC §2, first start), then its own.
+        // relay's event again (first start, docs/design.md §5), then its own.
         let got = env.consume(&["outbox.order"], [1, 3][n], 20).await;
         relay.stop().await;
         assert!(

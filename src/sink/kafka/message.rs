@@ -1,4 +1,5 @@
-//! Mapping an [`OutboxEvent`] to its Kafka message (SPEC §3).
+//! Mapping an [`OutboxEvent`] to its Kafka message
+//! ([design §2](../../../docs/design.md#2-the-outbox-table-and-the-message)).
 //!
 //! This is the one place that decides topic, key, value and headers, so both capture
 //! modes produce byte-identical messages for the same event.

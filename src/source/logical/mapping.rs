@@ -94,7 +94,7 @@ impl Mapper {
     ) -> Option<OutboxEvent> {
         let layout = self.layouts.get(&relation)?;
         let text = |i: usize| match tuple.get(i) {
-            Some(Value::Text(b)) | Some(Value::Binary(b)) => String::from_utf8(b.to_vec()).ok(),
+            Some(Value::Text(b)) => String::from_utf8(b.to_vec()).ok(),
             _ => None,
         };
         let (payload, payload_is_json) = match tuple.get(layout.payload) {

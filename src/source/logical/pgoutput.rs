@@ -20,7 +20,6 @@ pub enum Value {
     Unchanged,
     /// The value in PostgreSQL's text output format.
     Text(Bytes),
-    Binary(Bytes),
 }
 
 /// A column of a [`Relation`].
@@ -282,10 +281,8 @@ impl Reader {
                     let len = self.u32("text value length")? as usize;
                     Value::Text(self.bytes(len, "text value")?)
                 }
-                b'b' => {
-                    let len = self.u32("binary value length")? as usize;
-                    Value::Binary(self.bytes(len, "binary value")?)
-                }
+                // Binary values come only with the `binary` option, which is never asked for.
+                b'b' => return Err(DecodeError("binary column value (not requested)".into())),
                 other => {
                     return Err(DecodeError(format!(
                         "unknown tuple column kind {other:#04x}"

@@ -1,4 +1,4 @@
-//! The SPEC §3 mapping, field by field.
+//! The event → message mapping of design §2 (docs/design.md), field by field.
 
 use super::*;
 use crate::event::Position;

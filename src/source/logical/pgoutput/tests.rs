@@ -247,3 +247,16 @@ fn arbitrary_bytes_never_panic() {
         let _ = d.decode(Bytes::from(data));
     }
 }
+
+#[test]
+fn binary_column_values_are_refused_because_never_requested() {
+    let mut m = vec![b'I'];
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.push(b'N');
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m.push(b'b');
+    m.extend_from_slice(&1u32.to_be_bytes());
+    m.push(0);
+    let err = Decoder::default().decode(Bytes::from(m)).unwrap_err();
+    assert!(err.to_string().contains("binary column value"), "{err}");
+}
