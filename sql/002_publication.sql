@@ -1,11 +1,14 @@
 -- Log mode only: the publication the relay's replication slot reads. Inserts only, so
 -- the relay's own cleanup DELETEs need no REPLICA IDENTITY and are not streamed back.
+-- Via the partition root, so a partitioned outbox's rows arrive as the outbox's own.
+-- It must publish the outbox and nothing else: the relay refuses to skip rows.
 -- (Logical messages from pg_logical_emit_message need no publication entry: the relay
 -- asks for them with the `messages 'true'` replication option.)
 DO $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_relay') THEN
-    CREATE PUBLICATION outbox_relay FOR TABLE public.outbox WITH (publish = 'insert');
+    CREATE PUBLICATION outbox_relay FOR TABLE public.outbox
+      WITH (publish = 'insert', publish_via_partition_root = true);
   END IF;
 END
 $$;

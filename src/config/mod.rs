@@ -108,12 +108,29 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
         .and_then(|c| c.try_deserialize::<serde_json::Value>())
         .map_err(|e| ConfigError::Unreadable {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: without_source_lines(&e.to_string()),
         })?;
     from_value(merged).map_err(|problems| ConfigError::Invalid {
         path: path.to_path_buf(),
         problems,
     })
+}
+
+/// A TOML syntax error quotes the offending line, and that line may be the one with
+/// the database password in it: keep the position and the complaint, drop the quote.
+fn without_source_lines(message: &str) -> String {
+    let is_quote = |line: &str| {
+        let t = line.trim_start();
+        let t = t
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start();
+        t.starts_with('|')
+    };
+    let kept: Vec<&str> = message
+        .lines()
+        .filter(|l| !is_quote(l) && !l.trim().is_empty())
+        .collect();
+    kept.join(" ")
 }
 
 /// Validates an already merged configuration tree.

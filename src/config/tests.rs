@@ -319,3 +319,69 @@ fn standby_retry_lives_in_source_and_its_old_name_still_works() {
     );
     assert!(problem_text(load_str(&both, &[])).contains("set only source.standby_retry"));
 }
+
+#[test]
+fn a_toml_syntax_error_names_the_line_but_never_quotes_it() {
+    let broken = VALID.replace(
+        "database_url = \"postgres://relay:s3cret@db.internal:5433/app\"",
+        "database_url = \"postgres://relay:s3cret@db.internal:5433/app",
+    );
+    let text = match load_str(&broken, &[]) {
+        Err(e @ ConfigError::Unreadable { .. }) => e.to_string(),
+        other => panic!("expected a syntax error, got {:?}", other.map(|_| ())),
+    };
+    assert!(text.contains("line 4"), "{text}");
+    assert!(!text.contains("s3cret"), "the password leaked: {text}");
+}
+
+/// Every override that would break order or durability is refused, by key, with why.
+#[test]
+fn producer_overrides_that_break_order_or_durability_are_refused() {
+    let refused = [
+        ("enable.idempotence", "false"),
+        ("acks", "1"),
+        ("request.required.acks", "0"),
+        ("message.timeout.ms", "30000"),
+        ("delivery.timeout.ms", "120000"),
+        ("max.in.flight.requests.per.connection", "6"),
+        ("max.in.flight", "100"),
+        ("retries", "3"),
+        ("message.send.max.retries", "10"),
+    ];
+    for (key, value) in refused {
+        let toml = format!("{VALID}\"{key}\" = \"{value}\"\n");
+        let result = load_str(&toml, &[]);
+        assert_eq!(
+            problem_keys(load_str(&toml, &[])),
+            [format!("sink.kafka.librdkafka.{key}")],
+            "{key} = {value}"
+        );
+        assert!(problem_text(result).contains("would"), "{key}: says why");
+    }
+    let allowed = [
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("acks", "-1"),
+        ("message.timeout.ms", "0"),
+        ("max.in.flight.requests.per.connection", "5"),
+    ];
+    for (key, value) in allowed {
+        let toml = format!("{VALID}\"{key}\" = \"{value}\"\n");
+        assert!(load_str(&toml, &[]).is_ok(), "{key} = {value} is harmless");
+    }
+}
+
+#[test]
+fn kafka_secrets_never_show_in_debug_output() {
+    let toml = format!(
+        "{VALID}\"sasl.password\" = \"kafka-s3cret\"\n\"ssl.key.password\" = \"key-s3cret\"\n\
+         \"sasl.username\" = \"relay\"\n"
+    );
+    let config = load_str(&toml, &[]).unwrap();
+    let shown = format!("{:?} {:#?}", config.sink, config.sink);
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(
+        shown.contains("<redacted>") && shown.contains("relay"),
+        "{shown}"
+    );
+}

@@ -13,6 +13,16 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use crate::support::{insert_event, load_toml, Env, RunningRelay};
 
+/// Like [`sink_config`], with a finite `message.timeout.ms`: refused in a real
+/// configuration (it can reorder), set here directly so that failures surface quickly.
+fn sink_config_with_timeout(brokers: &str, timeout_ms: u32) -> KafkaSinkConfig {
+    let mut config = sink_config(brokers, "");
+    config
+        .librdkafka
+        .insert("message.timeout.ms".into(), timeout_ms.to_string());
+    config
+}
+
 fn sink_config(brokers: &str, librdkafka: &str) -> KafkaSinkConfig {
     let toml = format!(
         "[source]\nmode = \"polling\"\ndatabase_url = \"postgres://x@h/db\"\n\
@@ -207,7 +217,7 @@ async fn an_unwritable_dead_letter_topic_stops_progress_instead_of_dropping() {
         )
         .unwrap();
     let sink = KafkaSink::new(
-        &sink_config(&brokers, "\"message.timeout.ms\" = 3000"),
+        &sink_config_with_timeout(&brokers, 3000),
         Default::default(),
     )
     .unwrap();
@@ -255,8 +265,13 @@ async fn the_relay_retries_failed_deliveries_and_deletes_only_acked_rows() {
     let brokers = cluster.bootstrap_servers();
     let toml = env
         .config_toml("polling", "", "")
-        .replace(&env.kafka.brokers(), &brokers)
-        + "[sink.kafka.librdkafka]\n\"message.timeout.ms\" = 1000\n";
+        .replace(&env.kafka.brokers(), &brokers);
+    // A finite timeout (refused in a real configuration) makes deliveries fail quickly.
+    let mut config = load_toml(&toml);
+    config
+        .sink
+        .librdkafka
+        .insert("message.timeout.ms".into(), "1000".into());
     let db = env.client().await;
     cluster.broker_down(1).unwrap();
     for i in 1..=100 {
@@ -269,7 +284,7 @@ async fn the_relay_retries_failed_deliveries_and_deletes_only_acked_rows() {
         )
         .await;
     }
-    let relay = RunningRelay::start(load_toml(&toml));
+    let relay = RunningRelay::start(config);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         env.outbox_count().await,
@@ -376,7 +391,7 @@ async fn a_topic_the_broker_refuses_sends_its_events_to_the_dead_letter_topic() 
         .unwrap();
     let brokers = cluster.bootstrap_servers();
     let telemetry = outbox_relay::metrics::Telemetry::default();
-    let config = sink_config(&brokers, "\"message.timeout.ms\" = 10000");
+    let config = sink_config_with_timeout(&brokers, 10000);
     let sink = KafkaSink::new(&config, telemetry.clone()).unwrap();
     let mut secret = event(2, "a");
     secret.aggregate_type = Some("secret".into());

@@ -13,5 +13,6 @@ mod logical;
 mod logical_process;
 mod observability;
 mod packaging;
+mod partitioned;
 mod polling;
 mod process;

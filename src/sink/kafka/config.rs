@@ -44,8 +44,61 @@ pub enum Format {
     CloudEvents,
 }
 
+/// Why a librdkafka override is refused: it would let the producer reorder, drop or
+/// duplicate what the relay's guarantees rest on. `None` when it is harmless.
+fn refused_override(key: &str, value: &str) -> Option<String> {
+    let must = |wanted: &[&str], why: &str| {
+        (!wanted.contains(&value)).then(|| {
+            format!(
+                "{value:?} would break {why}; remove the key (the relay sets {})",
+                wanted[0]
+            )
+        })
+    };
+    match key {
+        "enable.idempotence" => must(
+            &["true"],
+            "per-key order: without idempotence a retried batch can land behind a later one",
+        ),
+        "acks" | "request.required.acks" => must(
+            &["all", "-1"],
+            "durability: the relay deletes rows once Kafka acknowledged them, so every in-sync \
+             replica must have them",
+        ),
+        "message.timeout.ms" | "delivery.timeout.ms" => must(
+            &["0"],
+            "per-key order: a message that times out is retried by the relay behind the ones \
+             that did not",
+        ),
+        "max.in.flight.requests.per.connection" | "max.in.flight" => match value.parse::<u32>() {
+            Ok(1..=5) => None,
+            _ => Some(format!(
+                "{value:?} would break per-key order: the idempotent producer keeps order with \
+                 at most 5 requests in flight; use 1 to 5 or remove the key"
+            )),
+        },
+        "retries" | "message.send.max.retries" => Some(format!(
+            "{value:?} would let a message fail for good after some retries and the ones behind \
+             it go ahead; remove the key (librdkafka then retries until delivered)"
+        )),
+        _ => None,
+    }
+}
+
+/// Property names whose values are secrets: never printed, not even by `Debug`.
+fn is_secret_property(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "sasl.oauthbearer.config",
+        "ssl.key.pem",
+    ]
+    .iter()
+    .any(|marker| key.contains(marker))
+}
+
 /// Validated `[sink.kafka]`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSinkConfig {
     pub brokers: String,
     pub topic: TopicTemplate,
@@ -55,6 +108,31 @@ pub struct KafkaSinkConfig {
     pub format: Format,
     /// Extra librdkafka properties, applied after (and so over) the relay's defaults.
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let librdkafka: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSinkConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("topic_overrides", &self.topic_overrides)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("format", &self.format)
+            .field("librdkafka", &librdkafka)
+            .finish()
+    }
 }
 
 impl RawKafkaSinkConfig {
@@ -110,6 +188,11 @@ impl RawKafkaSinkConfig {
                     continue;
                 }
             };
+            if let Some(why) = refused_override(&key, &text) {
+                problems.push(format!("sink.kafka.librdkafka.{key}"), why);
+                ok = false;
+                continue;
+            }
             librdkafka.insert(key, text);
         }
         // librdkafka knows its own properties best: let it judge names and values now,

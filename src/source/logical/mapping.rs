@@ -29,31 +29,50 @@ struct Layout {
 
 pub struct Mapper {
     table: Option<TableName>,
+    /// (schema, name) of the relations whose rows are outbox rows: the outbox, and its
+    /// partitions when it is partitioned.
+    relations: Vec<(String, String)>,
     columns: Columns,
     prefix: String,
-    /// Relation id → layout, for the outbox table only (other relations are ignored).
+    /// Relation id → layout, for the outbox's relations.
     layouts: HashMap<u32, Layout>,
+    /// Relation id → name, for every other relation the stream described.
+    others: HashMap<u32, String>,
 }
 
 impl Mapper {
     pub fn new(table: Option<TableName>, columns: Columns, prefix: String) -> Mapper {
+        let relations = table
+            .iter()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .collect();
         Mapper {
             table,
+            relations,
             columns,
             prefix,
             layouts: HashMap::new(),
+            others: HashMap::new(),
         }
+    }
+
+    /// Also maps rows of these relations (the outbox's partitions) as outbox rows.
+    pub fn with_relations(mut self, relations: Vec<(String, String)>) -> Mapper {
+        self.relations.extend(relations);
+        self
     }
 
     /// Learns a relation's columns (pgoutput sends one before its first row, and again
     /// after a schema change).
     pub fn relation(&mut self, rel: &Relation) -> Result<(), SourceError> {
         let ours = self
-            .table
-            .as_ref()
-            .is_some_and(|t| t.schema == rel.namespace && t.name == rel.name);
+            .relations
+            .iter()
+            .any(|(schema, name)| *schema == rel.namespace && *name == rel.name);
         if !ours {
             self.layouts.remove(&rel.id);
+            self.others
+                .insert(rel.id, format!("{}.{}", rel.namespace, rel.name));
             return Ok(());
         }
         let find = |key: &str, name: &str| {
@@ -84,15 +103,34 @@ impl Mapper {
         Ok(())
     }
 
-    /// The event of an inserted outbox row; `None` for rows of other tables.
+    /// The event of an inserted outbox row.
+    ///
+    /// A row of any other relation is an error, never skipped: the slot would move past
+    /// it, and if it was an outbox row under a name the relay did not expect (a
+    /// partition, a renamed table), the event would be lost for good.
     pub fn insert(
         &self,
         relation: u32,
         tuple: &[Value],
         position: Position,
         timestamp_ms: i64,
-    ) -> Option<OutboxEvent> {
-        let layout = self.layouts.get(&relation)?;
+    ) -> Result<OutboxEvent, SourceError> {
+        let Some(layout) = self.layouts.get(&relation) else {
+            let name = self
+                .others
+                .get(&relation)
+                .map_or_else(|| format!("relation {relation}"), String::clone);
+            let outbox = self.table.as_ref().map_or_else(
+                || "none: the outbox is table-less".into(),
+                |t| t.to_string(),
+            );
+            return Err(SourceError::Setup(format!(
+                "the replication stream carries an insert into {name}, but the relay maps only \
+                 the outbox table ({outbox}) and its partitions: remove {name} from the \
+                 publication (ALTER PUBLICATION … DROP TABLE {name}); nothing was acknowledged \
+                 past it"
+            )));
+        };
         let text = |i: usize| match tuple.get(i) {
             Some(Value::Text(b)) => String::from_utf8(b.to_vec()).ok(),
             _ => None,
@@ -105,7 +143,7 @@ impl Mapper {
             },
             _ => (None, false),
         };
-        Some(OutboxEvent {
+        Ok(OutboxEvent {
             position,
             id: text(layout.id),
             aggregate_type: text(layout.aggregate_type),
@@ -223,6 +261,24 @@ mod tests {
     fn mapper() -> Mapper {
         let raw: crate::source::config::RawColumnsForTest = Default::default();
         Mapper::new(None, raw.into_columns(), "outbox".into())
+    }
+
+    #[test]
+    fn rows_of_relations_other_than_the_outbox_are_errors_never_skipped() {
+        let mut m = mapper();
+        let other = Relation {
+            id: 9,
+            namespace: "public".into(),
+            name: "other".into(),
+            columns: vec![],
+        };
+        m.relation(&other).unwrap();
+        let pos = Position::Lsn(crate::event::Lsn(5));
+        let e = m.insert(9, &[], pos, 0).unwrap_err().to_string();
+        assert!(e.contains("insert into public.other"), "{e}");
+        assert!(e.contains("DROP TABLE public.other"), "{e}");
+        let e = m.insert(10, &[], pos, 0).unwrap_err().to_string();
+        assert!(e.contains("insert into relation 10"), "{e}");
     }
 
     #[test]

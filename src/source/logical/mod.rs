@@ -73,6 +73,8 @@ pub struct LogicalSource {
     /// copied here.
     ledger: Ledger,
     cleanup: Option<Cleanup>,
+    /// The outbox's partitions, when it is partitioned: their rows are outbox rows too.
+    partitions: Vec<(String, String)>,
     payload_is_json: bool,
     select_sql: Option<String>,
     lag_measured: Option<std::time::Instant>,
@@ -108,9 +110,11 @@ impl LogicalSource {
         require_logical_wal(&sql).await?;
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
+        let mut partitions = Vec::new();
         if let Some(t) = &config.table {
             let checks = Checks::logical(logical.cleanup);
             let shape = table::describe(&sql, t, &config.columns, checks).await?;
+            partitions = setup::outbox_relations(&sql, t).await?;
             payload_is_json = shape.payload_is_json;
             select_sql = Some(format!(
                 "{} ORDER BY {}",
@@ -137,6 +141,7 @@ impl LogicalSource {
             phase: Phase::Idle,
             ledger: Ledger::default(),
             cleanup,
+            partitions,
             payload_is_json,
             select_sql,
             lag_measured: None,

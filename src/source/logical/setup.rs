@@ -21,38 +21,119 @@ pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
     Ok(())
 }
 
-/// Checks that the publication exists and carries the outbox table, without changing
-/// anything (`check` uses it as is); `Ok(false)` when it does not exist.
+/// Checks that the publication exists and carries exactly what the relay expects,
+/// without changing anything (`check` uses it as is); `Ok(false)` when it does not exist.
+///
+/// "Exactly" matters: every insert the publication sends must be an outbox row, or the
+/// relay would have to skip rows it does not understand. So it must carry the outbox
+/// (through its root when partitioned, so partitions' rows arrive as the outbox's), and
+/// no other table: not `FOR ALL TABLES`, not a second table beside the outbox.
 pub async fn publication_ready(sql: &Client, config: &SourceConfig) -> Result<bool, SourceError> {
     let name = &config.logical.publication;
-    let (schema, table) = config
-        .table
-        .as_ref()
-        .map(|t| (t.schema.clone(), t.name.clone()))
-        .unwrap_or_default();
+    let table = config.table.as_ref().map(|t| t.quoted());
+    // Compared by name: casting every published name to regclass can trip over
+    // schemas the role may not see.
+    let ours = match &config.table {
+        Some(t) => outbox_relations(sql, t).await?,
+        None => Vec::new(),
+    };
+    let (schemas, names): (Vec<String>, Vec<String>) = ours.into_iter().unzip();
     let row = sql
         .query_opt(
-            "SELECT p.puballtables, \
-               EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
-                       AND t.schemaname = $2 AND t.tablename = $3) \
+            "SELECT p.puballtables, p.pubinsert, p.pubviaroot, \
+               EXISTS (SELECT 1 FROM pg_publication_rel r \
+                       WHERE r.prpubid = p.oid AND r.prrelid = $2::text::regclass), \
+               COALESCE((SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = $2::text::regclass), false), \
+               ARRAY(SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
+                     WHERE pubname = p.pubname \
+                       AND NOT EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) o(s, n) \
+                                       WHERE o.s = schemaname AND o.n = tablename)) \
              FROM pg_publication p WHERE p.pubname = $1",
-            &[name, &schema, &table],
+            &[name, &table, &schemas, &names],
         )
         .await
         .map_err(SourceError::pg("looking up the publication"))?;
     let Some(row) = row else {
         return Ok(false);
     };
+    let (all_tables, inserts, via_root, has_table, partitioned, others): (
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+        Vec<String>,
+    ) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    );
+    let own = |t: &str| {
+        format!(
+            "CREATE PUBLICATION <name> FOR TABLE {t} WITH (publish = 'insert', publish_via_partition_root = true) \
+             and set source.logical.publication to it"
+        )
+    };
+    let target = table.as_deref().unwrap_or("<no table: table-less outbox>");
+    if all_tables {
+        return Err(SourceError::Setup(format!(
+            "publication {name} is FOR ALL TABLES: the relay would receive every table's inserts \
+             and can map only the outbox's; give it a publication of its own: {}",
+            own(target)
+        )));
+    }
+    if !others.is_empty() {
+        return Err(SourceError::Setup(format!(
+            "publication {name} also publishes {}: the relay can map only the outbox's rows; \
+             ALTER PUBLICATION {name} DROP TABLE {}, or {}",
+            others.join(", "),
+            others.join(", "),
+            own(target)
+        )));
+    }
     if let Some(t) = &config.table {
-        let (all, has): (bool, bool) = (row.get(0), row.get(1));
-        if !all && !has {
+        if !has_table {
             return Err(SourceError::Setup(format!(
                 "publication {name} does not publish {t}: ALTER PUBLICATION {name} ADD TABLE {}",
                 t.quoted()
             )));
         }
+        if !inserts {
+            return Err(SourceError::Setup(format!(
+                "publication {name} does not publish inserts: \
+                 ALTER PUBLICATION {name} SET (publish = 'insert')"
+            )));
+        }
+        if partitioned && !via_root {
+            return Err(SourceError::Setup(format!(
+                "{t} is partitioned and publication {name} publishes its partitions under \
+                 their own names: ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"
+            )));
+        }
     }
     Ok(true)
+}
+
+/// The outbox and, when it is partitioned, every partition of it (and intermediate
+/// partitioned tables): the relations whose inserts are outbox rows.
+pub async fn outbox_relations(
+    sql: &Client,
+    table: &TableName,
+) -> Result<Vec<(String, String)>, SourceError> {
+    let rows = sql
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = $1::text::regclass \
+                OR c.oid IN (SELECT relid FROM pg_partition_tree($1::text::regclass))",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(SourceError::pg("listing the outbox's partitions"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Creates the publication when it is missing and allowed; checks it covers the table.
@@ -67,9 +148,15 @@ pub(super) async fn ensure_publication(
     if !config.logical.create_if_missing {
         return Err(missing_publication(name));
     }
+    // Via the root: a partitioned outbox's rows then arrive as the outbox's own.
     let target = table_clause(config.table.as_ref());
+    let options = if config.table.is_some() {
+        "publish = 'insert', publish_via_partition_root = true"
+    } else {
+        "publish = 'insert'"
+    };
     sql.batch_execute(&format!(
-        "CREATE PUBLICATION {} {target} WITH (publish = 'insert')",
+        "CREATE PUBLICATION {} {target} WITH ({options})",
         quote_ident(name)
     ))
     .await
@@ -91,7 +178,8 @@ pub(super) async fn ensure_publication(
 pub fn missing_publication(name: &str) -> SourceError {
     SourceError::Setup(format!(
         "publication {name} does not exist and source.logical.create_if_missing = false: \
-         CREATE PUBLICATION {name} FOR TABLE <outbox> WITH (publish = 'insert') (see sql/002_publication.sql)"
+         CREATE PUBLICATION {name} FOR TABLE <outbox> WITH (publish = 'insert', publish_via_partition_root = true) \
+         (see sql/002_publication.sql)"
     ))
 }
 

@@ -103,7 +103,8 @@ impl LogicalSource {
             self.config.table.clone(),
             self.config.columns.clone(),
             logical.message_prefix.clone(),
-        );
+        )
+        .with_relations(self.partitions.clone());
         let task = tokio::spawn(stream::run(
             stream,
             mapper,

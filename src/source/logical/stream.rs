@@ -131,9 +131,8 @@ fn handle(
             relation, tuple, ..
         } => {
             let (lsn, ts) = txn.ok_or_else(|| unexpected("Insert outside a transaction"))?;
-            if let Some(event) = mapper.insert(relation, &tuple, Position::Lsn(lsn), ts) {
-                pending.push_back(Item::Event(event));
-            }
+            let event = mapper.insert(relation, &tuple, Position::Lsn(lsn), ts)?;
+            pending.push_back(Item::Event(event));
         }
         Message::Message {
             transactional,
