@@ -148,19 +148,27 @@ pub async fn describe(
         )));
     }
     // The visibility rule needs seq values handed out in order across sessions.
-    let sequence = if !checks.seq_cache {
-        None
+    let sequences = if !checks.seq_cache {
+        Vec::new()
     } else {
+        // The sequence the column owns (identity, serial) and any its default calls
+        // (`DEFAULT nextval('s')`): either hands out the values.
         client
-            .query_opt(
-                "SELECT pg_get_serial_sequence($1, $2), s.seqcache FROM pg_sequence s \
-             WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass",
-                &[&table.quoted(), &columns.seq],
+            .query(
+                "SELECT s.seqrelid::regclass::text, s.seqcache FROM pg_sequence s \
+                 WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass \
+                    OR s.seqrelid IN ( \
+                      SELECT d.refobjid FROM pg_attrdef ad \
+                      JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum \
+                      JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
+                       AND d.refclassid = 'pg_class'::regclass \
+                      WHERE ad.adrelid = $3 AND a.attname = $2)",
+                &[&table.quoted(), &columns.seq, &oid],
             )
             .await
             .map_err(SourceError::pg("checking the seq sequence"))?
     };
-    if let Some(row) = sequence {
+    for row in sequences {
         let (name, cache): (String, i64) = (row.get(0), row.get(1));
         if cache > 1 {
             return Err(SourceError::Setup(format!(

@@ -9,40 +9,86 @@ use nix::unistd::Pid;
 
 /// `outbox-relay run --config FILE`, logging at `warn`; killed when dropped, so a
 /// failing test leaves no relay behind.
-pub struct RelayProcess(Child);
+pub struct RelayProcess {
+    child: Child,
+    /// The relay is the child of `child` (a PID-namespace wrapper), not `child` itself.
+    wrapped: bool,
+}
 
 impl RelayProcess {
     /// `binary` is the built relay: `env!("CARGO_BIN_EXE_outbox-relay")` in tests and
     /// benches (the library cannot know it).
     pub fn spawn(binary: &str, config: &Path) -> RelayProcess {
-        RelayProcess(
-            Command::new(binary)
-                .args(["run", "--config"])
-                .arg(config)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn outbox-relay"),
-        )
+        RelayProcess::spawn_with(Command::new(binary), config)
     }
 
+    /// The relay as PID 1 of a PID namespace of its own, as in a container (needs
+    /// root). `unshare --kill-child` takes the relay down with it.
+    pub fn spawn_as_pid_1(binary: &str, config: &Path) -> RelayProcess {
+        let mut unshare = Command::new("unshare");
+        unshare
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+            .arg(binary);
+        let mut relay = RelayProcess::spawn_with(unshare, config);
+        relay.wrapped = true;
+        relay
+    }
+
+    fn spawn_with(mut command: Command, config: &Path) -> RelayProcess {
+        let child = command
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn outbox-relay");
+        RelayProcess {
+            child,
+            wrapped: false,
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The relay's process id (as this machine sees it).
     pub fn id(&self) -> u32 {
-        self.0.id()
+        if !self.wrapped {
+            return self.child.id();
+        }
+        // The wrapper's only child, once it has forked.
+        let pid = self.child.id();
+        for _ in 0..200 {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            if let Some(relay) = children
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+            {
+                return relay;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the PID-namespace wrapper {pid} started no relay");
     }
 
+    /// Signals the relay itself (a wrapper would not pass the signal on).
     fn signal(&self, signal: Signal) {
-        let _ = kill(Pid::from_raw(self.0.id() as i32), signal);
+        let _ = kill(Pid::from_raw(self.id() as i32), signal);
     }
 
     pub fn kill9(&mut self) {
         self.signal(Signal::SIGKILL);
-        let _ = self.0.wait();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then blocks until the process exited.
     pub fn terminate_blocking(&mut self) -> std::io::Result<ExitStatus> {
         self.signal(Signal::SIGTERM);
-        self.0.wait()
+        self.child.wait()
     }
 
     /// SIGTERM, then waits for the exit (panicking after `within`); returns the exit code.
@@ -50,7 +96,8 @@ impl RelayProcess {
         let sent = std::time::Instant::now();
         self.signal(Signal::SIGTERM);
         loop {
-            if let Some(status) = self.0.try_wait().expect("wait for outbox-relay") {
+            // A wrapper exits with the relay's own exit code.
+            if let Some(status) = self.child.try_wait().expect("wait for outbox-relay") {
                 return status.code();
             }
             assert!(
@@ -62,13 +109,13 @@ impl RelayProcess {
     }
 
     pub fn peak_rss(&self) -> u64 {
-        super::peak_rss_bytes(self.0.id()).expect("relay still running")
+        super::peak_rss_bytes(self.id()).expect("relay still running")
     }
 }
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,5 +1,5 @@
-//! Log mode as a process: SIGKILL at random moments under load, and one huge
-//! transaction in bounded memory.
+//! Log mode as a process: SIGKILL at random moments under load, one huge transaction
+//! in bounded memory, and two relays starting at once as PID 1 of their containers.
 //!
 //! `OUTBOX_RELAY_LONG=1` runs the long versions (20 kills; the same 500,000-row
 //! transaction).
@@ -12,7 +12,7 @@ use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 
 use crate::logical::logical_toml;
-use crate::support::{spawn_relay, Env};
+use crate::support::{insert_events, spawn_relay, Env};
 
 fn long() -> bool {
     std::env::var("OUTBOX_RELAY_LONG").is_ok_and(|v| v == "1")
@@ -159,4 +159,40 @@ async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
     );
     assert_eq!(distinct.len(), ROWS);
     assert!(peak < 100_000_000, "peak RSS {peak} bytes");
+}
+
+/// Two relays started at the same moment, each PID 1 of its own PID namespace (as in
+/// two containers): one does the first start and publishes the rows already there, once;
+/// the other waits as a standby. Neither crash-loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_starting_at_once_as_pid_1_publish_the_snapshot_once() {
+    const ROWS: usize = 300;
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 2).await;
+    let db = env.client().await;
+    let rows: Vec<(String, String)> = (0..ROWS)
+        .map(|i| (format!("agg-{}", i % 7), format!("{{\"n\": {}}}", i / 7)))
+        .collect();
+    insert_events(&db, &rows).await;
+    let file = config_file(&logical_toml(&env, ""));
+    let binary = env!("CARGO_BIN_EXE_outbox-relay");
+    let mut relays = [
+        outbox_relay::testkit::RelayProcess::spawn_as_pid_1(binary, file.path()),
+        outbox_relay::testkit::RelayProcess::spawn_as_pid_1(binary, file.path()),
+    ];
+    let messages = read_until(env.kafka.brokers(), "outbox.order", ROWS, 60).await;
+    // Time for a second copy of the snapshot to show, if one were coming.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    insert_events(&db, &[("agg-0".into(), "{\"n\": 1000}".into())]).await;
+    let all = read_until(env.kafka.brokers(), "outbox.order", ROWS + 1, 30).await;
+    let distinct: HashSet<&str> = all.iter().map(|m| m.2.as_str()).collect();
+    assert_eq!(messages.len(), ROWS, "the snapshot arrived");
+    assert_eq!(distinct.len(), ROWS + 1, "then the streamed row");
+    assert_eq!(all.len(), ROWS + 1, "nothing published twice");
+    for relay in &mut relays {
+        assert!(relay.is_running(), "no relay exited (no crash loop)");
+    }
+    for relay in &mut relays {
+        assert_eq!(relay.terminate(Duration::from_secs(30)).await, Some(0));
+    }
 }

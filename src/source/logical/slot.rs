@@ -14,6 +14,10 @@ use super::{LogicalSource, Phase, Streaming, CHANNEL};
 use crate::event::Lsn;
 use crate::source::SourceError;
 
+/// First key of the first-start advisory lock (`'outs'`); the second is the slot name's
+/// hash.
+const FIRST_START_LOCK_CLASS: i32 = 0x6f75_7473;
+
 impl LogicalSource {
     pub(super) async fn take_slot(&mut self) -> Result<(), SourceError> {
         let logical = &self.config.logical;
@@ -35,6 +39,23 @@ impl LogicalSource {
                  create it (outbox-relay setup prints the SQL) or allow the relay to",
                 logical.slot
             )));
+        }
+        // Only one relay may do the first start: two would both publish the snapshot.
+        // The lock is this session's, so it goes with the connection if the relay dies.
+        let first: bool = self
+            .sql
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&FIRST_START_LOCK_CLASS, &logical.slot],
+            )
+            .await
+            .map_err(SourceError::pg("taking the first-start lock"))?
+            .get(0);
+        if !first {
+            return Err(SourceError::SlotBusy {
+                slot: logical.slot.clone(),
+                detail: "another relay is creating it (first start)".into(),
+            });
         }
         if self.select_sql.is_none() {
             // Table-less: nothing existed before the slot, so nothing to snapshot.

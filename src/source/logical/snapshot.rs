@@ -17,6 +17,19 @@ use crate::source::{table, SourceError};
 
 const SNAPSHOT_CURSOR: &str = "outbox_relay_snapshot";
 
+/// A random number, from the standard library's randomly seeded hasher.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
 pub(super) struct Snapshot {
     /// Holds the temporary slot: closing it drops the slot.
     _holder: ReplicationClient,
@@ -31,11 +44,8 @@ impl LogicalSource {
     /// First start: a temporary slot exporting a snapshot, and a reader on it.
     pub(super) async fn begin_snapshot(&mut self) -> Result<(), SourceError> {
         let slot = &self.config.logical.slot;
-        let temp_slot: String = format!(
-            "{}_init_{}",
-            &slot[..slot.len().min(40)],
-            std::process::id()
-        );
+        // Unique per attempt: in containers every relay is PID 1.
+        let temp_slot: String = format!("{}_init_{:016x}", &slot[..slot.len().min(40)], nonce());
         let mut holder = self.replication_client().await?;
         let rows = holder
             .simple_query(&format!(
