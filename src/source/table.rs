@@ -1,6 +1,7 @@
 //! The outbox table as both capture modes read it: connection, shape checks, and the
 //! one SELECT list that turns a row into an [`OutboxEvent`] the same way everywhere.
 
+use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Row};
 
 use super::{quote_ident, quote_ident_opt, Columns, SourceConfig, SourceError, TableName};
@@ -147,6 +148,26 @@ pub async fn describe(
             missing.join(", ")
         )));
     }
+    // Polling reads `seq > cursor`: a row with a NULL seq would never be read.
+    if checks.seq_cache {
+        let not_null: bool = client
+            .query_opt(
+                "SELECT attnotnull FROM pg_attribute WHERE attrelid = $1 AND attname = $2",
+                &[&oid, &columns.seq],
+            )
+            .await
+            .map_err(SourceError::pg("checking the seq column"))?
+            .is_some_and(|r| r.get(0));
+        if !not_null {
+            return Err(SourceError::Setup(format!(
+                "{table}.{seq} may be NULL, and polling never reads a row without a seq: \
+                 ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+                table.quoted(),
+                quote_ident(&columns.seq),
+                seq = columns.seq
+            )));
+        }
+    }
     // The visibility rule needs seq values handed out in order across sessions.
     let sequences = if !checks.seq_cache {
         Vec::new()
@@ -220,8 +241,14 @@ pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String 
         // Text kept as its UTF-8 bytes: a `::bytea` cast would decode backslash escapes.
         _ => format!("convert_to({}::text, 'UTF8')", q(&c.payload)),
     };
+    // 'infinity' (or a date before 1970) has no Kafka timestamp: such a row goes out
+    // with the broker's time rather than failing the whole read.
     let created = match &c.created_at {
-        Some(col) => format!("(extract(epoch FROM {}) * 1000)::int8", q(col)),
+        Some(col) => format!(
+            "CASE WHEN isfinite({col}) AND {col} >= 'epoch' \
+             THEN (extract(epoch FROM {col}) * 1000)::int8 END",
+            col = q(col)
+        ),
         None => "NULL::int8".to_owned(),
     };
     format!(
@@ -238,24 +265,181 @@ pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String 
     )
 }
 
-/// Reads a row selected with [`select_sql`].
-pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
+/// Whether a failed read failed on the data of a row (SQLSTATE class 22, data
+/// exception: an untranslatable character, a value out of range) rather than on the
+/// connection or the query.
+pub fn is_bad_row(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22"))
+}
+
+/// Like [`select_sql`], every text column as its bytes in the database's own encoding
+/// (a conversion to that same encoding is none): bytea is never converted for the
+/// client, so the server can always send it.
+pub fn raw_select_sql(table: &TableName, c: &Columns) -> String {
+    let bytes = |col: Option<&str>| match col {
+        Some(col) => format!(
+            "convert_to({}::text, getdatabaseencoding())",
+            quote_ident(col)
+        ),
+        None => "NULL::bytea".to_owned(),
+    };
+    format!(
+        "SELECT {seq}::int8, {id}, {at}, {ai}, {et}, {payload}, {headers}, {topic} FROM {table}",
+        seq = quote_ident(&c.seq),
+        id = bytes(Some(&c.id)),
+        at = bytes(Some(&c.aggregate_type)),
+        ai = bytes(Some(&c.aggregate_id)),
+        et = bytes(Some(&c.event_type)),
+        payload = bytes(Some(&c.payload)),
+        headers = bytes(c.headers.as_deref()),
+        topic = bytes(c.topic.as_deref()),
+        table = table.quoted(),
+    )
+}
+
+/// Reads a row selected with [`raw_select_sql`]: an invalid event that carries `why` and
+/// whatever the row holds, for the dead-letter topic.
+pub fn raw_row_to_event(row: &Row, why: &tokio_postgres::Error) -> OutboxEvent {
+    let text = |i: usize| raw(row, i).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let seq = row.try_get::<_, Option<i64>>(0).ok().flatten();
+    let position = Position::Seq(seq.unwrap_or(i64::MAX));
+    let reason = why
+        .as_db_error()
+        .map_or_else(|| why.to_string(), |db| db.message().to_owned());
+    let keys = [
+        "id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "payload",
+        "headers",
+        "topic",
+    ];
+    let not_utf8: Vec<String> = (1..=7)
+        .filter(|&i| raw(row, i).is_some_and(|b| std::str::from_utf8(&b).is_err()))
+        .map(|i| format!("source.columns.{}", keys[i - 1]))
+        .collect();
     OutboxEvent {
-        position: Position::Seq(row.get(0)),
-        id: row.get(1),
-        aggregate_type: row.get(2),
-        aggregate_id: row.get(3),
-        event_type: row.get(4),
-        payload: if payload_is_json {
-            row.get::<_, Option<String>>(5).map(String::into_bytes)
-        } else {
-            row.get::<_, Option<Vec<u8>>>(5)
-        },
-        payload_is_json,
-        headers: row.get(6),
-        timestamp_ms: row.get(7),
-        topic: row.get(8),
-        invalid: None,
+        position,
+        id: text(1),
+        aggregate_type: text(2),
+        aggregate_id: text(3),
+        event_type: text(4),
+        payload: raw(row, 5),
+        payload_is_json: false,
+        headers: text(6),
+        timestamp_ms: None,
+        topic: text(7),
+        invalid: Some(format!(
+            "outbox row {position} cannot be read as text ({reason}; not valid UTF-8: {}): \
+             its bytes are sent as they are stored; fix the row's encoding",
+            if not_utf8.is_empty() {
+                "?".to_owned()
+            } else {
+                not_utf8.join(", ")
+            }
+        )),
         original: None,
     }
+}
+
+/// A column's bytes exactly as the server sent them, whatever its type: what is left of
+/// a value that does not decode (text that is not UTF-8, from a `SQL_ASCII` database).
+struct RawBytes(Vec<u8>);
+
+impl<'a> FromSql<'a> for RawBytes {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> Result<RawBytes, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawBytes(raw.to_vec()))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// The columns of [`select_sql`], by their config keys, for error messages.
+const SELECTED: [&str; 9] = [
+    "seq",
+    "id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "headers",
+    "created_at",
+    "topic",
+];
+
+/// Reads a row selected with [`select_sql`].
+///
+/// Never fails and never panics: a value that does not decode makes the event invalid
+/// (it goes to the dead-letter topic with what could be read, the payload's bytes as
+/// they are), so one bad row cannot stop the pipeline. A NULL `seq` (possible only in
+/// log mode's first-start snapshot, which orders by it) sorts last.
+pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
+    let mut unreadable: Vec<&str> = Vec::new();
+    let mut text = |i: usize| -> Option<String> {
+        match row.try_get::<_, Option<String>>(i) {
+            Ok(v) => v,
+            Err(_) => {
+                unreadable.push(SELECTED[i]);
+                raw(row, i).map(|b| String::from_utf8_lossy(&b).into_owned())
+            }
+        }
+    };
+    let id = text(1);
+    let aggregate_type = text(2);
+    let aggregate_id = text(3);
+    let event_type = text(4);
+    let headers = text(6);
+    let topic = text(8);
+    let payload = if payload_is_json {
+        match row.try_get::<_, Option<String>>(5) {
+            Ok(v) => v.map(String::into_bytes),
+            Err(_) => {
+                unreadable.push(SELECTED[5]);
+                raw(row, 5)
+            }
+        }
+    } else {
+        row.try_get::<_, Option<Vec<u8>>>(5)
+            .unwrap_or_else(|_| raw(row, 5))
+    };
+    let seq = row.try_get::<_, Option<i64>>(0).ok().flatten();
+    let position = Position::Seq(seq.unwrap_or(i64::MAX));
+    let invalid = (!unreadable.is_empty()).then(|| {
+        format!(
+            "outbox row {position}: {} not valid UTF-8 text (a SQL_ASCII database, or bytes \
+             written with an escape): fix the row's encoding",
+            unreadable
+                .iter()
+                .map(|k| format!("source.columns.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
+    OutboxEvent {
+        position,
+        id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        payload,
+        payload_is_json,
+        headers,
+        timestamp_ms: row.try_get(7).ok().flatten(),
+        topic,
+        invalid,
+        original: None,
+    }
+}
+
+fn raw(row: &Row, i: usize) -> Option<Vec<u8>> {
+    row.try_get::<_, Option<RawBytes>>(i)
+        .ok()
+        .flatten()
+        .map(|r| r.0)
 }

@@ -5,6 +5,7 @@
 mod support;
 mod tls;
 
+mod bad_rows;
 mod cli;
 mod deploy;
 mod faults;

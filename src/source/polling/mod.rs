@@ -79,6 +79,7 @@ pub struct PollingSource {
 
 struct Statements {
     batch: Statement,
+    raw_row: Statement,
     delete: Statement,
     backlog: Statement,
 }
@@ -131,19 +132,50 @@ impl PollingSource {
     }
 
     /// Rows up to the fence, oldest first.
+    ///
+    /// A row the server cannot send (text invalid in the client encoding, say) fails the
+    /// whole query. Rather than failing for ever, the read narrows down: half the
+    /// batch, a quarter, … until it returns the good rows before the bad one, or — the
+    /// bad row being first — that row alone, read as raw bytes and marked invalid so it
+    /// goes to the dead-letter topic.
     async fn read(&self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut limit = i64::try_from(max).unwrap_or(i64::MAX);
+        loop {
+            let bounds: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&self.returned_upto, &self.fence.seq(), &limit];
+            match self.client.query(&self.statements.batch, &bounds).await {
+                Ok(rows) => {
+                    return Ok(rows
+                        .iter()
+                        .map(|row| table::row_to_event(row, self.payload_is_json))
+                        .collect())
+                }
+                Err(e) if table::is_bad_row(&e) && limit > 1 => limit /= 2,
+                Err(e) if table::is_bad_row(&e) => return self.read_unreadable(e).await,
+                Err(e) => return Err(SourceError::pg("reading outbox rows")(e)),
+            }
+        }
+    }
+
+    /// The first row above the cursor, which the server cannot send as text: its raw
+    /// bytes, and why, for the dead-letter topic.
+    async fn read_unreadable(
+        &self,
+        why: tokio_postgres::Error,
+    ) -> Result<Vec<OutboxEvent>, SourceError> {
         let rows = self
             .client
             .query(
-                &self.statements.batch,
-                &[&self.returned_upto, &self.fence.seq(), &limit],
+                &self.statements.raw_row,
+                &[&self.returned_upto, &self.fence.seq()],
             )
             .await
-            .map_err(SourceError::pg("reading outbox rows"))?;
+            .map_err(SourceError::pg(
+                "reading an unreadable outbox row as raw bytes",
+            ))?;
         Ok(rows
             .iter()
-            .map(|row| table::row_to_event(row, self.payload_is_json))
+            .map(|row| table::raw_row_to_event(row, &why))
             .collect())
     }
 }
@@ -252,6 +284,11 @@ async fn prepare(
         table::select_sql(t, c, shape),
         seq = q(&c.seq),
     );
+    let raw_row = format!(
+        "{} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT 1",
+        table::raw_select_sql(t, c),
+        seq = q(&c.seq),
+    );
     let delete = format!(
         "DELETE FROM {table} WHERE {seq} = ANY($1::int8[])",
         table = t.quoted(),
@@ -270,6 +307,10 @@ async fn prepare(
             .prepare(&select)
             .await
             .map_err(SourceError::pg("preparing the batch query"))?,
+        raw_row: client
+            .prepare(&raw_row)
+            .await
+            .map_err(SourceError::pg("preparing the raw row query"))?,
         delete: client
             .prepare(&delete)
             .await

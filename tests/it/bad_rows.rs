@@ -1,0 +1,131 @@
+//! Rows real databases hold that once broke the read: the relay never exits or loops on
+//! one of them. It publishes what is publishable, dead-letters what is not, in order.
+
+use std::time::Duration;
+
+use crate::logical::logical_toml;
+use crate::support::{insert_event, load_toml, Env, RunningRelay};
+
+fn types(messages: &[outbox_relay::testkit::kafka::Consumed]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m.header("event_type").unwrap_or("?"))
+        .collect()
+}
+
+/// `created_at = 'infinity'` (or before 1970) has no Kafka timestamp: the event goes out
+/// with the broker's time, in order, in both modes (log mode: its first-start snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_kafka_cannot_carry_do_not_stop_the_read() {
+    for mode in ["polling", "logical"] {
+        let env = Env::start().await;
+        env.create_topics(&["outbox.order"], 1).await;
+        let db = env.client().await;
+        for (event_type, created_at) in [
+            ("Normal", "2026-01-01"),
+            ("Infinite", "infinity"),
+            ("Ancient", "1900-01-01"),
+            ("MinusInfinite", "-infinity"),
+        ] {
+            db.execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) \
+                 VALUES ('order', 'o-1', $1, '{}', $2::text::timestamptz)",
+                &[&event_type, &created_at],
+            )
+            .await
+            .unwrap();
+        }
+        let config = if mode == "polling" {
+            env.config("")
+        } else {
+            load_toml(&logical_toml(&env, ""))
+        };
+        let relay = RunningRelay::start(config);
+        let got = env.consume(&["outbox.order"], 4, 20).await;
+        relay.stop().await;
+        assert_eq!(
+            types(&got),
+            ["Normal", "Infinite", "Ancient", "MinusInfinite"],
+            "{mode}"
+        );
+        assert_eq!(got[0].timestamp_ms, Some(1_767_225_600_000), "{mode}");
+    }
+}
+
+/// Text that is not UTF-8 (a `SQL_ASCII` database takes any bytes) makes that one row a
+/// dead letter, with the column named; the rows around it are published in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_undecodable_text_is_dead_lettered_alone() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+    let admin = env.pg.connect("postgres").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0",
+        )
+        .await
+        .unwrap();
+    let db = env.pg.connect("ascii").await.unwrap();
+    for (name, sql) in outbox_relay::SETUP_SQL {
+        db.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    insert_event(&db, "order", "o-1", "Before", "{}").await;
+    // 0xE9 alone is Latin-1 'é', not UTF-8.
+    db.batch_execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('order', E'caf\\xe9', 'Latin1', '{\"n\": 1}')",
+    )
+    .await
+    .unwrap();
+    insert_event(&db, "order", "o-1", "After", "{}").await;
+
+    let config = env
+        .config_toml("polling", "", "")
+        .replace(&env.db_url, &env.db_url.replace("/app", "/ascii"));
+    let relay = RunningRelay::start(load_toml(&config));
+    let published = env.consume(&["outbox.order"], 2, 20).await;
+    let dead = env.consume(&["outbox.dlq"], 1, 20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.stop().await;
+
+    assert_eq!(types(&published), ["Before", "After"]);
+    let error = dead[0].header("error").unwrap();
+    assert!(
+        error.contains("source.columns.aggregate_id") && error.contains("UTF-8"),
+        "{error}"
+    );
+    assert_eq!(dead[0].value_str(), r#"{"n": 1}"#, "the original payload");
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the dead-lettered row is gone too: the DLQ has it");
+}
+
+/// A table without NOT NULL on `seq` (Debezium-style tables, say): log mode's first
+/// start publishes a NULL-seq row last instead of panicking; polling, which could never
+/// read such a row, refuses the table with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nullable_seq_is_handled_by_log_mode_and_refused_by_polling() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "ALTER TABLE outbox ALTER COLUMN seq DROP IDENTITY, ALTER COLUMN seq DROP NOT NULL; \
+         INSERT INTO outbox (seq, aggregate_type, aggregate_id, event_type, payload) \
+         VALUES (NULL, 'order', 'o-1', 'NoSeq', '{}'), (7, 'order', 'o-2', 'Seven', '{}')",
+    )
+    .await
+    .unwrap();
+    let e = crate::support::run_error(env.config("")).await;
+    assert!(e.contains("SET NOT NULL"), "{e}");
+
+    let relay = RunningRelay::start(load_toml(&logical_toml(&env, "")));
+    let got = env.consume(&["outbox.order"], 2, 20).await;
+    relay.stop().await;
+    assert_eq!(types(&got), ["Seven", "NoSeq"]);
+}
