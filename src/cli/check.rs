@@ -30,6 +30,7 @@ pub async fn run(config: &Config) -> bool {
 
 async fn check_postgres(config: &Config) -> anyhow::Result<String> {
     let src = &config.source;
+    println!("postgres: TLS {}", src.tls.describe());
     match src.mode {
         Mode::Polling => {
             // Connecting as the relay would checks table, columns and privileges.

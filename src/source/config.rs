@@ -123,18 +123,18 @@ impl RawSourceConfig {
         let (pg, tls) = match problems.required("source.database_url", self.database_url) {
             Some(url) => {
                 let (rest, mode, root) = super::tls::split_params(url.expose_secret());
+                let mut pg = parse_database_url(&rest, problems);
+                let local = pg.as_ref().is_none_or(all_hosts_local);
                 let tls = super::tls::Tls::new(
                     mode.as_deref(),
                     root.as_deref().map(std::path::Path::new),
+                    local,
                 )
                 .map_err(|e| problems.push("source.database_url", e))
                 .ok();
-                let pg = parse_database_url(&rest, problems).map(|mut pg| {
-                    if let Some(tls) = &tls {
-                        pg.ssl_mode(tls.pg_mode());
-                    }
-                    pg
-                });
+                if let (Some(pg), Some(tls)) = (&mut pg, &tls) {
+                    pg.ssl_mode(tls.pg_mode());
+                }
                 (pg, tls)
             }
             None => (None, None),
@@ -200,6 +200,22 @@ impl RawSourceConfig {
             logical: logical?,
         })
     }
+}
+
+/// Whether every host of the connection is this machine: a Unix socket, `localhost` or
+/// a loopback address (no host at all means the local socket).
+fn all_hosts_local(pg: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    pg.get_hosts().iter().all(|h| match h {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    })
 }
 
 fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgres::Config> {

@@ -2,9 +2,14 @@
 //! verify-full) and `sslrootcert` in `source.database_url`, for the ordinary and the
 //! replication connection alike (rustls with the *ring* provider).
 //!
-//! As in libpq, `require` encrypts without checking the certificate, `verify-ca` checks
-//! it against the roots (`sslrootcert`, or the system's), `verify-full` also checks that
-//! it names the host.
+//! As in libpq, `require` encrypts without checking the certificate (unless
+//! `sslrootcert` is given: then it is `verify-ca`), `verify-ca` checks it against the
+//! roots (`sslrootcert`, or the system's), `verify-full` also checks that it names the
+//! host.
+//!
+//! Unlike libpq, the default is not `prefer` everywhere: it is `verify-full` (with the
+//! system's roots) for any host that is not loopback or a Unix socket, so a password is
+//! never sent in clear, or to an impostor, across a network unless the URL says so.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,13 +36,23 @@ pub enum SslMode {
 #[derive(Clone)]
 pub struct Tls {
     pub mode: SslMode,
+    /// Why this mode: what the URL said, or the default and its reason.
+    origin: &'static str,
     config: Option<Arc<ClientConfig>>,
 }
 
 impl Tls {
-    /// Builds the settings from libpq's `sslmode` (default `prefer`) and `sslrootcert`.
-    pub fn new(mode: Option<&str>, root_cert: Option<&Path>) -> Result<Tls, String> {
-        let mode = match mode.unwrap_or("prefer") {
+    /// Builds the settings from libpq's `sslmode` and `sslrootcert`. Without `sslmode`:
+    /// `prefer` when every host is `local` (loopback or a Unix socket), else
+    /// `verify-full`.
+    pub fn new(mode: Option<&str>, root_cert: Option<&Path>, local: bool) -> Result<Tls, String> {
+        let origin = match (mode, local) {
+            (Some(_), _) => "set by sslmode in source.database_url",
+            (None, true) => "the default for a loopback host or Unix socket",
+            (None, false) => "the default for a host that is not loopback",
+        };
+        let default = if local { "prefer" } else { "verify-full" };
+        let mode = match mode.unwrap_or(default) {
             "disable" => SslMode::Disable,
             "allow" | "prefer" => SslMode::Prefer,
             "require" => SslMode::Require,
@@ -49,8 +64,18 @@ impl Tls {
                 ))
             }
         };
+        // libpq: with a root certificate given, `require` verifies the chain.
+        let mode = if mode == SslMode::Require && root_cert.is_some() {
+            SslMode::VerifyCa
+        } else {
+            mode
+        };
         if mode == SslMode::Disable {
-            return Ok(Tls { mode, config: None });
+            return Ok(Tls {
+                mode,
+                origin,
+                config: None,
+            });
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -79,8 +104,21 @@ impl Tls {
         };
         Ok(Tls {
             mode,
+            origin,
             config: Some(Arc::new(config)),
         })
+    }
+
+    /// The mode in effect and why, for `check`.
+    pub fn describe(&self) -> String {
+        let mode = match self.mode {
+            SslMode::Disable => "disable (no TLS)",
+            SslMode::Prefer => "prefer (TLS if the server offers it, certificate not checked)",
+            SslMode::Require => "require (TLS, certificate not checked)",
+            SslMode::VerifyCa => "verify-ca (TLS, certificate chain checked)",
+            SslMode::VerifyFull => "verify-full (TLS, certificate and host name checked)",
+        };
+        format!("{mode}, {}", self.origin)
     }
 
     /// The rustls configuration, unless TLS is disabled.
@@ -281,14 +319,62 @@ mod tests {
 
     #[test]
     fn unknown_modes_and_missing_roots_are_errors() {
-        assert!(Tls::new(Some("maybe"), None)
+        assert!(Tls::new(Some("maybe"), None, true)
             .err()
             .unwrap()
             .contains("sslmode=maybe"));
-        let e = Tls::new(Some("verify-full"), Some(Path::new("/nonexistent/ca.pem")))
-            .err()
-            .unwrap();
+        let e = Tls::new(
+            Some("verify-full"),
+            Some(Path::new("/nonexistent/ca.pem")),
+            true,
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
-        assert_eq!(Tls::new(None, None).unwrap().mode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn the_default_verifies_every_host_that_is_not_local() {
+        let local = Tls::new(None, None, true).unwrap();
+        assert_eq!(local.mode, SslMode::Prefer);
+        assert!(
+            local.describe().contains("loopback"),
+            "{}",
+            local.describe()
+        );
+        if rustls_native_certs::load_native_certs().certs.is_empty() {
+            return; // no system roots on this machine: verify-full cannot be built
+        }
+        let remote = Tls::new(None, None, false).unwrap();
+        assert_eq!(remote.mode, SslMode::VerifyFull);
+        assert!(remote.describe().starts_with("verify-full"));
+        let explicit = Tls::new(Some("disable"), None, false).unwrap();
+        assert_eq!(explicit.mode, SslMode::Disable, "the URL wins");
+    }
+
+    #[test]
+    fn require_with_a_root_certificate_verifies_the_chain_as_libpq_does() {
+        let pem = std::env::temp_dir().join(format!("outbox-relay-ca-{}.pem", std::process::id()));
+        // Any certificate will do for building the verifier: the system bundle's.
+        let Some(cert) = rustls_native_certs::load_native_certs()
+            .certs
+            .into_iter()
+            .next()
+        else {
+            return;
+        };
+        let body = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &cert);
+        std::fs::write(
+            &pem,
+            format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n"),
+        )
+        .unwrap();
+        let tls = Tls::new(Some("require"), Some(&pem), false);
+        let _ = std::fs::remove_file(&pem);
+        assert_eq!(tls.unwrap().mode, SslMode::VerifyCa);
+        assert_eq!(
+            Tls::new(Some("require"), None, false).unwrap().mode,
+            SslMode::Require
+        );
     }
 }

@@ -17,3 +17,4 @@ mod packaging;
 mod partitioned;
 mod polling;
 mod process;
+mod secrets;
