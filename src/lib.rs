@@ -34,7 +34,7 @@ pub mod testkit;
 pub use daemon::run;
 
 /// The SQL the project ships in `sql/`, in the order to apply it.
-pub const SETUP_SQL: [(&str, &str); 3] = [
+pub const SETUP_SQL: [(&str, &str); 4] = [
     ("sql/001_outbox.sql", include_str!("../sql/001_outbox.sql")),
     (
         "sql/002_publication.sql",
@@ -43,5 +43,9 @@ pub const SETUP_SQL: [(&str, &str); 3] = [
     (
         "sql/003_relay_role.sql",
         include_str!("../sql/003_relay_role.sql"),
+    ),
+    (
+        "sql/004_dead_letter.sql",
+        include_str!("../sql/004_dead_letter.sql"),
     ),
 ];

@@ -140,6 +140,20 @@ impl<K: Sink> Pump<'_, K> {
             };
             let batch = oldest.batch;
             let durable = outcomes.iter().take_while(|o| o.is_durable()).count();
+            // Bodies the dead-letter topic could not take are kept before the ack lets
+            // the source forget them.
+            let kept: Vec<(&OutboxEvent, &str)> = batch
+                .iter()
+                .zip(&outcomes[..durable])
+                .filter_map(|(event, outcome)| match outcome {
+                    Delivery::DeadLettered {
+                        reason,
+                        metadata_only: true,
+                    } => Some((event, reason.as_str())),
+                    _ => None,
+                })
+                .collect();
+            source.keep_dead_letters(&kept).await?;
             source.ack(&batch[..durable]).await?;
             self.record(&batch[..durable]);
             if durable == batch.len() {

@@ -47,6 +47,8 @@ struct Rows {
     returned: i64,
     acked: Vec<i64>,
     rewinds: Vec<Vec<i64>>,
+    /// Rows whose bodies the source was asked to keep (dead-lettered as metadata only).
+    kept: Vec<i64>,
     /// Cancelled once this many rows are acknowledged.
     done: CancellationToken,
     stop_at: usize,
@@ -59,6 +61,7 @@ impl Rows {
             returned: 0,
             acked: Vec::new(),
             rewinds: Vec::new(),
+            kept: Vec::new(),
             done: done.clone(),
             stop_at: n as usize,
         }
@@ -88,6 +91,14 @@ impl Source for Rows {
         Ok(())
     }
 
+    async fn keep_dead_letters(
+        &mut self,
+        events: &[(&OutboxEvent, &str)],
+    ) -> Result<(), SourceError> {
+        self.kept.extend(events.iter().map(|(e, _)| seq(e)));
+        Ok(())
+    }
+
     fn rewind(&mut self, unacknowledged: Vec<OutboxEvent>) {
         let seqs: Vec<i64> = unacknowledged.iter().map(seq).collect();
         self.returned = self.acked.last().copied().unwrap_or(0);
@@ -100,6 +111,8 @@ impl Source for Rows {
 #[derive(Default)]
 struct Scripted {
     fail_once: Mutex<HashSet<i64>>,
+    /// Rows the dead-letter topic takes only as metadata (too large for it).
+    metadata_only: HashSet<i64>,
     fatal: bool,
     hang: bool,
     /// Every row handed over, in order, resends included.
@@ -124,6 +137,10 @@ impl Sink for Scripted {
             .map(|e| {
                 broken |= fail.remove(&seq(e));
                 match (broken, self.fatal) {
+                    (false, _) if self.metadata_only.contains(&seq(e)) => Delivery::DeadLettered {
+                        reason: "too large".into(),
+                        metadata_only: true,
+                    },
                     (false, _) => Delivery::Published {
                         topic: "outbox.order".into(),
                     },
@@ -329,4 +346,23 @@ async fn shutdown_acknowledges_what_is_in_flight_and_reads_no_further() {
         "everything handed over was acknowledged before return"
     );
     assert_eq!(rows.acked, range(1, sent.len() as i64));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_the_dead_letter_topic_could_not_take_is_kept_before_the_ack() {
+    let done = CancellationToken::new();
+    let mut rows = Rows::new(6, &done);
+    let sink = Scripted {
+        metadata_only: [2, 5].into(),
+        ..Default::default()
+    };
+    let (result, sink) = pump(sink, &mut rows, &done, 3, true).await;
+    result.unwrap();
+    assert_eq!(rows.kept, [2, 5]);
+    assert_eq!(rows.acked, range(1, 6));
+    assert!(
+        rows.rewinds.is_empty(),
+        "a poison event re-sends nothing around it"
+    );
+    assert_eq!(*sink.sent.lock().unwrap(), range(1, 6));
 }

@@ -11,6 +11,7 @@ use crate::config::Problems;
 
 const DEFAULT_TABLE: &str = "public.outbox";
 const DEFAULT_STANDBY_RETRY: &str = "1s";
+const DEFAULT_DEAD_LETTER_TABLE: &str = "public.outbox_relay_dead_letter";
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -26,6 +27,7 @@ pub struct RawSourceConfig {
     #[serde(default)]
     columns: RawColumns,
     standby_retry: Option<String>,
+    dead_letter_table: Option<String>,
     #[serde(default)]
     polling: RawPollingConfig,
     #[serde(default)]
@@ -58,6 +60,9 @@ pub struct SourceConfig {
     pub columns: Columns,
     /// How often a standby tries to become the leader (lock or slot).
     pub standby_retry: std::time::Duration,
+    /// Where the bodies of events too large even for the dead-letter topic are kept;
+    /// `None`: nowhere (such an event stops the relay).
+    pub dead_letter_table: Option<TableName>,
     pub polling: PollingConfig,
     pub logical: LogicalConfig,
 }
@@ -187,6 +192,13 @@ impl RawSourceConfig {
                 problems.positive_duration("source.standby_retry", DEFAULT_STANDBY_RETRY)
             }
         };
+        let dead_letter_table = match self.dead_letter_table.as_deref() {
+            Some("") => Some(None),
+            raw => TableName::parse(raw.unwrap_or(DEFAULT_DEAD_LETTER_TABLE))
+                .map_err(|e| problems.push("source.dead_letter_table", e))
+                .ok()
+                .map(Some),
+        };
         let polling = self.polling.validate(problems);
         let logical = self.logical.validate(problems);
         Some(SourceConfig {
@@ -196,6 +208,7 @@ impl RawSourceConfig {
             table: table?,
             columns: columns?,
             standby_retry: standby_retry?,
+            dead_letter_table: dead_letter_table?,
             polling: polling?,
             logical: logical?,
         })

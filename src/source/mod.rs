@@ -46,6 +46,14 @@ pub trait Source: Send {
         events: &[OutboxEvent],
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
 
+    /// Keeps in PostgreSQL the bodies of events the dead-letter topic took only as
+    /// metadata (too large for it), each with why; called before they are acknowledged,
+    /// so their bodies survive the acknowledgement.
+    fn keep_dead_letters(
+        &mut self,
+        events: &[(&OutboxEvent, &str)],
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
     /// After a failed delivery: the next batches start again from the oldest
     /// unacknowledged event. `unacknowledged` is every event returned and not
     /// acknowledged, in order — the relay holds the only copy of an event in flight, so
@@ -125,6 +133,16 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.ack(events).await,
             AnySource::Logical(s) => s.ack(events).await,
+        }
+    }
+
+    async fn keep_dead_letters(
+        &mut self,
+        events: &[(&OutboxEvent, &str)],
+    ) -> Result<(), SourceError> {
+        match self {
+            AnySource::Polling(s) => s.keep_dead_letters(events).await,
+            AnySource::Logical(s) => s.keep_dead_letters(events).await,
         }
     }
 

@@ -265,6 +265,81 @@ pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String 
     )
 }
 
+/// Checks that the dead-letter table exists and takes this role's inserts, so that an
+/// event too large for every topic finds its place when it comes.
+pub async fn check_dead_letter_table(
+    client: &Client,
+    table: &TableName,
+) -> Result<(), SourceError> {
+    let allowed: Option<bool> = client
+        .query_one(
+            "SELECT has_table_privilege(to_regclass($1), 'INSERT')",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(SourceError::pg("looking up the dead-letter table"))?
+        .get(0);
+    match allowed {
+        Some(true) => Ok(()),
+        Some(false) => Err(SourceError::Setup(format!(
+            "this role may not INSERT into the dead-letter table {table} (source.dead_letter_table): \
+             GRANT INSERT ON {} TO <relay role>",
+            table.quoted()
+        ))),
+        None => Err(SourceError::Setup(format!(
+            "dead-letter table {table} does not exist (source.dead_letter_table): create it with \
+             sql/004_dead_letter.sql (or `outbox-relay setup --apply`), or set \
+             source.dead_letter_table = \"\" to do without (an event too large even for the \
+             dead-letter topic then stops the relay)"
+        ))),
+    }
+}
+
+/// Keeps the bodies of events the dead-letter topic took only as metadata (too large
+/// for it), with what identifies them: called before those events are acknowledged.
+pub async fn keep_dead_letters(
+    client: &Client,
+    table: Option<&TableName>,
+    events: &[(&OutboxEvent, &str)],
+) -> Result<(), SourceError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let Some(table) = table else {
+        return Err(SourceError::Setup(
+            "an event too large even for the dead-letter topic has nowhere to be kept: set \
+             source.dead_letter_table (sql/004_dead_letter.sql) or raise the dead-letter topic's \
+             max.message.bytes"
+                .into(),
+        ));
+    };
+    let insert = format!(
+        "INSERT INTO {} (source_position, event_id, aggregate_type, aggregate_id, event_type, \
+         headers, error, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        table.quoted()
+    );
+    for (event, error) in events {
+        let body = event.original.as_ref().or(event.payload.as_ref());
+        client
+            .execute(
+                &insert,
+                &[
+                    &event.position.to_string(),
+                    &event.id,
+                    &event.aggregate_type,
+                    &event.aggregate_id,
+                    &event.event_type,
+                    &event.headers,
+                    error,
+                    &body,
+                ],
+            )
+            .await
+            .map_err(SourceError::pg("keeping a dead letter's body"))?;
+    }
+    Ok(())
+}
+
 /// Whether a failed read failed on the data of a row (SQLSTATE class 22, data
 /// exception: an untranslatable character, a value out of range) rather than on the
 /// connection or the query.

@@ -129,3 +129,46 @@ async fn a_nullable_seq_is_handled_by_log_mode_and_refused_by_polling() {
     relay.stop().await;
     assert_eq!(types(&got), ["Seven", "NoSeq"]);
 }
+
+/// An event too large for its topic and for the dead-letter topic: its metadata goes to
+/// the dead-letter topic, its body into the dead-letter table, the rows around it are
+/// published in order, and none is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_every_topic_keeps_its_body_in_postgres() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+    let db = env.client().await;
+    insert_event(&db, "order", "o-1", "Small1", "{}").await;
+    let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(20_000));
+    insert_event(&db, "order", "o-1", "Huge", &big).await;
+    insert_event(&db, "order", "o-1", "Small2", "{}").await;
+    // The producer's own limit stands in for the brokers' max.message.bytes here.
+    let config = env.config("[sink.kafka.librdkafka]\n\"message.max.bytes\" = 8000\n");
+    let relay = RunningRelay::start(config);
+    let published = env.consume(&["outbox.order"], 2, 20).await;
+    let dead = env.consume(&["outbox.dlq"], 1, 20).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.stop().await;
+    assert_eq!(types(&published), ["Small1", "Small2"]);
+    assert_eq!(
+        env.consume(&["outbox.order"], 3, 2).await.len(),
+        2,
+        "no resend"
+    );
+    assert_eq!(dead[0].header("event_type"), Some("Huge"));
+    assert!(dead[0].value.is_empty());
+    let size: usize = dead[0].header("size").unwrap().parse().unwrap();
+    assert_eq!(size, big.len());
+    let kept = db
+        .query_one(
+            "SELECT event_type, convert_from(body, 'UTF8'), source_position, error \
+             FROM outbox_relay_dead_letter",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept.get::<_, String>(0), "Huge");
+    assert_eq!(kept.get::<_, String>(1), big, "the body, byte for byte");
+    assert!(kept.get::<_, String>(2).starts_with("seq:"));
+    assert_eq!(env.outbox_count().await, 0);
+}

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use outbox_relay::event::{OutboxEvent, Position};
-use outbox_relay::sink::kafka::{Delivery, KafkaSink, KafkaSinkConfig, SinkError};
+use outbox_relay::sink::kafka::{Delivery, KafkaSink, KafkaSinkConfig};
 use outbox_relay::testkit::kafka::{read_all, Consumed};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -182,10 +182,11 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_flows() {
     assert_eq!(by_id("id-4").key_str(), "a", "original key kept");
 }
 
-/// Too large for its topic and for the dead-letter topic alike: the relay must not drop
-/// it, and must not send what follows it ahead of it.
+/// Too large for its topic and for the dead-letter topic alike: the dead-letter topic
+/// gets its metadata (key, headers, error, position, size, no body), the outcome tells
+/// the relay to keep the body in PostgreSQL, and the events around it flow in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_too_large_even_for_the_dead_letter_topic_stops_progress() {
+async fn an_event_too_large_even_for_the_dead_letter_topic_is_dead_lettered_as_metadata() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("outbox.order", 1, 1).unwrap();
     cluster.create_topic("outbox.dlq", 1, 1).unwrap();
@@ -197,12 +198,32 @@ async fn an_event_too_large_even_for_the_dead_letter_topic_stops_progress() {
     let outcomes = sink
         .publish(&[event(1, "a"), too_large, event(3, "a")])
         .await;
-    assert!(outcomes[0].is_durable());
+    assert!(outcomes.iter().all(Delivery::is_durable), "{outcomes:?}");
     assert!(
-        matches!(&outcomes[1], Delivery::Failed(SinkError::DeadLetter { .. })),
+        matches!(
+            &outcomes[1],
+            Delivery::DeadLettered {
+                metadata_only: true,
+                ..
+            }
+        ),
         "{:?}",
         outcomes[1]
     );
+    let normal = read(&brokers, "outbox.order", 2).await;
+    let ids: Vec<_> = normal.iter().map(|m| m.header("id").unwrap()).collect();
+    assert_eq!(ids, ["id-1", "id-3"]);
+    let dlq = read(&brokers, "outbox.dlq", 1).await;
+    assert_eq!(dlq[0].header("id"), Some("id-2"));
+    assert_eq!(dlq[0].key_str(), "a");
+    assert_eq!(dlq[0].header("source_position"), Some("seq:2"));
+    assert_eq!(dlq[0].header("size"), Some("10002"));
+    assert!(
+        dlq[0].header("error").unwrap().contains("too large"),
+        "{:?}",
+        dlq[0].header("error")
+    );
+    assert!(dlq[0].value.is_empty(), "no body");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

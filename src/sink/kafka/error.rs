@@ -39,6 +39,18 @@ impl SinkError {
     }
 }
 
+/// True when the message was refused for its size (by librdkafka or the broker).
+pub fn is_too_large(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
+}
+
 /// True for answers that no retry can change: the event itself is the problem (too
 /// large, a topic name or topic the broker refuses, not allowed to write there), so it
 /// belongs on the dead-letter topic. Everything else is retried, never dropped.

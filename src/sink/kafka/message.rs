@@ -134,6 +134,26 @@ pub fn to_dead_letter(event: &OutboxEvent, error: &str, config: &KafkaSinkConfig
     }
 }
 
+/// The dead-letter record of an event too large even for the dead-letter topic: what
+/// [`to_dead_letter`] sends, without the body, plus its `size` and where the body is.
+pub fn to_dead_letter_metadata(
+    event: &OutboxEvent,
+    error: &str,
+    size: usize,
+    config: &KafkaSinkConfig,
+) -> KafkaMessage {
+    let mut msg = to_dead_letter(event, error, config);
+    msg.value = Vec::new();
+    msg.headers
+        .push(("size".to_owned(), size.to_string().into_bytes()));
+    msg.headers.push((
+        "body".to_owned(),
+        b"too large for the dead-letter topic: kept in PostgreSQL (source.dead_letter_table)"
+            .to_vec(),
+    ));
+    msg
+}
+
 fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, Poison> {
     match value.as_deref() {
         Some(v) if !v.is_empty() => Ok(v),

@@ -22,7 +22,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 pub use config::{Format, KafkaSinkConfig, RawKafkaSinkConfig};
-pub use error::{is_poison, SinkError};
+pub use error::{is_poison, is_too_large, SinkError};
 pub use message::{KafkaMessage, Poison};
 
 use crate::event::OutboxEvent;
@@ -34,7 +34,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
-const PRODUCER_DEFAULTS: [(&str, &str); 6] = [
+const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
     ("enable.idempotence", "true"),
     // Retry inside librdkafka until delivered. A finite timeout lets a partition end up
     // with 1, 4, 5 after an outage (librdkafka INTRODUCTION.md, "Message timeout
@@ -45,6 +45,11 @@ const PRODUCER_DEFAULTS: [(&str, &str); 6] = [
     // Java clients hash keys with murmur2: so do we, so keys land where they would.
     ("partitioner", "murmur2_random"),
     ("client.id", "outbox-relay"),
+    // librdkafka's own limit (1 MB by default) would refuse a large event before the
+    // broker saw it, and its dead-letter copy too. The broker's per-topic
+    // `max.message.bytes` is the limit that matters: let it decide (this is
+    // librdkafka's maximum).
+    ("message.max.bytes", "1000000000"),
 ];
 
 /// How long to wait before retrying an enqueue that found the local queue full.
@@ -55,8 +60,11 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 pub enum Delivery {
     /// The broker acknowledged it on `topic`.
     Published { topic: String },
-    /// It was poison and the dead-letter topic acknowledged it.
-    DeadLettered { reason: String },
+    /// It was poison and the dead-letter topic acknowledged it. With `metadata_only`,
+    /// the event was too large even for the dead-letter topic, which got its key,
+    /// headers, error, position and size but not its body: the source must keep the
+    /// body in PostgreSQL before acknowledging it.
+    DeadLettered { reason: String, metadata_only: bool },
     /// Not acknowledged: the event must be published again.
     Failed(SinkError),
 }
@@ -188,16 +196,41 @@ impl KafkaSink {
             "poison event, sending it to the dead-letter topic"
         );
         let msg = message::to_dead_letter(event, &reason, &self.config);
-        // If the dead-letter topic refuses too (too large for it as well, say), the event
-        // stays unacknowledged and the relay stops advancing: nothing is dropped.
-        match self.deliver(&msg).await {
-            Ok(()) => Delivery::DeadLettered { reason },
-            Err(source) => Delivery::Failed(SinkError::DeadLetter {
-                topic: msg.topic,
-                reason,
-                source: Box::new(source),
-            }),
+        let source = match self.deliver(&msg).await {
+            Ok(()) => {
+                return Delivery::DeadLettered {
+                    reason,
+                    metadata_only: false,
+                }
+            }
+            Err(e) => e,
+        };
+        // Too large for the dead-letter topic as well: it gets what describes the event,
+        // and the body stays in PostgreSQL (the source keeps it before acknowledging).
+        if is_too_large(&source) {
+            let size = msg.value.len();
+            let meta = message::to_dead_letter_metadata(event, &reason, size, &self.config);
+            tracing::warn!(
+                event_id = event.id.as_deref().unwrap_or("?"),
+                position = %event.position,
+                size,
+                "too large for the dead-letter topic as well: sending its metadata there and \
+                 keeping its body in PostgreSQL"
+            );
+            if self.deliver(&meta).await.is_ok() {
+                return Delivery::DeadLettered {
+                    reason,
+                    metadata_only: true,
+                };
+            }
         }
+        // The dead-letter topic refuses even that (unwritable, say): the event stays
+        // unacknowledged and the relay stops advancing. Nothing is dropped.
+        Delivery::Failed(SinkError::DeadLetter {
+            topic: msg.topic,
+            reason,
+            source: Box::new(source),
+        })
     }
 
     /// Produces one message and waits for its delivery report.

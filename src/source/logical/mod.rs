@@ -134,6 +134,9 @@ impl LogicalSource {
             }
         }
         setup::ensure_publication(&sql, config).await?;
+        if let Some(t) = &config.dead_letter_table {
+            table::check_dead_letter_table(&sql, t).await?;
+        }
         Ok(LogicalSource {
             config: config.clone(),
             sql,
@@ -310,6 +313,14 @@ impl crate::source::Source for LogicalSource {
             self.clean_up(true).await?;
         }
         Ok(batch)
+    }
+
+    async fn keep_dead_letters(
+        &mut self,
+        events: &[(&OutboxEvent, &str)],
+    ) -> Result<(), SourceError> {
+        let table = self.config.dead_letter_table.as_ref();
+        table::keep_dead_letters(&self.sql, table, events).await
     }
 
     fn rewind(&mut self, unacknowledged: Vec<OutboxEvent>) {

@@ -70,6 +70,7 @@ pub struct PollingSource {
     /// Highest seq returned by `next_batch` and not yet acknowledged or rewound: reads
     /// continue above it while earlier batches are with Kafka.
     returned_upto: i64,
+    dead_letter_table: Option<TableName>,
     /// Rows returned and not acknowledged yet. When none are, reads start from the
     /// bottom again, so a row that appeared below the cursor is never left behind.
     unacked: usize,
@@ -96,6 +97,9 @@ impl PollingSource {
         let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
         let statements = prepare(&client, table, &config.columns, &shape).await?;
         let fence = Fence::prepare(&client, table, &config.columns.seq, shape.oid).await?;
+        if let Some(t) = &config.dead_letter_table {
+            table::check_dead_letter_table(&client, t).await?;
+        }
         Ok(PollingSource {
             client,
             statements,
@@ -107,6 +111,7 @@ impl PollingSource {
             telemetry,
             backlog_counted: None,
             returned_upto: 0,
+            dead_letter_table: config.dead_letter_table.clone(),
             unacked: 0,
             acked_upto: 0,
         })
@@ -237,6 +242,13 @@ impl super::Source for PollingSource {
         }
         self.unacked += batch.len();
         Ok(batch)
+    }
+
+    async fn keep_dead_letters(
+        &mut self,
+        events: &[(&OutboxEvent, &str)],
+    ) -> Result<(), SourceError> {
+        table::keep_dead_letters(&self.client, self.dead_letter_table.as_ref(), events).await
     }
 
     fn rewind(&mut self, _unacknowledged: Vec<OutboxEvent>) {
