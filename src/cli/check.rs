@@ -76,6 +76,10 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
             } else {
                 return Err(logical::missing_publication(publication).into());
             }
+            if let Some(t) = &src.dead_letter_table {
+                table::check_dead_letter_table(&client, t).await?;
+                what.push_str(&format!(", dead-letter table {t} writable"));
+            }
             Ok(what)
         }
     }

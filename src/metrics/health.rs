@@ -17,6 +17,8 @@ struct State {
     kafka: Option<String>,
     postgres_ok: bool,
     kafka_ok: bool,
+    /// Partitions the last metadata listed without a leader.
+    leaderless: usize,
 }
 
 /// The answer `/readyz` gives.
@@ -48,6 +50,19 @@ impl Health {
     /// Whether Kafka answered the last probe or delivery.
     pub fn kafka_reachable(&self) -> bool {
         self.state.lock().unwrap().kafka_ok
+    }
+
+    /// How many partitions the brokers' last metadata listed without a leader.
+    pub fn set_leaderless_partitions(&self, n: usize) {
+        self.state.lock().unwrap().leaderless = n;
+    }
+
+    /// A batch with no outcome means a wedged producer only when the brokers answer and
+    /// every partition has a leader: a partition waiting for its election is slow, and a
+    /// new producer would only send the window again.
+    pub fn producer_may_be_wedged(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        s.kafka_ok && s.leaderless == 0
     }
 
     pub fn readiness(&self) -> Readiness {

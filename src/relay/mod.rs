@@ -41,6 +41,15 @@ use pump::Pump;
 /// First pause after a failure; it doubles up to `relay.max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Producer replacements after stalls with no acknowledgement in between, at most.
+const MAX_REPLACEMENTS: u32 = 3;
+
+/// Stalls since the last acknowledgement (the `last_ack_timestamp` gauge then).
+struct Stalls {
+    count: u32,
+    last_ack: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
@@ -86,7 +95,16 @@ pub async fn run(
         "relay starting"
     );
     let health = &telemetry.health;
+    let mut relay_config = config.relay.clone();
+    let mut stalls = Stalls {
+        count: 0,
+        last_ack: telemetry.metrics.last_ack_timestamp.get(),
+    };
     let result = loop {
+        if telemetry.metrics.last_ack_timestamp.get() != stalls.last_ack {
+            // Progress since the replacements ran out: detect stalls again.
+            relay_config.stall_timeout = config.relay.stall_timeout;
+        }
         health.set_leader(false, Some("starting: connecting to PostgreSQL"));
         let outcome = async {
             let mut source = AnySource::connect(&config.source, telemetry.clone()).await?;
@@ -100,7 +118,7 @@ pub async fn run(
             let mut pump = Pump {
                 sink: &sink,
                 telemetry: &telemetry,
-                config: &config.relay,
+                config: &relay_config,
                 shutdown: &shutdown,
                 backoff: &mut backoff,
             };
@@ -131,7 +149,23 @@ pub async fn run(
                 // A producer that stopped getting answers from a broker that does answer
                 // (e.g. one restarted with its state lost) does not recover by itself:
                 // start over with a new one. Nothing was acknowledged, so the events are
-                // read again — duplicates at most.
+                // read again — duplicates at most. Each replacement re-sends the window,
+                // so after a few without any progress the relay stops replacing and
+                // waits, until an event is acknowledged again.
+                let last_ack = telemetry.metrics.last_ack_timestamp.get();
+                if last_ack != stalls.last_ack {
+                    stalls = Stalls { count: 0, last_ack };
+                }
+                stalls.count += 1;
+                if stalls.count >= MAX_REPLACEMENTS {
+                    tracing::error!(
+                        replacements = stalls.count - 1,
+                        "the producer was replaced without any progress: no more replacements \
+                         until an event is acknowledged; waiting for Kafka"
+                    );
+                    relay_config.stall_timeout = Duration::MAX;
+                    continue;
+                }
                 tracing::warn!(
                     waited = ?waited,
                     "Kafka acknowledged nothing for relay.stall_timeout although it answers: \

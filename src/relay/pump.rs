@@ -86,6 +86,8 @@ impl<K: Sink> Pump<'_, K> {
                     }
                 } else {
                     tokio::select! {
+                        // A shutdown wins over a batch that is ready too.
+                        biased;
                         _ = self.shutdown.cancelled() => {
                             stopping = true;
                             grace.deadline.get_or_init(|| Instant::now() + grace.grace);
@@ -96,7 +98,14 @@ impl<K: Sink> Pump<'_, K> {
                 };
                 if !batch.is_empty() {
                     metrics.batch_size.observe(batch.len() as f64);
-                    let sent = self.sink.send(&batch).await;
+                    // A full producer queue holds the hand-over; a shutdown must not wait
+                    // for it beyond the grace period.
+                    let sent = tokio::select! {
+                        sent = self.sink.send(&batch) => sent,
+                        _ = grace.expired() => {
+                            return Err(RelayError::GraceExpired(self.config.shutdown_grace));
+                        }
+                    };
                     let batch = Arc::new(batch);
                     let (sink, events) = (self.sink.clone(), batch.clone());
                     let outcomes = tokio::spawn(async move { sink.collect(&events, sent).await });
@@ -127,7 +136,7 @@ impl<K: Sink> Pump<'_, K> {
                         // Waiting is right while the broker is unreachable; it is a stall
                         // when the broker answers and still acknowledges nothing.
                         let stalled = started.elapsed() >= self.config.stall_timeout
-                            && self.telemetry.health.kafka_reachable();
+                            && self.telemetry.health.producer_may_be_wedged();
                         if stalled {
                             oldest.outcomes.abort();
                             for later in in_flight.drain(..) {

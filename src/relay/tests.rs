@@ -115,6 +115,8 @@ struct Scripted {
     metadata_only: HashSet<i64>,
     fatal: bool,
     hang: bool,
+    /// The hand-over never finishes (librdkafka's queue stays full).
+    hang_send: bool,
     /// Every row handed over, in order, resends included.
     sent: Mutex<Vec<i64>>,
 }
@@ -123,6 +125,9 @@ impl Sink for Scripted {
     type Sent = ();
 
     async fn send(&self, events: &[OutboxEvent]) {
+        if self.hang_send {
+            std::future::pending::<()>().await;
+        }
         self.sent.lock().unwrap().extend(events.iter().map(seq));
     }
 
@@ -168,11 +173,21 @@ async fn pump(
     batch_size: usize,
     kafka_answers: bool,
 ) -> (Result<(), RelayError>, Arc<Scripted>) {
-    let sink = Arc::new(sink);
     let telemetry = Telemetry::default();
     if kafka_answers {
         telemetry.health.set_kafka(None);
     }
+    pump_with(sink, source, shutdown, batch_size, telemetry).await
+}
+
+async fn pump_with(
+    sink: Scripted,
+    source: &mut Rows,
+    shutdown: &CancellationToken,
+    batch_size: usize,
+    telemetry: Telemetry,
+) -> (Result<(), RelayError>, Arc<Scripted>) {
+    let sink = Arc::new(sink);
     let config = relay_config();
     let mut backoff = Backoff::new(Duration::from_millis(100), config.max_backoff);
     let mut pump = Pump {
@@ -338,9 +353,9 @@ async fn shutdown_acknowledges_what_is_in_flight_and_reads_no_further() {
     let (result, sink) = pump(Scripted::default(), &mut rows, &shutdown, 10, true).await;
     result.unwrap();
     let sent = sink.sent.lock().unwrap().clone();
-    // The signal came with the first acknowledgement; at most the batch being read
-    // then was added to what was in flight.
-    assert!((20..=30).contains(&sent.len()), "{} sent", sent.len());
+    // The signal came with the first acknowledgement, when the second batch was in
+    // flight already: nothing was read after it.
+    assert_eq!(sent.len(), 20, "{} sent", sent.len());
     assert_eq!(
         rows.acked, sent,
         "everything handed over was acknowledged before return"
@@ -365,4 +380,53 @@ async fn a_body_the_dead_letter_topic_could_not_take_is_kept_before_the_ack() {
         "a poison event re-sends nothing around it"
     );
     assert_eq!(*sink.sent.lock().unwrap(), range(1, 6));
+}
+
+/// Cancels `shutdown` after `after` (virtual time).
+fn cancel_after(shutdown: &CancellationToken, after: Duration) {
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        stop.cancel();
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_without_a_leader_is_slow_not_a_stalled_producer() {
+    let shutdown = CancellationToken::new();
+    let mut rows = Rows::new(4, &CancellationToken::new());
+    let sink = Scripted {
+        hang: true,
+        ..Default::default()
+    };
+    let telemetry = Telemetry::default();
+    telemetry.health.set_kafka(None);
+    telemetry.health.set_leaderless_partitions(1);
+    cancel_after(&shutdown, Duration::from_secs(120));
+    let (result, _) = pump_with(sink, &mut rows, &shutdown, 2, telemetry).await;
+    assert!(
+        matches!(result, Err(RelayError::GraceExpired(_))),
+        "waited for the election, no producer replacement: {result:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_is_honoured_while_the_producer_queue_is_full() {
+    let shutdown = CancellationToken::new();
+    let mut rows = Rows::new(4, &CancellationToken::new());
+    let sink = Scripted {
+        hang_send: true,
+        ..Default::default()
+    };
+    cancel_after(&shutdown, Duration::from_secs(1));
+    let started = tokio::time::Instant::now();
+    let (result, _) = pump(sink, &mut rows, &shutdown, 2, true).await;
+    assert!(
+        matches!(result, Err(RelayError::GraceExpired(_))),
+        "{result:?}"
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(1) + relay_config().shutdown_grace
+    );
 }

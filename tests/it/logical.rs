@@ -398,7 +398,8 @@ async fn md5_and_scram_authentication() {
     db.batch_execute(
         "SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5-pw'; \
          SET password_encryption = 'scram-sha-256'; CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-pw'; \
-         GRANT SELECT ON outbox TO md5_user, scram_user;",
+         GRANT SELECT ON outbox TO md5_user, scram_user; \
+         GRANT INSERT ON outbox_relay_dead_letter TO md5_user, scram_user;",
     )
     .await
     .unwrap();

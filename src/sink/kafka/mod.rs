@@ -306,12 +306,21 @@ impl KafkaSink {
             loop {
                 let p = producer.clone();
                 let answer = tokio::task::spawn_blocking(move || {
-                    p.client()
-                        .fetch_metadata(None, PROBE_TIMEOUT)
-                        .map(|md| md.brokers().len())
+                    p.client().fetch_metadata(None, PROBE_TIMEOUT).map(|md| {
+                        let leaderless = md
+                            .topics()
+                            .iter()
+                            .flat_map(|t| t.partitions())
+                            .filter(|p| p.leader() < 0)
+                            .count();
+                        (md.brokers().len(), leaderless)
+                    })
                 })
                 .await;
-                match answer {
+                if let Ok(Ok((_, leaderless))) = &answer {
+                    health.set_leaderless_partitions(*leaderless);
+                }
+                match answer.map(|r| r.map(|(brokers, _)| brokers)) {
                     Ok(Ok(n)) if n > 0 => health.set_kafka(None),
                     Ok(Ok(_)) => {
                         health.set_kafka(Some(format!("{brokers}: metadata lists no broker")))

@@ -134,9 +134,6 @@ impl LogicalSource {
             }
         }
         setup::ensure_publication(&sql, config).await?;
-        if let Some(t) = &config.dead_letter_table {
-            table::check_dead_letter_table(&sql, t).await?;
-        }
         Ok(LogicalSource {
             config: config.clone(),
             sql,

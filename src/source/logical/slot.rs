@@ -92,6 +92,10 @@ impl LogicalSource {
     pub(super) async fn start_streaming(&mut self, from: Lsn) -> Result<(), SourceError> {
         let logical = &self.config.logical;
         let mut repl = self.replication_client().await?;
+        // Checked once replication is known to work: that problem comes first.
+        if let Some(t) = &self.config.dead_letter_table {
+            crate::source::table::check_dead_letter_table(&self.sql, t).await?;
+        }
         // Which server and timeline this stream comes from, for the operator's logs.
         let system = repl
             .simple_query("IDENTIFY_SYSTEM")
