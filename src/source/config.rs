@@ -178,6 +178,13 @@ impl RawSourceConfig {
                 .map(Some)
         };
         let columns = self.columns.validate(problems);
+        if mode == Some(Mode::Polling) && columns.as_ref().is_some_and(|c| c.seq.is_empty()) {
+            problems.push(
+                "source.columns.seq",
+                "must name a column in polling mode (it is the publication order); only log \
+                 mode can do without",
+            );
+        }
         let standby_retry = match (self.standby_retry, self.polling.standby_retry.take()) {
             (Some(_), Some(_)) => {
                 problems.push(
@@ -368,7 +375,6 @@ impl RawColumns {
         let mut ok = true;
         for (key, value) in [
             ("id", &self.id),
-            ("seq", &self.seq),
             ("aggregate_type", &self.aggregate_type),
             ("aggregate_id", &self.aggregate_id),
             ("event_type", &self.event_type),
@@ -405,14 +411,16 @@ pub fn quote_ident_opt(ident: Option<&str>) -> String {
 impl Columns {
     /// Every configured column with its config key, required ones first.
     pub fn all(&self) -> Vec<(&'static str, &str)> {
-        let mut all = vec![
-            ("id", self.id.as_str()),
-            ("seq", self.seq.as_str()),
+        let mut all = vec![("id", self.id.as_str())];
+        if !self.seq.is_empty() {
+            all.push(("seq", self.seq.as_str()));
+        }
+        all.extend([
             ("aggregate_type", self.aggregate_type.as_str()),
             ("aggregate_id", self.aggregate_id.as_str()),
             ("event_type", self.event_type.as_str()),
             ("payload", self.payload.as_str()),
-        ];
+        ]);
         for (key, col) in [
             ("headers", &self.headers),
             ("created_at", &self.created_at),

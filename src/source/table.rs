@@ -229,6 +229,18 @@ pub async fn describe(
     })
 }
 
+/// The order of rows read from the table: `seq`; without one (log mode's first-start
+/// snapshot of a Debezium-style table), `created_at`, else the physical order (`ctid`:
+/// insertion order for a table whose rows are only inserted and deleted, until vacuumed
+/// space is reused).
+pub fn order_key(c: &Columns) -> String {
+    match (c.seq.is_empty(), &c.created_at) {
+        (false, _) => quote_ident(&c.seq),
+        (true, Some(created)) => format!("{}, ctid", quote_ident(created)),
+        (true, None) => "ctid".to_owned(),
+    }
+}
+
 /// `SELECT <event columns> FROM <table>`: the columns in the order [`row_to_event`] reads.
 ///
 /// Text casts keep the mapping independent of the exact column types (uuid, varchar,
@@ -251,10 +263,16 @@ pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String 
         ),
         None => "NULL::int8".to_owned(),
     };
+    // Without a seq column (log mode only), a row's position in the first-start
+    // snapshot is its number in the snapshot's order.
+    let seq = if c.seq.is_empty() {
+        format!("row_number() OVER (ORDER BY {})", order_key(c))
+    } else {
+        q(&c.seq)
+    };
     format!(
         "SELECT {seq}::int8, {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, \
          {headers}::text, {created}, {topic}::text FROM {table}",
-        seq = q(&c.seq),
         id = q(&c.id),
         at = q(&c.aggregate_type),
         ai = q(&c.aggregate_id),

@@ -510,3 +510,64 @@ async fn debezium_style_columns_work_through_config() {
     assert_eq!(got[1].value_str(), r#"{"b": 2}"#);
     assert_eq!(got[1].key_str(), "s-1");
 }
+
+/// A Debezium-style table with no `seq` column at all (`source.columns.seq = ""`): the
+/// first start publishes the rows already there in the table's order (`created_at`
+/// when configured, else physical order), then streams in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_seq_works_in_log_mode() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.event.shipment"], 1).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE outboxevent (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+           aggregatetype varchar(255) NOT NULL, aggregateid varchar(255) NOT NULL, \
+           type varchar(255) NOT NULL, payload jsonb); \
+         CREATE PUBLICATION dbz FOR TABLE outboxevent WITH (publish = 'insert'); \
+         INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload) VALUES \
+           ('shipment', 's-1', 'First', '{}'), ('shipment', 's-1', 'Second', '{}'), \
+           ('shipment', 's-1', 'Third', '{}')",
+    )
+    .await
+    .unwrap();
+    let toml = logical_toml(&env, "publication = \"dbz\"\nslot = \"dbz\"")
+        .replace(
+            "mode = \"logical\"",
+            "mode = \"logical\"\ntable = \"public.outboxevent\"",
+        )
+        .replace(
+            "[source.logical]",
+            "[source.columns]\nseq = \"\"\naggregate_type = \"aggregatetype\"\n\
+             aggregate_id = \"aggregateid\"\nevent_type = \"type\"\nheaders = \"\"\n\
+             created_at = \"\"\n\n[source.logical]",
+        )
+        .replace(
+            "[sink.kafka]",
+            "[sink.kafka]\ntopic = \"outbox.event.{aggregate_type}\"",
+        );
+    let relay = RunningRelay::start(load_toml(&toml));
+    assert_eq!(
+        env.consume(&["outbox.event.shipment"], 3, 20).await.len(),
+        3
+    );
+    db.batch_execute(
+        "INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload) \
+         VALUES ('shipment', 's-1', 'Streamed', '{}')",
+    )
+    .await
+    .unwrap();
+    let got = env.consume(&["outbox.event.shipment"], 4, 20).await;
+    relay.stop().await;
+    let types: Vec<_> = got
+        .iter()
+        .map(|m| m.header("event_type").unwrap())
+        .collect();
+    assert_eq!(types, ["First", "Second", "Third", "Streamed"]);
+
+    let polling = toml.replace("mode = \"logical\"", "mode = \"polling\"");
+    let e = crate::support::try_load_toml(&polling, Default::default())
+        .err()
+        .expect("polling needs a seq")
+        .to_string();
+    assert!(e.contains("source.columns.seq"), "{e}");
+}

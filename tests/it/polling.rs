@@ -221,7 +221,7 @@ created_at = ""
 topic = "dest""#;
     let toml = env.config_toml("polling", source, "").replace(
         "[sink.kafka]",
-        "[sink.kafka]\ntopic = \"events.{event_type}\"",
+        "[sink.kafka]\ntopic = \"events.{event_type}\"\nrow_topics = [\"replies.*\"]",
     );
     let relay = RunningRelay::start(crate::support::load_toml(&toml));
     let shipped = env.consume(&["events.Shipped"], 1, 20).await;

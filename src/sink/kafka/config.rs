@@ -21,6 +21,8 @@ pub struct RawKafkaSinkConfig {
     dead_letter_topic: String,
     #[serde(default = "default_format")]
     format: String,
+    /// Patterns (`*` any run of characters) a row's topic column may name.
+    row_topics: Option<Vec<String>>,
     #[serde(default)]
     librdkafka: BTreeMap<String, serde_json::Value>,
 }
@@ -85,6 +87,31 @@ fn refused_override(key: &str, value: &str) -> Option<String> {
     }
 }
 
+/// The part of a topic template before its first placeholder.
+fn literal_prefix(template: &str) -> &str {
+    &template[..template.find('{').unwrap_or(template.len())]
+}
+
+/// Whether `topic` matches `pattern`, where `*` stands for any run of characters.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = topic.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// Property names whose values are secrets: never printed, not even by `Debug`.
 fn is_secret_property(key: &str) -> bool {
     [
@@ -106,6 +133,8 @@ pub struct KafkaSinkConfig {
     pub topic_overrides: HashMap<String, TopicTemplate>,
     pub dead_letter_topic: String,
     pub format: Format,
+    /// What a row's topic column may name (patterns, `*` a wildcard).
+    pub row_topics: Vec<String>,
     /// Extra librdkafka properties, applied after (and so over) the relay's defaults.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -130,6 +159,7 @@ impl std::fmt::Debug for KafkaSinkConfig {
             .field("topic_overrides", &self.topic_overrides)
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("format", &self.format)
+            .field("row_topics", &self.row_topics)
             .field("librdkafka", &librdkafka)
             .finish()
     }
@@ -208,6 +238,27 @@ impl RawKafkaSinkConfig {
             );
             ok = false;
         }
+        // By default a row may name only topics that look like the relay's own (the
+        // template's fixed prefix): a topic column is a routing aid, not a way for any
+        // writer of the outbox to reach every topic the relay's principal may write.
+        let row_topics = match self.row_topics {
+            Some(patterns) => {
+                for p in &patterns {
+                    if p.is_empty()
+                        || p.chars()
+                            .any(|c| c != '*' && !super::topic::is_topic_char(c))
+                    {
+                        problems.push(
+                            "sink.kafka.row_topics",
+                            format!("{p:?} is not a topic pattern: topic characters and '*'"),
+                        );
+                        ok = false;
+                    }
+                }
+                patterns
+            }
+            None => vec![format!("{}*", literal_prefix(&self.topic))],
+        };
         if !ok {
             return None;
         }
@@ -217,6 +268,7 @@ impl RawKafkaSinkConfig {
             topic_overrides,
             dead_letter_topic: self.dead_letter_topic,
             format: format?,
+            row_topics,
             librdkafka,
         })
     }

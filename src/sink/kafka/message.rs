@@ -46,7 +46,21 @@ pub fn to_message(event: &OutboxEvent, config: &KafkaSinkConfig) -> Result<Kafka
         .as_ref()
         .ok_or_else(|| Poison("payload is missing (NULL)".into()))?;
     let topic = match &event.topic {
-        Some(topic) if !topic.is_empty() => topic.clone(),
+        Some(topic) if !topic.is_empty() => {
+            validate_topic_name(topic).map_err(Poison)?;
+            if !config
+                .row_topics
+                .iter()
+                .any(|p| super::config::topic_matches(p, topic))
+            {
+                return Err(Poison(format!(
+                    "the row names topic {topic:?}, which sink.kafka.row_topics ({}) does not \
+                     allow: add a pattern for it, or fix the row",
+                    config.row_topics.join(", ")
+                )));
+            }
+            topic.clone()
+        }
         _ => config
             .topic_overrides
             .get(aggregate_type)

@@ -70,7 +70,7 @@ impl TopicTemplate {
     }
 }
 
-fn is_topic_char(c: char) -> bool {
+pub(super) fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 

@@ -119,7 +119,7 @@ impl LogicalSource {
             select_sql = Some(format!(
                 "{} ORDER BY {}",
                 table::select_sql(t, &config.columns, &shape),
-                quote_ident(&config.columns.seq)
+                table::order_key(&config.columns)
             ));
             if logical.cleanup {
                 cleanup = Some(Cleanup {

@@ -66,7 +66,8 @@ fn maps_topic_key_value_headers_and_timestamp() {
 #[test]
 fn routes_by_override_then_row_topic() {
     let c = config(
-        "topic = \"x.{event_type}\"\n[topic_overrides]\norder = \"orders.{aggregate_type}\"",
+        "topic = \"x.{event_type}\"\nrow_topics = [\"replies.*\"]\n\
+         [topic_overrides]\norder = \"orders.{aggregate_type}\"",
     );
     assert_eq!(to_message(&event(), &c).unwrap().topic, "orders.order");
     let mut other = event();
@@ -159,4 +160,36 @@ fn cloudevents_wraps_the_payload_verbatim() {
     let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
     assert_eq!(v["data_base64"], "AJ//");
     assert_eq!(v["datacontenttype"], "application/octet-stream");
+}
+
+#[test]
+fn a_row_may_name_only_topics_the_allow_list_permits() {
+    let c = config("topic = \"outbox.{aggregate_type}\"");
+    assert_eq!(
+        c.row_topics,
+        ["outbox.*"],
+        "default: the template's fixed prefix"
+    );
+    let mut routed = event();
+    routed.topic = Some("outbox.replies".into());
+    assert_eq!(to_message(&routed, &c).unwrap().topic, "outbox.replies");
+    routed.topic = Some("payments.commands".into());
+    let Poison(why) = to_message(&routed, &c).unwrap_err();
+    assert!(
+        why.contains("payments.commands") && why.contains("sink.kafka.row_topics"),
+        "{why}"
+    );
+
+    let c = config("row_topics = [\"a.*.z\", \"exact\"]");
+    for (topic, allowed) in [
+        ("a.b.z", true),
+        ("a..z", true),
+        ("a.bz", false),
+        ("exact", true),
+        ("exactly", false),
+        ("b.a.z", false),
+    ] {
+        routed.topic = Some(topic.into());
+        assert_eq!(to_message(&routed, &c).is_ok(), allowed, "{topic}");
+    }
 }
