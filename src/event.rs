@@ -44,6 +44,24 @@ impl fmt::Display for Position {
     }
 }
 
+impl OutboxEvent {
+    /// Roughly the memory the event holds: what byte budgets count.
+    pub fn approx_bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let bytes = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        std::mem::size_of::<OutboxEvent>()
+            + bytes(&self.payload)
+            + bytes(&self.original)
+            + text(&self.id)
+            + text(&self.aggregate_type)
+            + text(&self.aggregate_id)
+            + text(&self.event_type)
+            + text(&self.headers)
+            + text(&self.topic)
+            + text(&self.invalid)
+    }
+}
+
 /// One outbox event, exactly as stored.
 ///
 /// Fields are optional because a malformed row must still travel: the sink maps a

@@ -12,6 +12,9 @@ use crate::config::Problems;
 const DEFAULT_TABLE: &str = "public.outbox";
 const DEFAULT_STANDBY_RETRY: &str = "1s";
 const DEFAULT_DEAD_LETTER_TABLE: &str = "public.outbox_relay_dead_letter";
+/// 8 MiB: large enough for a thousand ordinary events per batch, small enough that a
+/// few batches of 1 MB events stay a few tens of MB.
+const DEFAULT_MAX_BATCH_BYTES: u64 = 8 << 20;
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -28,6 +31,7 @@ pub struct RawSourceConfig {
     columns: RawColumns,
     standby_retry: Option<String>,
     dead_letter_table: Option<String>,
+    max_batch_bytes: Option<u64>,
     #[serde(default)]
     polling: RawPollingConfig,
     #[serde(default)]
@@ -63,6 +67,9 @@ pub struct SourceConfig {
     /// Where the bodies of events too large even for the dead-letter topic are kept;
     /// `None`: nowhere (such an event stops the relay).
     pub dead_letter_table: Option<TableName>,
+    /// Event bytes per batch, at most (at least one event per batch): with two batches
+    /// in flight and one buffered, what bounds the relay's memory for large events.
+    pub max_batch_bytes: usize,
     pub polling: PollingConfig,
     pub logical: LogicalConfig,
 }
@@ -206,6 +213,16 @@ impl RawSourceConfig {
                 .ok()
                 .map(Some),
         };
+        let max_batch_bytes = match self.max_batch_bytes.unwrap_or(DEFAULT_MAX_BATCH_BYTES) {
+            n @ 1024..=0x4000_0000 => Some(n as usize),
+            n => {
+                problems.push(
+                    "source.max_batch_bytes",
+                    format!("must be between 1024 and 1073741824 (1 GiB), got {n}"),
+                );
+                None
+            }
+        };
         let polling = self.polling.validate(problems);
         let logical = self.logical.validate(problems);
         Some(SourceConfig {
@@ -216,6 +233,7 @@ impl RawSourceConfig {
             columns: columns?,
             standby_retry: standby_retry?,
             dead_letter_table: dead_letter_table?,
+            max_batch_bytes: max_batch_bytes?,
             polling: polling?,
             logical: logical?,
         })

@@ -246,6 +246,11 @@ pub fn order_key(c: &Columns) -> String {
 /// Text casts keep the mapping independent of the exact column types (uuid, varchar,
 /// text…), and jsonb's text form is exactly what log mode receives.
 pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String {
+    format!("SELECT {} FROM {}", select_list(c, shape), table.quoted())
+}
+
+/// The column list of [`select_sql`].
+pub fn select_list(c: &Columns, shape: &TableShape) -> String {
     let q = |name: &str| quote_ident(name);
     let payload = match shape.payload_type.as_str() {
         "jsonb" | "json" => format!("{}::text", q(&c.payload)),
@@ -271,15 +276,14 @@ pub fn select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String 
         q(&c.seq)
     };
     format!(
-        "SELECT {seq}::int8, {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, \
-         {headers}::text, {created}, {topic}::text FROM {table}",
+        "{seq}::int8, {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, \
+         {headers}::text, {created}, {topic}::text",
         id = q(&c.id),
         at = q(&c.aggregate_type),
         ai = q(&c.aggregate_id),
         et = q(&c.event_type),
         headers = quote_ident_opt(c.headers.as_deref()),
         topic = quote_ident_opt(c.topic.as_deref()),
-        table = table.quoted(),
     )
 }
 

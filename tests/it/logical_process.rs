@@ -196,3 +196,60 @@ async fn two_relays_starting_at_once_as_pid_1_publish_the_snapshot_once() {
         assert_eq!(relay.terminate(Duration::from_secs(30)).await, Some(0));
     }
 }
+
+/// Large events under `source.max_batch_bytes`: 120 events of 256 KB (30 MB) pass
+/// through the relay in both modes while its resident memory stays a small multiple of
+/// the budget — without the budget, a batch (and log mode's channel) held them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_are_relayed_within_the_byte_budget() {
+    const EVENTS: usize = 120;
+    let budget_mb: usize = std::env::var("BUDGET_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for mode in ["polling", "logical"] {
+        let env = Env::start().await;
+        env.create_topics(&["outbox.order"], 2).await;
+        let db = env.client().await;
+        let blob = "x".repeat(256 * 1024);
+        let rows: Vec<(String, String)> = (0..EVENTS)
+            .map(|i| {
+                (
+                    format!("agg-{}", i % 5),
+                    format!("{{\"n\": {}, \"blob\": \"{blob}\"}}", i / 5),
+                )
+            })
+            .collect();
+        let toml = if mode == "polling" {
+            env.config_toml("polling", "", "")
+        } else {
+            logical_toml(&env, "")
+        }
+        .replace(
+            "[source]\n",
+            &format!("[source]\nmax_batch_bytes = {}\n", budget_mb << 20),
+        );
+        let file = config_file(&toml);
+        let mut relay = spawn_relay(file.path());
+        // Log mode: let it take the slot, so the events are streamed, not snapshotted.
+        tokio::time::sleep(Duration::from_millis(if mode == "logical" {
+            1500
+        } else {
+            0
+        }))
+        .await;
+        insert_events(&db, &rows).await;
+        let got = read_until(env.kafka.brokers(), "outbox.order", EVENTS, 60).await;
+        let peak = relay.peak_rss() as f64 / (1024.0 * 1024.0);
+        assert_eq!(relay.terminate(Duration::from_secs(30)).await, Some(0));
+        let distinct: HashSet<&str> = got.iter().map(|m| m.2.as_str()).collect();
+        eprintln!(
+            "{mode}: {EVENTS} events of 256 KB, budget {budget_mb} MB: peak RSS {peak:.1} MB"
+        );
+        assert_eq!(distinct.len(), EVENTS, "{mode}: every event delivered");
+        assert!(
+            peak < 60.0,
+            "{mode}: peak RSS {peak:.1} MB for a {budget_mb} MB budget"
+        );
+    }
+}

@@ -91,6 +91,8 @@ enum Phase {
 struct Streaming {
     rx: mpsc::Receiver<Item>,
     feedback: watch::Sender<Feedback>,
+    /// Event bytes in `rx`, bounded by `source.max_batch_bytes`.
+    queued: std::sync::Arc<stream::Queued>,
     task: JoinHandle<Result<(), SourceError>>,
 }
 
@@ -242,6 +244,18 @@ impl LogicalSource {
             return Ok(Vec::new());
         };
         let mut batch = Vec::new();
+        let mut bytes = 0;
+        let budget = self.config.max_batch_bytes;
+        let mut take = |item: Item, batch: &mut Vec<OutboxEvent>, bytes: &mut usize| {
+            if let Item::Event(event) = &item {
+                let size = event.approx_bytes();
+                s.queued
+                    .bytes
+                    .fetch_sub(size, std::sync::atomic::Ordering::AcqRel);
+                *bytes += size;
+            }
+            batch.extend(self.ledger.take(item));
+        };
         let first = if wait {
             tokio::time::timeout(IDLE_WAIT, s.rx.recv())
                 .await
@@ -251,13 +265,13 @@ impl LogicalSource {
             s.rx.try_recv().ok()
         };
         match first {
-            Some(item) => batch.extend(self.ledger.take(item)),
+            Some(item) => take(item, &mut batch, &mut bytes),
             None if s.rx.is_closed() && s.rx.is_empty() => return Err(stream_ended(s).await),
             None => {}
         }
-        while batch.len() < max {
+        while batch.len() < max && bytes < budget {
             match s.rx.try_recv() {
-                Ok(item) => batch.extend(self.ledger.take(item)),
+                Ok(item) => take(item, &mut batch, &mut bytes),
                 Err(_) => break,
             }
         }

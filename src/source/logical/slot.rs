@@ -5,11 +5,14 @@
 //! connection stream from a slot, so a second relay gets "slot is active for PID n" and
 //! waits as a standby.
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, watch};
 
 use super::mapping::Mapper;
 use super::protocol::{ReplicationClient, ReplicationError};
-use super::stream::{self, Feedback};
+use super::stream::{self, Feedback, Queued};
 use super::{LogicalSource, Phase, Streaming, CHANNEL};
 use crate::event::Lsn;
 use crate::source::SourceError;
@@ -130,15 +133,25 @@ impl LogicalSource {
             logical.message_prefix.clone(),
         )
         .with_relations(self.partitions.clone());
+        let queued = Arc::new(Queued {
+            bytes: AtomicUsize::new(0),
+            budget: self.config.max_batch_bytes,
+        });
         let task = tokio::spawn(stream::run(
             stream,
             mapper,
             tx,
             feedback_rx,
+            queued.clone(),
             logical.status_interval,
             self.telemetry.clone(),
         ));
-        self.phase = Phase::Streaming(Streaming { rx, feedback, task });
+        self.phase = Phase::Streaming(Streaming {
+            rx,
+            feedback,
+            queued,
+            task,
+        });
         // Events taken from an earlier stream are that stream's: this one sends them again.
         self.ledger = Default::default();
         if let Some(every) = logical.heartbeat_interval {

@@ -11,6 +11,8 @@
 //! in WAL order like everything else, and the ledger judges them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -32,6 +34,17 @@ pub struct Feedback {
     pub finishing: bool,
 }
 
+/// Bytes of events in the channel, bounded: the channel's item count alone would let
+/// 4,096 large events pile up.
+#[derive(Debug)]
+pub struct Queued {
+    pub bytes: AtomicUsize,
+    pub budget: usize,
+}
+
+/// How often a stream held back by [`Queued`] looks again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(5);
+
 /// Runs the stream until it fails, the server ends it, or the source finishes (or is
 /// dropped).
 pub async fn run(
@@ -39,6 +52,7 @@ pub async fn run(
     mut mapper: Mapper,
     tx: mpsc::Sender<Item>,
     mut feedback: watch::Receiver<Feedback>,
+    queued: Arc<Queued>,
     status_interval: Duration,
     telemetry: Telemetry,
 ) -> Result<(), SourceError> {
@@ -55,6 +69,9 @@ pub async fn run(
     let repl = SourceError::repl;
 
     loop {
+        // Over budget, nothing more goes into the channel (and nothing more is read):
+        // status updates still go out while the relay catches up.
+        let room = queued.bytes.load(Ordering::Acquire) < queued.budget;
         tokio::select! {
             biased;
             changed = feedback.changed() => {
@@ -75,10 +92,15 @@ pub async fn run(
                 let flushed = feedback.borrow().flushed;
                 writer.send_status(flushed).await.map_err(repl("sending status"))?;
             }
-            permit = tx.reserve(), if !pending.is_empty() => {
+            permit = tx.reserve(), if !pending.is_empty() && room => {
                 let permit = permit.map_err(|_| SourceError::Setup("relay stopped reading".into()))?;
-                permit.send(pending.pop_front().expect("guarded by the branch condition"));
+                let item = pending.pop_front().expect("guarded by the branch condition");
+                if let Item::Event(event) = &item {
+                    queued.bytes.fetch_add(event.approx_bytes(), Ordering::AcqRel);
+                }
+                permit.send(item);
             }
+            _ = tokio::time::sleep(BUDGET_RECHECK), if !pending.is_empty() && !room => {}
             msg = reader.next(), if pending.is_empty() => {
                 match msg.map_err(repl("reading the replication stream"))? {
                     StreamMessage::XLogData { data, .. } => {

@@ -71,6 +71,8 @@ pub struct PollingSource {
     /// continue above it while earlier batches are with Kafka.
     returned_upto: i64,
     dead_letter_table: Option<TableName>,
+    /// Payload bytes per batch, at most (`source.max_batch_bytes`).
+    max_batch_bytes: i64,
     /// Rows returned and not acknowledged yet. When none are, reads start from the
     /// bottom again, so a row that appeared below the cursor is never left behind.
     unacked: usize,
@@ -112,6 +114,7 @@ impl PollingSource {
             backlog_counted: None,
             returned_upto: 0,
             dead_letter_table: config.dead_letter_table.clone(),
+            max_batch_bytes: i64::try_from(config.max_batch_bytes).unwrap_or(i64::MAX),
             unacked: 0,
             acked_upto: 0,
         })
@@ -146,8 +149,12 @@ impl PollingSource {
     async fn read(&self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
         let mut limit = i64::try_from(max).unwrap_or(i64::MAX);
         loop {
-            let bounds: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&self.returned_upto, &self.fence.seq(), &limit];
+            let bounds: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+                &self.returned_upto,
+                &self.fence.seq(),
+                &limit,
+                &self.max_batch_bytes,
+            ];
             match self.client.query(&self.statements.batch, &bounds).await {
                 Ok(rows) => {
                     return Ok(rows
@@ -291,10 +298,23 @@ async fn prepare(
     shape: &TableShape,
 ) -> Result<Statements, SourceError> {
     let q = |name: &str| crate::source::quote_ident(name);
+    // At most $3 rows, and of those only the prefix whose payloads fit in $4 bytes, with
+    // at least one row: a batch of large events stays small in memory. (The length of
+    // the value as sent, not as stored: stored values may be compressed.)
+    let size = if shape.payload_type == "bytea" {
+        format!("octet_length({})", q(&c.payload))
+    } else {
+        format!("octet_length({}::text)", q(&c.payload))
+    };
     let select = format!(
-        "{} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT $3",
-        table::select_sql(t, c, shape),
+        "SELECT * FROM (SELECT {list}, {size} AS outbox_relay_size, \
+           sum({size}) OVER (ORDER BY {seq}) AS outbox_relay_running \
+           FROM (SELECT * FROM {table} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 \
+                 ORDER BY {seq} LIMIT $3) outbox_rows) batch \
+         WHERE outbox_relay_running - outbox_relay_size < $4::int8 ORDER BY 1",
+        list = table::select_list(c, shape),
         seq = q(&c.seq),
+        table = t.quoted(),
     );
     let raw_row = format!(
         "{} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT 1",
