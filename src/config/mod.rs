@@ -133,6 +133,22 @@ fn without_source_lines(message: &str) -> String {
     kept.join(" ")
 }
 
+/// Validates TOML text (no file, no environment): what the fuzz target feeds.
+pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+    let value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<serde_json::Value>())
+        .map_err(|e| ConfigError::Unreadable {
+            path: PathBuf::from("<text>"),
+            message: without_source_lines(&e.to_string()),
+        })?;
+    from_value(value).map_err(|problems| ConfigError::Invalid {
+        path: PathBuf::from("<text>"),
+        problems,
+    })
+}
+
 /// Validates an already merged configuration tree.
 pub fn from_value(value: serde_json::Value) -> Result<Config, Problems> {
     let mut problems = Problems::default();

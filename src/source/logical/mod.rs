@@ -40,6 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 pub use config::{LogicalConfig, RawLogicalConfig};
+#[doc(hidden)]
+pub use protocol::fuzz_stream_bytes;
 pub use protocol::ReplicationError;
 pub use setup::{missing_publication, publication_ready, require_logical_wal};
 

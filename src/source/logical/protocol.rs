@@ -377,39 +377,60 @@ impl StreamReader {
                     )))
                 }
             };
-            match frame.tag {
-                b'd' => {}
-                // CopyDone; CommandComplete and ReadyForQuery follow it when the server
-                // ends the stream (a shutdown, say).
-                b'c' | b'C' | b'Z' => return Ok(StreamMessage::Done),
-                b'E' => return Err(server_error(frame.body)),
-                b'N' => continue,
-                other => return Err(unexpected(other, "replication stream")),
+            match stream_message(frame)? {
+                Some(message) => return Ok(message),
+                None => continue,
             }
-            let mut body = frame.body;
-            if body.is_empty() {
-                return Err(ReplicationError::Protocol("empty CopyData".into()));
-            }
-            return match body.get_u8() {
-                b'w' if body.len() >= 24 => {
-                    // WAL start, WAL end and send time: the pgoutput messages themselves
-                    // carry the LSNs the relay acknowledges.
-                    body.advance(24);
-                    Ok(StreamMessage::XLogData { data: body })
-                }
-                b'k' if body.len() >= 17 => {
-                    let wal_end = Lsn(body.get_u64());
-                    body.advance(8);
-                    Ok(StreamMessage::Keepalive {
-                        wal_end,
-                        reply: body.get_u8() == 1,
-                    })
-                }
-                other => Err(ReplicationError::Protocol(format!(
-                    "unexpected CopyData kind {:?} or short body",
-                    other as char
-                ))),
-            };
+        }
+    }
+}
+
+/// One backend message of the replication stream; `None` for a notice (skipped).
+fn stream_message(frame: Frame) -> Result<Option<StreamMessage>, ReplicationError> {
+    match frame.tag {
+        b'd' => {}
+        // CopyDone; CommandComplete and ReadyForQuery follow it when the server ends the
+        // stream (a shutdown, say).
+        b'c' | b'C' | b'Z' => return Ok(Some(StreamMessage::Done)),
+        b'E' => return Err(server_error(frame.body)),
+        b'N' => return Ok(None),
+        other => return Err(unexpected(other, "replication stream")),
+    }
+    let mut body = frame.body;
+    if body.is_empty() {
+        return Err(ReplicationError::Protocol("empty CopyData".into()));
+    }
+    match body.get_u8() {
+        b'w' if body.len() >= 24 => {
+            // WAL start, WAL end and send time: the pgoutput messages themselves carry
+            // the LSNs the relay acknowledges.
+            body.advance(24);
+            Ok(Some(StreamMessage::XLogData { data: body }))
+        }
+        b'k' if body.len() >= 17 => {
+            let wal_end = Lsn(body.get_u64());
+            body.advance(8);
+            Ok(Some(StreamMessage::Keepalive {
+                wal_end,
+                reply: body.get_u8() == 1,
+            }))
+        }
+        other => Err(ReplicationError::Protocol(format!(
+            "unexpected CopyData kind {:?} or short body",
+            other as char
+        ))),
+    }
+}
+
+/// Feeds `data` through the framing and the stream-message parser as if the server had
+/// sent it, for fuzzing: every input must end in messages or errors, never a panic.
+#[doc(hidden)]
+pub fn fuzz_stream_bytes(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    let mut codec = Codec;
+    while let Ok(Some(frame)) = codec.decode(&mut buf) {
+        if let Ok(Some(StreamMessage::XLogData { data })) = stream_message(frame) {
+            let _ = super::pgoutput::Decoder::default().decode(data);
         }
     }
 }
