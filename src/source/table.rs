@@ -394,6 +394,18 @@ pub fn raw_select_sql(table: &TableName, c: &Columns) -> String {
     )
 }
 
+/// The columns of [`raw_select_sql`], by their config keys.
+const RAW_SELECTED: [&str; 8] = [
+    "seq",
+    "id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "headers",
+    "topic",
+];
+
 /// Reads a row selected with [`raw_select_sql`]: an invalid event that carries `why` and
 /// whatever the row holds, for the dead-letter topic.
 pub fn raw_row_to_event(row: &Row, why: &tokio_postgres::Error) -> OutboxEvent {
@@ -403,18 +415,9 @@ pub fn raw_row_to_event(row: &Row, why: &tokio_postgres::Error) -> OutboxEvent {
     let reason = why
         .as_db_error()
         .map_or_else(|| why.to_string(), |db| db.message().to_owned());
-    let keys = [
-        "id",
-        "aggregate_type",
-        "aggregate_id",
-        "event_type",
-        "payload",
-        "headers",
-        "topic",
-    ];
-    let not_utf8: Vec<String> = (1..=7)
+    let not_utf8: Vec<String> = (1..RAW_SELECTED.len())
         .filter(|&i| raw(row, i).is_some_and(|b| std::str::from_utf8(&b).is_err()))
-        .map(|i| format!("source.columns.{}", keys[i - 1]))
+        .map(|i| format!("source.columns.{}", RAW_SELECTED[i]))
         .collect();
     OutboxEvent {
         position,

@@ -458,6 +458,28 @@ async fn md5_and_scram_authentication() {
 
 /// An existing Debezium-style table relays unchanged; only the column names are
 /// configured.
+/// Log mode on the Debezium-style table `outboxevent` (publication and slot `dbz`),
+/// `extra_columns` added to `[source.columns]`.
+fn debezium_toml(env: &Env, extra_columns: &str) -> String {
+    logical_toml(env, "publication = \"dbz\"\nslot = \"dbz\"")
+        .replace(
+            "mode = \"logical\"",
+            "mode = \"logical\"\ntable = \"public.outboxevent\"",
+        )
+        .replace(
+            "[source.logical]",
+            &format!(
+                "[source.columns]\n{extra_columns}aggregate_type = \"aggregatetype\"\n\
+                 aggregate_id = \"aggregateid\"\nevent_type = \"type\"\nheaders = \"\"\n\
+                 created_at = \"\"\n\n[source.logical]"
+            ),
+        )
+        .replace(
+            "[sink.kafka]",
+            "[sink.kafka]\ntopic = \"outbox.event.{aggregate_type}\"",
+        )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debezium_style_columns_work_through_config() {
     let env = Env::start().await;
@@ -471,17 +493,7 @@ async fn debezium_style_columns_work_through_config() {
     )
     .await
     .unwrap();
-    let toml = logical_toml(&env, "publication = \"dbz\"\nslot = \"dbz\"")
-        .replace("mode = \"logical\"", "mode = \"logical\"\ntable = \"public.outboxevent\"")
-        .replace(
-            "[source.logical]",
-            "[source.columns]\naggregate_type = \"aggregatetype\"\naggregate_id = \"aggregateid\"\n\
-             event_type = \"type\"\nheaders = \"\"\ncreated_at = \"\"\n\n[source.logical]",
-        )
-        .replace(
-            "[sink.kafka]",
-            "[sink.kafka]\ntopic = \"outbox.event.{aggregate_type}\"",
-        );
+    let toml = debezium_toml(&env, "");
     db.batch_execute(
         "INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload) \
          VALUES ('shipment', 's-1', 'Created', '{\"a\": 1}')",
@@ -530,21 +542,7 @@ async fn a_table_without_seq_works_in_log_mode() {
     )
     .await
     .unwrap();
-    let toml = logical_toml(&env, "publication = \"dbz\"\nslot = \"dbz\"")
-        .replace(
-            "mode = \"logical\"",
-            "mode = \"logical\"\ntable = \"public.outboxevent\"",
-        )
-        .replace(
-            "[source.logical]",
-            "[source.columns]\nseq = \"\"\naggregate_type = \"aggregatetype\"\n\
-             aggregate_id = \"aggregateid\"\nevent_type = \"type\"\nheaders = \"\"\n\
-             created_at = \"\"\n\n[source.logical]",
-        )
-        .replace(
-            "[sink.kafka]",
-            "[sink.kafka]\ntopic = \"outbox.event.{aggregate_type}\"",
-        );
+    let toml = debezium_toml(&env, "seq = \"\"\n");
     let relay = RunningRelay::start(load_toml(&toml));
     assert_eq!(
         env.consume(&["outbox.event.shipment"], 3, 20).await.len(),
