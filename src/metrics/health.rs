@@ -47,11 +47,6 @@ impl Health {
         s.kafka = problem;
     }
 
-    /// Whether Kafka answered the last probe or delivery.
-    pub fn kafka_reachable(&self) -> bool {
-        self.state.lock().unwrap().kafka_ok
-    }
-
     /// How many partitions the brokers' last metadata listed without a leader.
     pub fn set_leaderless_partitions(&self, n: usize) {
         self.state.lock().unwrap().leaderless = n;

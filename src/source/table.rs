@@ -372,7 +372,7 @@ pub fn is_bad_row(e: &tokio_postgres::Error) -> bool {
 /// Like [`select_sql`], every text column as its bytes in the database's own encoding
 /// (a conversion to that same encoding is none): bytea is never converted for the
 /// client, so the server can always send it.
-pub fn raw_select_sql(table: &TableName, c: &Columns) -> String {
+pub fn raw_select_sql(table: &TableName, c: &Columns, shape: &TableShape) -> String {
     let bytes = |col: Option<&str>| match col {
         Some(col) => format!(
             "convert_to({}::text, getdatabaseencoding())",
@@ -387,7 +387,12 @@ pub fn raw_select_sql(table: &TableName, c: &Columns) -> String {
         at = bytes(Some(&c.aggregate_type)),
         ai = bytes(Some(&c.aggregate_id)),
         et = bytes(Some(&c.event_type)),
-        payload = bytes(Some(&c.payload)),
+        // bytea is bytes already: its text form would be hex.
+        payload = if shape.payload_type == "bytea" {
+            quote_ident(&c.payload)
+        } else {
+            bytes(Some(&c.payload))
+        },
         headers = bytes(c.headers.as_deref()),
         topic = bytes(c.topic.as_deref()),
         table = table.quoted(),

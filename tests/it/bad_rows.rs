@@ -172,3 +172,31 @@ async fn an_event_too_large_for_every_topic_keeps_its_body_in_postgres() {
     assert!(kept.get::<_, String>(2).starts_with("seq:"));
     assert_eq!(env.outbox_count().await, 0);
 }
+
+/// A NULL payload (a table whose payload column allows it) is a dead letter, never a
+/// row left behind by the byte-bounded read; the rows around it flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_payload_is_dead_lettered_not_left_behind() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+    let db = env.client().await;
+    db.batch_execute("ALTER TABLE outbox ALTER COLUMN payload DROP NOT NULL")
+        .await
+        .unwrap();
+    insert_event(&db, "order", "o-1", "Before", "{}").await;
+    db.batch_execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('order', 'o-1', 'NoPayload', NULL)",
+    )
+    .await
+    .unwrap();
+    insert_event(&db, "order", "o-1", "After", "{}").await;
+    let relay = RunningRelay::start(env.config(""));
+    let published = env.consume(&["outbox.order"], 2, 20).await;
+    let dead = env.consume(&["outbox.dlq"], 1, 20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.stop().await;
+    assert_eq!(types(&published), ["Before", "After"]);
+    assert_eq!(dead[0].header("event_type"), Some("NoPayload"));
+    assert_eq!(env.outbox_count().await, 0);
+}

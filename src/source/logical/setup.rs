@@ -38,18 +38,26 @@ pub async fn publication_ready(sql: &Client, config: &SourceConfig) -> Result<bo
         None => Vec::new(),
     };
     let (schemas, names): (Vec<String>, Vec<String>) = ours.into_iter().unzip();
+    // Listed by name too: a `FOR TABLES IN SCHEMA` publication (15+) has no row per table.
+    let (schema, relname) = config
+        .table
+        .as_ref()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .unwrap_or_default();
     let row = sql
         .query_opt(
             "SELECT p.puballtables, p.pubinsert, p.pubviaroot, \
                EXISTS (SELECT 1 FROM pg_publication_rel r \
-                       WHERE r.prpubid = p.oid AND r.prrelid = $2::text::regclass), \
+                       WHERE r.prpubid = p.oid AND r.prrelid = $2::text::regclass) \
+               OR EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = p.pubname \
+                          AND t.schemaname = $5 AND t.tablename = $6), \
                COALESCE((SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = $2::text::regclass), false), \
                ARRAY(SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
                      WHERE pubname = p.pubname \
                        AND NOT EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) o(s, n) \
                                        WHERE o.s = schemaname AND o.n = tablename)) \
              FROM pg_publication p WHERE p.pubname = $1",
-            &[name, &table, &schemas, &names],
+            &[name, &table, &schemas, &names, &schema, &relname],
         )
         .await
         .map_err(SourceError::pg("looking up the publication"))?;

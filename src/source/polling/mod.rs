@@ -300,17 +300,18 @@ async fn prepare(
     let q = |name: &str| crate::source::quote_ident(name);
     // At most $3 rows, and of those only the prefix whose payloads fit in $4 bytes, with
     // at least one row: a batch of large events stays small in memory. (The length of
-    // the value as sent, not as stored: stored values may be compressed.)
+    // the value as sent, not as stored: stored values may be compressed. A NULL payload
+    // counts 0, so its row is still read, and dead-lettered.)
     let size = if shape.payload_type == "bytea" {
         format!("octet_length({})", q(&c.payload))
     } else {
         format!("octet_length({}::text)", q(&c.payload))
     };
     let select = format!(
-        "SELECT * FROM (SELECT {list}, {size} AS outbox_relay_size, \
-           sum({size}) OVER (ORDER BY {seq}) AS outbox_relay_running \
-           FROM (SELECT * FROM {table} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 \
-                 ORDER BY {seq} LIMIT $3) outbox_rows) batch \
+        "SELECT * FROM (SELECT {list}, outbox_relay_size, \
+           sum(outbox_relay_size) OVER (ORDER BY {seq}) AS outbox_relay_running \
+           FROM (SELECT *, COALESCE({size}, 0) AS outbox_relay_size FROM {table} \
+                 WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT $3) outbox_rows) batch \
          WHERE outbox_relay_running - outbox_relay_size < $4::int8 ORDER BY 1",
         list = table::select_list(c, shape),
         seq = q(&c.seq),
@@ -318,7 +319,7 @@ async fn prepare(
     );
     let raw_row = format!(
         "{} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT 1",
-        table::raw_select_sql(t, c),
+        table::raw_select_sql(t, c, shape),
         seq = q(&c.seq),
     );
     let delete = format!(
