@@ -129,7 +129,10 @@ async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
     // Let the relay take its slot first, so the transaction is streamed, not snapshotted.
     for _ in 0..100 {
         let active = db
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = 'outbox_relay'",
+                &[],
+            )
             .await
             .unwrap()
             .is_some();
