@@ -183,12 +183,17 @@ pub fn from_value(value: serde_json::Value) -> Result<Config, Problems> {
     let http = raw.http.validate(&mut problems);
 
     match (source, sink, relay, http) {
-        (Some(source), Some(sink), Some(relay), Some(http)) if problems.is_empty() => Ok(Config {
-            source,
-            sink,
-            relay,
-            http,
-        }),
+        (Some(source), Some(mut sink), Some(relay), Some(http)) if problems.is_empty() => {
+            // A body too large for the dead-letter topic has somewhere to go only with a
+            // dead-letter table: without one the sink must not report it dead-lettered.
+            sink.metadata_dead_letters = source.dead_letter_table.is_some();
+            Ok(Config {
+                source,
+                sink,
+                relay,
+                http,
+            })
+        }
         _ => Err(problems),
     }
 }

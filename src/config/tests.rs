@@ -385,3 +385,20 @@ fn kafka_secrets_never_show_in_debug_output() {
         "{shown}"
     );
 }
+
+#[test]
+fn the_dead_letter_table_decides_whether_bodies_can_be_kept() {
+    let c = load_str(VALID, &[]).unwrap();
+    assert_eq!(
+        c.source.dead_letter_table.map(|t| t.to_string()).as_deref(),
+        Some("public.outbox_relay_dead_letter")
+    );
+    assert!(c.sink.metadata_dead_letters);
+    let none = VALID.replace(
+        "table = \"public.outbox\"\n",
+        "table = \"public.outbox\"\ndead_letter_table = \"\"\n",
+    );
+    let c = load_str(&none, &[]).unwrap();
+    assert!(c.source.dead_letter_table.is_none());
+    assert!(!c.sink.metadata_dead_letters, "nowhere to keep a body");
+}

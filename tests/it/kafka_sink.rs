@@ -427,3 +427,22 @@ async fn a_topic_the_broker_refuses_sends_its_events_to_the_dead_letter_topic() 
     let dlq = read(&brokers, "outbox.dlq", 1).await;
     assert_eq!(dlq[0].header("id"), Some("id-2"));
 }
+
+/// Without a dead-letter table (`source.dead_letter_table = ""`) the body of an event too
+/// large for every topic has nowhere to go: the sink does not dead-letter it as metadata,
+/// and the event stays unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dead_letter_table_an_event_too_large_for_every_topic_stops_progress() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outbox.order", 1, 1).unwrap();
+    cluster.create_topic("outbox.dlq", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut config = sink_config(&brokers, "\"message.max.bytes\" = 4000");
+    config.metadata_dead_letters = false;
+    let sink = KafkaSink::new(&config, Default::default()).unwrap();
+    let mut too_large = event(2, "a");
+    too_large.payload = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes());
+    let outcomes = sink.publish(&[event(1, "a"), too_large]).await;
+    assert!(outcomes[0].is_durable());
+    assert!(!outcomes[1].is_durable(), "{:?}", outcomes[1]);
+}

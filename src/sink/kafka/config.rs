@@ -135,6 +135,9 @@ pub struct KafkaSinkConfig {
     pub format: Format,
     /// What a row's topic column may name (patterns, `*` a wildcard).
     pub row_topics: Vec<String>,
+    /// May an event too large for the dead-letter topic go there as metadata only (its
+    /// body kept in PostgreSQL)? Set from `source.dead_letter_table`.
+    pub metadata_dead_letters: bool,
     /// Extra librdkafka properties, applied after (and so over) the relay's defaults.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -160,6 +163,7 @@ impl std::fmt::Debug for KafkaSinkConfig {
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("format", &self.format)
             .field("row_topics", &self.row_topics)
+            .field("metadata_dead_letters", &self.metadata_dead_letters)
             .field("librdkafka", &librdkafka)
             .finish()
     }
@@ -269,6 +273,7 @@ impl RawKafkaSinkConfig {
             dead_letter_topic: self.dead_letter_topic,
             format: format?,
             row_topics,
+            metadata_dead_letters: true,
             librdkafka,
         })
     }

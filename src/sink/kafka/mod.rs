@@ -207,7 +207,7 @@ impl KafkaSink {
         };
         // Too large for the dead-letter topic as well: it gets what describes the event,
         // and the body stays in PostgreSQL (the source keeps it before acknowledging).
-        if is_too_large(&source) {
+        if is_too_large(&source) && self.config.metadata_dead_letters {
             let size = msg.value.len();
             let meta = message::to_dead_letter_metadata(event, &reason, size, &self.config);
             tracing::warn!(
