@@ -61,13 +61,15 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 "{}, wal_level=logical, REPLICATION granted",
                 src.redacted_url()
             );
+            let mut ours = Vec::new();
             if let Some(t) = &src.table {
                 let checks = table::Checks::logical(src.logical.cleanup);
                 table::describe(&client, t, &src.columns, checks).await?;
                 what.push_str(&format!(", table {t} readable"));
+                ours = logical::outbox_relations(&client, t).await?;
             }
             let publication = &src.logical.publication;
-            if logical::publication_ready(&client, src).await? {
+            if logical::publication_ready(&client, src, &ours).await? {
                 what.push_str(&format!(", publication {publication} carries it"));
             } else if src.logical.create_if_missing {
                 what.push_str(&format!(

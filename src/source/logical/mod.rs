@@ -43,7 +43,7 @@ pub use config::{LogicalConfig, RawLogicalConfig};
 #[doc(hidden)]
 pub use protocol::fuzz_stream_bytes;
 pub use protocol::ReplicationError;
-pub use setup::{missing_publication, publication_ready, require_logical_wal};
+pub use setup::{missing_publication, outbox_relations, publication_ready, require_logical_wal};
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
@@ -75,7 +75,7 @@ pub struct LogicalSource {
     /// copied here.
     ledger: Ledger,
     cleanup: Option<Cleanup>,
-    /// The outbox's partitions, when it is partitioned: their rows are outbox rows too.
+    /// The outbox and, when it is partitioned, its partitions: their rows are outbox rows.
     partitions: Vec<(String, String)>,
     payload_is_json: bool,
     select_sql: Option<String>,
@@ -137,7 +137,7 @@ impl LogicalSource {
                 });
             }
         }
-        setup::ensure_publication(&sql, config).await?;
+        setup::ensure_publication(&sql, config, &partitions).await?;
         Ok(LogicalSource {
             config: config.clone(),
             sql,

@@ -28,16 +28,17 @@ pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
 /// relay would have to skip rows it does not understand. So it must carry the outbox
 /// (through its root when partitioned, so partitions' rows arrive as the outbox's), and
 /// no other table: not `FOR ALL TABLES`, not a second table beside the outbox.
-pub async fn publication_ready(sql: &Client, config: &SourceConfig) -> Result<bool, SourceError> {
+/// `ours` is the outbox and its partitions ([`outbox_relations`]; empty when table-less).
+pub async fn publication_ready(
+    sql: &Client,
+    config: &SourceConfig,
+    ours: &[(String, String)],
+) -> Result<bool, SourceError> {
     let name = &config.logical.publication;
     let table = config.table.as_ref().map(|t| t.quoted());
     // Compared by name: casting every published name to regclass can trip over
     // schemas the role may not see.
-    let ours = match &config.table {
-        Some(t) => outbox_relations(sql, t).await?,
-        None => Vec::new(),
-    };
-    let (schemas, names): (Vec<String>, Vec<String>) = ours.into_iter().unzip();
+    let (schemas, names): (Vec<String>, Vec<String>) = ours.iter().cloned().unzip();
     // Listed by name too: a `FOR TABLES IN SCHEMA` publication (15+) has no row per table.
     let (schema, relname) = config
         .table
@@ -148,8 +149,9 @@ pub async fn outbox_relations(
 pub(super) async fn ensure_publication(
     sql: &Client,
     config: &SourceConfig,
+    ours: &[(String, String)],
 ) -> Result<(), SourceError> {
-    if publication_ready(sql, config).await? {
+    if publication_ready(sql, config, ours).await? {
         return Ok(());
     }
     let name = &config.logical.publication;
