@@ -41,14 +41,31 @@ impl Consumed {
     }
 }
 
-/// Creates topics (ignoring "already exists").
+/// Creates topics with one replica (ignoring "already exists").
 pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    create_replicated_topics(brokers, topics, partitions, 1, &[]).await
+}
+
+/// Creates topics with `replicas` replicas and topic-level `settings` (ignoring "already
+/// exists").
+pub async fn create_replicated_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    replicas: i32,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            settings.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(replicas)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &opts).await? {
@@ -59,6 +76,34 @@ pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) -> a
         }
     }
     Ok(())
+}
+
+/// How many brokers the cluster's metadata lists (blocking).
+pub fn broker_count(brokers: &str, timeout: Duration) -> anyhow::Result<usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    Ok(consumer.fetch_metadata(None, timeout)?.brokers().len())
+}
+
+/// The node id leading `topic`'s `partition`, from a fresh metadata request (blocking).
+pub fn partition_leader(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    md.topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .find(|p| p.id() == partition)
+        .map(|p| p.leader())
+        .filter(|leader| *leader >= 0)
+        .ok_or_else(|| anyhow::anyhow!("{topic}[{partition}] has no leader"))
 }
 
 /// A consumer that reads `topics` from the beginning of every partition, without a

@@ -1,7 +1,8 @@
 //! Real infrastructure for tests, the demo and benchmarks: an ephemeral PostgreSQL
-//! cluster and a tansu broker process, each on a free port, each stopped and deleted
-//! when dropped (also when a test panics).
+//! cluster, Apache Kafka (one node or a three-node cluster) and a tansu broker process,
+//! each on free ports, each stopped and deleted when dropped (also when a test panics).
 
+pub mod apache_kafka;
 pub mod kafka;
 pub mod postgres;
 mod process;

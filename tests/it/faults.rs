@@ -17,7 +17,7 @@ use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 
-use crate::support::{spawn_relay, Env, RelayProcess};
+use crate::support::{spawn_relay, BrokerKind, Env, RelayProcess};
 
 struct Plan {
     events: usize,
@@ -139,7 +139,7 @@ async fn fault_suite(mode: &'static str) {
     let plan = plan();
     // A commit the writer saw must survive an immediate restart: the testkit's default
     // synchronous_commit=off could lose it in PostgreSQL itself, before any relay.
-    let env = Env::start_with(&["synchronous_commit=on"]).await;
+    let env = Env::start_on(&["synchronous_commit=on"], BrokerKind::None).await;
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("outbox.order", 4, 1).unwrap();
     cluster.create_topic("outbox.dlq", 1, 1).unwrap();

@@ -11,7 +11,7 @@ use outbox_relay::testkit::kafka::{read_all, Consumed};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
-use crate::support::{insert_event, load_toml, Env, RunningRelay};
+use crate::support::{insert_event, load_toml, BrokerKind, Env, RunningRelay};
 
 /// Like [`sink_config`], with a finite `message.timeout.ms`: refused in a real
 /// configuration (it can reorder), set here directly so that failures surface quickly.
@@ -280,7 +280,7 @@ async fn a_broker_outage_delays_delivery_but_loses_nothing() {
 /// acknowledged to PostgreSQL; the relay reads and sends them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_retries_failed_deliveries_and_deletes_only_acked_rows() {
-    let env = Env::start().await;
+    let env = Env::start_on(&[], BrokerKind::None).await;
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("outbox.order", 3, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
@@ -369,11 +369,15 @@ async fn an_event_the_broker_refuses_as_too_large_is_dead_lettered() {
     )
     .unwrap();
     assert!(sink.publish(&[event(1, "a")]).await[0].is_durable());
-    // The next produce request is refused by the broker; the retry to the dead-letter
-    // topic goes through.
+    // The next two produce requests are refused by the broker: the batch, and the event
+    // sent again alone (a refused batch says nothing about one event). The copy to the
+    // dead-letter topic goes through.
     cluster.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        ],
     );
     let mut big = event(2, "a");
     big.payload = Some(format!("\"{}\"", "y".repeat(5000)).into_bytes());

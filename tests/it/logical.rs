@@ -24,7 +24,16 @@ async fn emit(db: &tokio_postgres::Client, transactional: bool, content: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_publishes_existing_rows_then_streams_inserts_and_messages() {
-    let env = Env::start().await;
+    first_start_then_stream(Env::start().await).await
+}
+
+/// The same on tansu, the demo's broker: another Kafka-protocol implementation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_publishes_existing_rows_then_streams_inserts_and_messages_on_tansu() {
+    first_start_then_stream(Env::start_tansu().await).await
+}
+
+async fn first_start_then_stream(env: Env) {
     env.create_topics(&["outbox.order", "outbox.dlq"], 2).await;
     let db = env.client().await;
     // Written before the relay (and its slot) ever existed.
@@ -173,10 +182,9 @@ async fn both_modes_produce_byte_identical_messages() {
     env.create_topics(&["logical.order", "polling.order"], 4)
         .await;
     let db = env.client().await;
-    let relay = RunningRelay::start(load_toml(&logical_toml(&env, "").replace(
-        "[sink.kafka]",
-        "[sink.kafka]\ntopic = \"logical.{aggregate_type}\"",
-    )));
+    let relay = RunningRelay::start(load_toml(
+        &env.with_topic(&logical_toml(&env, ""), "logical.{aggregate_type}"),
+    ));
     let payloads = [
         r#"{"b": 2, "a": 1}"#,
         r#"{"text": "grüße, 東京 \" \\ \n", "nested": {"list": [1, 2.50, null, true]}}"#,
@@ -200,9 +208,9 @@ async fn both_modes_produce_byte_identical_messages() {
     let logical = env.consume(&["logical.order"], payloads.len(), 20).await;
     relay.stop().await;
 
-    let relay = RunningRelay::start(load_toml(&env.config_toml("polling", "", "").replace(
-        "[sink.kafka]",
-        "[sink.kafka]\ntopic = \"polling.{aggregate_type}\"",
+    let relay = RunningRelay::start(load_toml(&env.with_topic(
+        &env.config_toml("polling", "", ""),
+        "polling.{aggregate_type}",
     )));
     let polling = env.consume(&["polling.order"], payloads.len(), 20).await;
     relay.stop().await;
@@ -461,7 +469,8 @@ async fn md5_and_scram_authentication() {
 /// Log mode on the Debezium-style table `outboxevent` (publication and slot `dbz`),
 /// `extra_columns` added to `[source.columns]`.
 fn debezium_toml(env: &Env, extra_columns: &str) -> String {
-    logical_toml(env, "publication = \"dbz\"\nslot = \"dbz\"")
+    let toml = logical_toml(env, "publication = \"dbz\"\nslot = \"dbz\"");
+    env.with_topic(&toml, "outbox.event.{aggregate_type}")
         .replace(
             "mode = \"logical\"",
             "mode = \"logical\"\ntable = \"public.outboxevent\"",
@@ -473,10 +482,6 @@ fn debezium_toml(env: &Env, extra_columns: &str) -> String {
                  aggregate_id = \"aggregateid\"\nevent_type = \"type\"\nheaders = \"\"\n\
                  created_at = \"\"\n\n[source.logical]"
             ),
-        )
-        .replace(
-            "[sink.kafka]",
-            "[sink.kafka]\ntopic = \"outbox.event.{aggregate_type}\"",
         )
 }
 

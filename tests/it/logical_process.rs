@@ -28,12 +28,12 @@ fn config_file(toml: &str) -> tempfile::NamedTempFile {
 /// in partition order, duplicates included.
 async fn read_until(
     brokers: String,
-    topic: &'static str,
+    topic: String,
     ids: usize,
     secs: u64,
 ) -> Vec<(String, u64, String)> {
     tokio::task::spawn_blocking(move || {
-        let reader = Reader::new(&brokers, &[topic]).unwrap();
+        let reader = Reader::new(&brokers, &[&topic]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(secs);
         let (mut all, mut seen) = (Vec::new(), HashSet::new());
         while seen.len() < ids && Instant::now() < deadline {
@@ -87,7 +87,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_keeps_order() {
         relay = spawn_relay(file.path());
     }
     writer.await.unwrap();
-    let messages = read_until(env.kafka.brokers(), "outbox.order", EVENTS, 180).await;
+    let messages = read_until(env.kafka.brokers(), env.topic("outbox.order"), EVENTS, 180).await;
     assert_eq!(
         relay.terminate(Duration::from_secs(30)).await,
         Some(0),
@@ -150,7 +150,7 @@ async fn a_500k_row_transaction_is_relayed_in_bounded_memory() {
     )
     .await
     .unwrap();
-    let messages = read_until(env.kafka.brokers(), "outbox.order", ROWS, 300).await;
+    let messages = read_until(env.kafka.brokers(), env.topic("outbox.order"), ROWS, 300).await;
     let elapsed = started.elapsed();
     let peak = relay.peak_rss();
     assert_eq!(relay.terminate(Duration::from_secs(30)).await, Some(0));
@@ -183,11 +183,11 @@ async fn two_relays_starting_at_once_as_pid_1_publish_the_snapshot_once() {
         outbox_relay::testkit::RelayProcess::spawn_as_pid_1(binary, file.path()),
         outbox_relay::testkit::RelayProcess::spawn_as_pid_1(binary, file.path()),
     ];
-    let messages = read_until(env.kafka.brokers(), "outbox.order", ROWS, 60).await;
+    let messages = read_until(env.kafka.brokers(), env.topic("outbox.order"), ROWS, 60).await;
     // Time for a second copy of the snapshot to show, if one were coming.
     tokio::time::sleep(Duration::from_secs(3)).await;
     insert_events(&db, &[("agg-0".into(), "{\"n\": 1000}".into())]).await;
-    let all = read_until(env.kafka.brokers(), "outbox.order", ROWS + 1, 30).await;
+    let all = read_until(env.kafka.brokers(), env.topic("outbox.order"), ROWS + 1, 30).await;
     let distinct: HashSet<&str> = all.iter().map(|m| m.2.as_str()).collect();
     assert_eq!(messages.len(), ROWS, "the snapshot arrived");
     assert_eq!(distinct.len(), ROWS + 1, "then the streamed row");
@@ -242,7 +242,7 @@ async fn large_events_are_relayed_within_the_byte_budget() {
         }))
         .await;
         insert_events(&db, &rows).await;
-        let got = read_until(env.kafka.brokers(), "outbox.order", EVENTS, 60).await;
+        let got = read_until(env.kafka.brokers(), env.topic("outbox.order"), EVENTS, 60).await;
         let peak = relay.peak_rss() as f64 / (1024.0 * 1024.0);
         assert_eq!(relay.terminate(Duration::from_secs(30)).await, Some(0));
         let distinct: HashSet<&str> = got.iter().map(|m| m.2.as_str()).collect();

@@ -17,4 +17,5 @@ mod packaging;
 mod partitioned;
 mod polling;
 mod process;
+mod refusals;
 mod secrets;

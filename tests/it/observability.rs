@@ -11,7 +11,7 @@ use rdkafka::mocking::MockCluster;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{insert_event, load_toml, Env};
+use crate::support::{insert_event, load_toml, BrokerKind, Env};
 
 /// A relay in this process with its HTTP endpoints on a free port.
 struct Served {
@@ -111,7 +111,10 @@ async fn metrics_count_exactly_what_was_published() {
     );
     let body = relay.get("/metrics").await.1;
     assert!(
-        body.contains("outbox_relay_events_published_total{topic=\"outbox.payment\"} 100"),
+        body.contains(&format!(
+            "outbox_relay_events_published_total{{topic=\"{}\"}} 100",
+            env.topic("outbox.payment")
+        )),
         "per-topic counts:\n{body}"
     );
     assert_eq!(
@@ -177,7 +180,7 @@ async fn a_standby_is_not_ready_and_says_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_a_broker_outage() {
-    let env = Env::start().await;
+    let env = Env::start_on(&[], BrokerKind::None).await;
     let cluster = MockCluster::new(1).unwrap();
     let toml = env
         .config_toml("polling", "", "")

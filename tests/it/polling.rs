@@ -7,7 +7,16 @@ use crate::support::{insert_event, Env, RunningRelay};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_rows_with_topic_key_headers_and_deletes_them() {
-    let env = Env::start().await;
+    publishes_rows(Env::start().await).await
+}
+
+/// The same on tansu, the demo's broker: another Kafka-protocol implementation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_rows_with_topic_key_headers_and_deletes_them_on_tansu() {
+    publishes_rows(Env::start_tansu().await).await
+}
+
+async fn publishes_rows(env: Env) {
     env.create_topics(&["outbox.order", "outbox.customer"], 3)
         .await;
     let db = env.client().await;
@@ -205,8 +214,14 @@ async fn configured_columns_bytea_payloads_and_a_topic_column() {
            pos bigint GENERATED ALWAYS AS IDENTITY UNIQUE, aggregatetype varchar(64) NOT NULL, \
            aggregateid varchar(64) NOT NULL, type varchar(64) NOT NULL, payload bytea, dest text);
          INSERT INTO app_events (aggregatetype, aggregateid, type, payload, dest) VALUES
-           ('shipment', 's-1', 'Shipped', '\\x00ff10', NULL),
-           ('invoice', 'i-1', 'Reply', '\\x7b7d', 'replies.billing');",
+           ('shipment', 's-1', 'Shipped', '\\x00ff10', NULL);",
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO app_events (aggregatetype, aggregateid, type, payload, dest) VALUES \
+           ('invoice', 'i-1', 'Reply', '\\x7b7d', $1)",
+        &[&env.topic("replies.billing")],
     )
     .await
     .unwrap();
@@ -219,10 +234,18 @@ event_type = "type"
 headers = ""
 created_at = ""
 topic = "dest""#;
-    let toml = env.config_toml("polling", source, "").replace(
-        "[sink.kafka]",
-        "[sink.kafka]\ntopic = \"events.{event_type}\"\nrow_topics = [\"replies.*\"]",
-    );
+    let toml = env
+        .with_topic(
+            &env.config_toml("polling", source, ""),
+            "events.{event_type}",
+        )
+        .replace(
+            "[sink.kafka]",
+            &format!(
+                "[sink.kafka]\nrow_topics = [\"{}\"]",
+                env.topic("replies.*")
+            ),
+        );
     let relay = RunningRelay::start(crate::support::load_toml(&toml));
     let shipped = env.consume(&["events.Shipped"], 1, 20).await;
     let replies = env.consume(&["replies.billing"], 1, 20).await;

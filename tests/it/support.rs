@@ -5,17 +5,89 @@ use std::io::Write;
 use std::time::Duration;
 
 use outbox_relay::config::{self, Config};
+use outbox_relay::testkit::apache_kafka::{self, Kafka};
 use outbox_relay::testkit::kafka::{self, Consumed};
 use outbox_relay::testkit::postgres::Postgres;
 use outbox_relay::testkit::tansu::Tansu;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The broker a test runs against.
+pub enum Broker {
+    /// The test run's one Apache Kafka broker (`scripts/test` starts it and passes its
+    /// address in `OUTBOX_RELAY_TEST_KAFKA`). Other tests use it at the same time: a test
+    /// only touches topics under its own [`Env::ns`] prefix, and never stops the broker.
+    Shared(String),
+    /// An Apache Kafka broker (or cluster) of this test's own.
+    Own(Kafka),
+    /// tansu, the demo's embedded broker: the smoke subset that keeps other
+    /// Kafka-protocol brokers covered.
+    Tansu(Tansu),
+    /// None: the test brings its own (librdkafka's mock cluster) and replaces
+    /// [`Broker::brokers`] in the configuration with it.
+    None,
+}
+
+impl Broker {
+    pub fn brokers(&self) -> String {
+        match self {
+            Broker::Shared(bootstrap) => bootstrap.clone(),
+            Broker::Own(kafka) => kafka.brokers(),
+            Broker::Tansu(tansu) => tansu.brokers(),
+            Broker::None => "no-broker.invalid:9092".into(),
+        }
+    }
+
+    /// Stops a broker of this test's own (all nodes).
+    pub fn kill(&mut self) {
+        match self {
+            Broker::Shared(_) | Broker::None => panic!("not a broker of this test's own"),
+            Broker::Own(kafka) => (0..kafka.node_count()).for_each(|n| kafka.kill(n)),
+            Broker::Tansu(tansu) => tansu.kill(),
+        }
+    }
+
+    /// Starts a killed broker of this test's own again and waits until it serves.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        match self {
+            Broker::Shared(_) | Broker::None => panic!("not a broker of this test's own"),
+            Broker::Own(kafka) => {
+                for n in 0..kafka.node_count() {
+                    kafka.restart(n)?;
+                }
+                kafka.wait_all_ready()
+            }
+            Broker::Tansu(tansu) => tansu.restart(),
+        }
+    }
+
+    fn replicas(&self) -> i32 {
+        match self {
+            Broker::Own(kafka) if kafka.node_count() >= 3 => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Which broker [`Env::start_on`] gives a test.
+pub enum BrokerKind {
+    /// The shared Apache Kafka broker when the run has one, else one of the test's own.
+    Kafka,
+    /// An Apache Kafka broker of the test's own, started with these options.
+    OwnKafka(apache_kafka::KafkaOptions),
+    Tansu,
+    /// No broker: the test starts librdkafka's mock cluster itself.
+    None,
+}
+
 /// A database with the shipped outbox table, and a broker.
 pub struct Env {
     pub pg: Postgres,
-    pub kafka: Tansu,
+    pub kafka: Broker,
     pub db_url: String,
+    /// Prefix of every topic this test uses: unique per test on the shared broker, empty
+    /// on a broker of the test's own.
+    pub ns: String,
 }
 
 impl Env {
@@ -25,11 +97,40 @@ impl Env {
 
     /// [`Env::start`] with extra PostgreSQL settings.
     pub async fn start_with(settings: &[&str]) -> Env {
+        Env::start_on(settings, BrokerKind::Kafka).await
+    }
+
+    /// [`Env::start`] on tansu.
+    pub async fn start_tansu() -> Env {
+        Env::start_on(&[], BrokerKind::Tansu).await
+    }
+
+    pub async fn start_on(settings: &[&str], broker: BrokerKind) -> Env {
         init_logs();
         let pg = Postgres::start_with(settings).expect("start PostgreSQL");
-        let kafka = Tansu::start().expect("start tansu");
+        // Started on this (the test's) thread: a broker dies with the thread that started it.
+        let kafka = match broker {
+            BrokerKind::Kafka => match apache_kafka::shared_bootstrap() {
+                Some(bootstrap) => Broker::Shared(bootstrap),
+                None => Broker::Own(Kafka::start().expect("start Apache Kafka")),
+            },
+            BrokerKind::OwnKafka(options) => {
+                Broker::Own(Kafka::start_with(options).expect("start Apache Kafka"))
+            }
+            BrokerKind::Tansu => Broker::Tansu(Tansu::start().expect("start tansu")),
+            BrokerKind::None => Broker::None,
+        };
+        let ns = match kafka {
+            Broker::Shared(_) => format!("t{:08x}.", rand::random::<u32>()),
+            _ => String::new(),
+        };
         let db_url = pg.create_database("app").await.expect("create database");
-        let env = Env { pg, kafka, db_url };
+        let env = Env {
+            pg,
+            kafka,
+            db_url,
+            ns,
+        };
         let client = env.client().await;
         for (name, sql) in outbox_relay::SETUP_SQL {
             client
@@ -61,6 +162,8 @@ standby_retry = "100ms"
 
 [sink.kafka]
 brokers = "{brokers}"
+topic = "{ns}outbox.{{aggregate_type}}"
+dead_letter_topic = "{ns}outbox.dlq"
 
 [relay]
 shutdown_grace = "10s"
@@ -73,7 +176,21 @@ listen = "127.0.0.1:0"
 "#,
             db = self.db_url,
             brokers = self.kafka.brokers(),
+            ns = self.ns,
         )
+    }
+
+    /// This test's name for `topic` (with its [`Env::ns`] prefix).
+    pub fn topic(&self, topic: &str) -> String {
+        format!("{}{topic}", self.ns)
+    }
+
+    /// `toml` (from [`Env::config_toml`]) with `sink.kafka.topic` set to `template`, under
+    /// this test's prefix.
+    pub fn with_topic(&self, toml: &str, template: &str) -> String {
+        let default = format!("topic = \"{}outbox.{{aggregate_type}}\"", self.ns);
+        assert!(toml.contains(&default), "no default topic line in {toml}");
+        toml.replace(&default, &format!("topic = \"{}{template}\"", self.ns))
     }
 
     pub fn config(&self, extra: &str) -> Config {
@@ -92,7 +209,7 @@ listen = "127.0.0.1:0"
     /// Reads `count` messages from `topics` (from the beginning), waiting up to `secs`.
     pub async fn consume(&self, topics: &[&str], count: usize, secs: u64) -> Vec<Consumed> {
         let brokers = self.kafka.brokers();
-        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let topics: Vec<String> = topics.iter().map(|t| self.topic(t)).collect();
         tokio::task::spawn_blocking(move || {
             let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
             kafka::read_all(&brokers, &topics, count, Duration::from_secs(secs))
@@ -102,10 +219,29 @@ listen = "127.0.0.1:0"
         .expect("consume")
     }
 
+    /// Creates `topics` (names without this test's prefix: it is added).
     pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
-        kafka::create_topics(&self.kafka.brokers(), topics, partitions)
-            .await
-            .expect("create topics");
+        self.create_topics_with(topics, partitions, &[]).await
+    }
+
+    /// [`Env::create_topics`] with topic-level settings.
+    pub async fn create_topics_with(
+        &self,
+        topics: &[&str],
+        partitions: i32,
+        settings: &[(&str, &str)],
+    ) {
+        let topics: Vec<String> = topics.iter().map(|t| self.topic(t)).collect();
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        kafka::create_replicated_topics(
+            &self.kafka.brokers(),
+            &topics,
+            partitions,
+            self.kafka.replicas(),
+            settings,
+        )
+        .await
+        .expect("create topics");
     }
 }
 

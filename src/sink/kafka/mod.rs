@@ -8,12 +8,22 @@
 //! Order per aggregate rests on two things: the key is the aggregate id, so an aggregate
 //! lives on one partition, and the idempotent producer keeps a partition's messages in
 //! the order they were handed over, through its own retries.
+//!
+//! A broker checks a topic's `max.message.bytes` against a whole produce batch, and
+//! librdkafka does not split a refused batch: on a topic whose limit is below the
+//! producer's `batch.size`, small events refused together with a large one would look
+//! too large themselves. So a size refusal is never trusted from a shared batch: the
+//! event is sent again alone, through a second producer that puts one message in each
+//! request, and from then on that topic's events go through that producer. Only an event
+//! refused alone is dead-lettered for its size.
 
 mod config;
 mod error;
 pub mod message;
 pub mod topic;
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -78,6 +88,11 @@ impl Delivery {
 
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// One message per produce request (see the module docs), created when first needed.
+    alone: OnceLock<Result<FutureProducer, KafkaError>>,
+    /// Topics that refused a batch for its size: their events go through `alone`.
+    one_at_a_time: Mutex<HashSet<String>>,
+    client: ClientConfig,
     config: KafkaSinkConfig,
     telemetry: Telemetry,
 }
@@ -95,6 +110,9 @@ impl KafkaSink {
         let producer = client.create().map_err(SinkError::Create)?;
         Ok(KafkaSink {
             producer,
+            alone: OnceLock::new(),
+            one_at_a_time: Mutex::new(HashSet::new()),
+            client,
             config: config.clone(),
             telemetry,
         })
@@ -123,11 +141,11 @@ impl KafkaSink {
                 continue;
             }
             pending.push(match message::to_message(event, &self.config) {
-                Ok(msg) => match self.enqueue(&msg).await {
-                    Ok(delivery) => {
+                Ok(msg) => match self.enqueue_for(&msg).await {
+                    Ok((delivery, alone)) => {
                         self.telemetry.metrics.in_flight.inc();
                         outstanding += 1;
-                        Pending::Sent(msg.topic, delivery)
+                        Pending::Sent(msg.topic, delivery, alone)
                     }
                     Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
                     Err(e) => {
@@ -141,9 +159,13 @@ impl KafkaSink {
                 Err(Poison(reason)) => Pending::Poison(reason),
             });
         }
+        if outstanding > 0 {
+            self.telemetry.health.note_sent();
+        }
         SentBatch {
             pending,
             in_flight: self.telemetry.metrics.in_flight.clone(),
+            health: self.telemetry.health.clone(),
             outstanding,
         }
     }
@@ -156,8 +178,11 @@ impl KafkaSink {
         for (event, pending) in events.iter().zip(pending) {
             let was_sent = matches!(pending, Pending::Sent(..));
             let outcome = match pending {
-                Pending::Sent(topic, delivery) => match delivery.await {
+                Pending::Sent(topic, delivery, alone) => match delivery.await {
                     Ok(Ok(_)) => Delivery::Published { topic },
+                    Ok(Err((e, _))) if !alone && is_too_large(&e) => {
+                        self.send_alone(event, topic).await
+                    }
                     Ok(Err((e, _))) if is_poison(&e) => {
                         self.dead_letter(event, e.to_string()).await
                     }
@@ -173,6 +198,9 @@ impl KafkaSink {
             if was_sent {
                 sent.outstanding -= 1;
                 sent.in_flight.dec();
+                self.telemetry
+                    .health
+                    .note_answer(self.telemetry.metrics.in_flight.get() > 0);
             }
             self.account(&outcome);
             outcomes.push(outcome);
@@ -233,9 +261,56 @@ impl KafkaSink {
         })
     }
 
-    /// Produces one message and waits for its delivery report.
+    /// An event refused for its size as part of a batch: sent again alone, so the answer
+    /// is about the event itself. Its topic's events go alone from now on.
+    async fn send_alone(&self, event: &OutboxEvent, topic: String) -> Delivery {
+        if self.one_at_a_time.lock().unwrap().insert(topic.clone()) {
+            tracing::warn!(
+                %topic,
+                "the broker refused a produce batch for this topic as too large: its events \
+                 are sent one per request from now on (slower). Raise the topic's \
+                 max.message.bytes above the producer's batch.size, or lower \
+                 [sink.kafka.librdkafka] batch.size"
+            );
+        }
+        let msg = match message::to_message(event, &self.config) {
+            Ok(msg) => msg,
+            Err(Poison(reason)) => return self.dead_letter(event, reason).await,
+        };
+        match self.deliver(&msg).await {
+            Ok(()) => Delivery::Published { topic },
+            Err(e) if is_poison(&e) => self.dead_letter(event, e.to_string()).await,
+            Err(e) => Delivery::Failed(SinkError::Delivery { topic, source: e }),
+        }
+    }
+
+    /// The producer that sends one message per request.
+    fn alone(&self) -> Result<&FutureProducer, KafkaError> {
+        self.alone
+            .get_or_init(|| {
+                let mut client = self.client.clone();
+                client.set("batch.num.messages", "1");
+                client.set("client.id", "outbox-relay-single");
+                client.create()
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Hands `msg` to the producer its topic uses; `true` when that is the one-message
+    /// producer.
+    async fn enqueue_for(&self, msg: &KafkaMessage) -> Result<(DeliveryFuture, bool), KafkaError> {
+        if self.one_at_a_time.lock().unwrap().contains(&msg.topic) {
+            Ok((self.enqueue_on(self.alone()?, msg).await?, true))
+        } else {
+            Ok((self.enqueue_on(&self.producer, msg).await?, false))
+        }
+    }
+
+    /// Produces one message alone and waits for its delivery report. Dead letters go this
+    /// way too: a size refusal then speaks of that message only.
     async fn deliver(&self, msg: &KafkaMessage) -> Result<(), KafkaError> {
-        match self.enqueue(msg).await?.await {
+        match self.enqueue_on(self.alone()?, msg).await?.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(e),
             Err(_canceled) => Err(KafkaError::Canceled),
@@ -244,7 +319,11 @@ impl KafkaSink {
 
     /// Hands one message to librdkafka, waiting while its local queue is full: a full
     /// queue is backpressure, never a failure.
-    async fn enqueue(&self, msg: &KafkaMessage) -> Result<DeliveryFuture, KafkaError> {
+    async fn enqueue_on(
+        &self,
+        producer: &FutureProducer,
+        msg: &KafkaMessage,
+    ) -> Result<DeliveryFuture, KafkaError> {
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (key, value) in &msg.headers {
             headers = headers.insert(Header {
@@ -262,7 +341,7 @@ impl KafkaSink {
             record = record.timestamp(ts);
         }
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
@@ -368,17 +447,25 @@ impl crate::sink::Sink for KafkaSink {
 pub struct SentBatch {
     pending: Vec<Pending>,
     in_flight: prometheus::IntGauge,
+    health: std::sync::Arc<crate::metrics::Health>,
     outstanding: i64,
 }
 
 impl Drop for SentBatch {
     fn drop(&mut self) {
-        self.in_flight.sub(self.outstanding);
+        if self.outstanding > 0 {
+            self.in_flight.sub(self.outstanding);
+            // Given up on, not answered: with nothing else in flight nothing is awaited.
+            if self.in_flight.get() <= 0 {
+                self.health.note_answer(false);
+            }
+        }
     }
 }
 
 enum Pending {
-    Sent(String, DeliveryFuture),
+    /// Handed to librdkafka for this topic; `true` when through the one-message producer.
+    Sent(String, DeliveryFuture, bool),
     Poison(String),
     Failed(SinkError),
 }
