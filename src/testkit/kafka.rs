@@ -106,6 +106,26 @@ pub fn partition_leader(
         .ok_or_else(|| anyhow::anyhow!("{topic}[{partition}] has no leader"))
 }
 
+/// How many of `topic`'s partitions have fewer than `replicas` in sync, or no leader
+/// (blocking).
+pub fn under_replicated(
+    brokers: &str,
+    topic: &str,
+    replicas: usize,
+    timeout: Duration,
+) -> anyhow::Result<usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .filter(|p| p.leader() < 0 || p.isr().len() < replicas)
+        .count())
+}
+
 /// A consumer that reads `topics` from the beginning of every partition, without a
 /// consumer group (tansu makes a new group wait seconds for its first message).
 pub struct Reader {

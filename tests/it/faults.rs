@@ -17,6 +17,8 @@ use outbox_relay::testkit::kafka::Reader;
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::support::{spawn_relay, BrokerKind, Env, RelayProcess};
 
 struct Plan {
@@ -47,8 +49,8 @@ fn plan() -> Plan {
     }
 }
 
-const AGGREGATES: usize = 200;
-const PER_TXN: usize = 20;
+pub const AGGREGATES: usize = 200;
+pub const PER_TXN: usize = 20;
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -95,9 +97,26 @@ async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> Optio
 /// Writes `events` events, `PER_TXN` per transaction, with ids derived from (aggregate,
 /// n), so a transaction retried after a lost connection cannot write an event twice.
 async fn write(env_url: String, events: usize) {
+    write_until(
+        env_url,
+        events,
+        Duration::from_millis(25),
+        CancellationToken::new(),
+    )
+    .await;
+}
+
+/// [`write`] until `events` are written or `stop` is cancelled, pausing `pause` after
+/// each transaction; returns how many were written (a multiple of `PER_TXN`).
+pub async fn write_until(
+    env_url: String,
+    events: usize,
+    pause: Duration,
+    stop: CancellationToken,
+) -> usize {
     let mut n = 0;
     let mut client: Option<tokio_postgres::Client> = None;
-    while n < events {
+    while n < events && !stop.is_cancelled() {
         let db = match &client {
             Some(c) if !c.is_closed() => c,
             _ => {
@@ -125,7 +144,7 @@ async fn write(env_url: String, events: usize) {
         match result {
             Ok(_) => {
                 n += PER_TXN;
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                tokio::time::sleep(pause).await;
             }
             Err(_) => {
                 client = None;
@@ -133,6 +152,7 @@ async fn write(env_url: String, events: usize) {
             }
         }
     }
+    n
 }
 
 async fn fault_suite(mode: &'static str) {

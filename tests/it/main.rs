@@ -6,6 +6,7 @@ mod support;
 mod tls;
 
 mod bad_rows;
+mod broker_faults;
 mod cli;
 mod deploy;
 mod faults;
