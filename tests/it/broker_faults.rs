@@ -30,6 +30,9 @@ use crate::faults::write_until;
 use crate::support::{spawn_relay, Broker, BrokerKind, Env};
 
 const PARTITIONS: i32 = 4;
+
+/// One message read back: key, the event's `n`, its id, and when it arrived.
+type Arrival = (String, u64, String, Instant);
 /// Far more than the run writes: the writer is stopped when the faults are over.
 const WRITE_LIMIT: usize = 10_000_000;
 
@@ -125,7 +128,7 @@ async fn broker_fault_suite(mode: &'static str) {
     let relay = spawn_relay(file.path());
 
     // The independent consumer reads all along, so stalls are seen when they happen.
-    let arrivals: Arc<Mutex<Vec<(String, u64, String, Instant)>>> = Arc::default();
+    let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
     let reading = CancellationToken::new();
     let reader = std::thread::spawn({
         let (brokers, topic) = (env.kafka.brokers(), topic.clone());

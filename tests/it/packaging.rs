@@ -37,6 +37,20 @@ fn str_map(v: &serde_yaml::Value) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
+/// The test kit's Kafka version is the one scripts/install fetches.
+#[test]
+fn the_kafka_version_is_pinned_once() {
+    let pom = std::fs::read_to_string(repo().join("scripts/kafka/pom.xml")).unwrap();
+    let pinned = format!(
+        "<kafka.version>{}</kafka.version>",
+        outbox_relay::testkit::apache_kafka::VERSION
+    );
+    assert!(
+        pom.contains(&pinned),
+        "scripts/kafka/pom.xml does not pin {pinned}"
+    );
+}
+
 #[test]
 fn compose_services_ports_and_files_exist() {
     let doc = &yaml_docs("docker-compose.yml")[0];
@@ -52,10 +66,17 @@ fn compose_services_ports_and_files_exist() {
     ] {
         assert!(names.contains(&needed), "service {needed} missing");
     }
-    assert!(doc["services"]["kafka"]["image"]
-        .as_str()
-        .unwrap()
-        .starts_with("apache/kafka:"));
+    assert_eq!(
+        doc["services"]["kafka"]["image"].as_str(),
+        Some(
+            format!(
+                "apache/kafka:{}",
+                outbox_relay::testkit::apache_kafka::VERSION
+            )
+            .as_str()
+        ),
+        "compose runs the Apache Kafka version the tests run"
+    );
     assert_eq!(
         doc["services"]["kafka"]["environment"]["KAFKA_PROCESS_ROLES"].as_str(),
         Some("broker,controller")
