@@ -1,6 +1,7 @@
 //! The benchmark of docs/design.md §11 (the performance targets): `scripts/bench` (or `cargo bench --bench relay`).
 //!
-//! In one run it starts an ephemeral PostgreSQL and a tansu broker, writes the workload
+//! In one run it starts an ephemeral PostgreSQL and the brokers (`--broker kafka`, `tansu`
+//! or `both`, the default: Apache Kafka, one KRaft node, and tansu), writes the workload
 //! (200,000 outbox rows of ~200-byte JSON, 1,000 rows per transaction, 10,000 aggregate
 //! ids) and measures, median of 3:
 //!
@@ -17,13 +18,15 @@
 //!
 //! It prints a table, the ratios to `pg_recvlogical`, and writes JSON
 //! (`target/bench/relay.json`, or `--json PATH`). `--rows N`, `--runs N` and
-//! `--steady-secs N` shrink it for a quick look.
+//! `--steady-secs N` shrink it for a quick look. Every relay measurement is made once per
+//! broker, in the same run, against the same `pg_recvlogical` figures.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outbox_relay::testkit::apache_kafka::{self, Kafka, KafkaOptions};
 use outbox_relay::testkit::postgres::{bin_dir, Postgres};
 use outbox_relay::testkit::tansu::Tansu;
 use outbox_relay::testkit::{free_port, http_get, kafka, RelayProcess};
@@ -40,6 +43,8 @@ struct Args {
     steady_secs: u64,
     steady_rate: usize,
     json: PathBuf,
+    kafka: bool,
+    tansu: bool,
 }
 
 fn args() -> Args {
@@ -49,6 +54,8 @@ fn args() -> Args {
         steady_secs: 10,
         steady_rate: 20_000,
         json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/relay.json"),
+        kafka: true,
+        tansu: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,8 +66,16 @@ fn args() -> Args {
             "--steady-secs" => a.steady_secs = value().parse().expect("--steady-secs N"),
             "--steady-rate" => a.steady_rate = value().parse().expect("--steady-rate N"),
             "--json" => a.json = PathBuf::from(value()),
+            "--broker" => {
+                (a.kafka, a.tansu) = match value().as_str() {
+                    "kafka" => (true, false),
+                    "tansu" => (false, true),
+                    "both" => (true, true),
+                    other => panic!("--broker {other}: use kafka, tansu or both"),
+                }
+            }
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json"),
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker"),
         }
     }
     a
@@ -81,6 +96,14 @@ struct Report {
     rows: usize,
     runs: usize,
     pg_recvlogical: Vec<Drain>,
+    /// One per broker, measured in this run.
+    brokers: Vec<BrokerReport>,
+}
+
+/// The relay's figures into one broker.
+#[derive(Serialize)]
+struct BrokerReport {
+    broker: String,
     relay_log: Vec<Drain>,
     relay_polling: Vec<Drain>,
     first_event_ms: Vec<f64>,
@@ -102,7 +125,7 @@ struct Steady {
     rss_max_mb: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct Medians {
     pg_recvlogical_events_per_second: f64,
     log_events_per_second: f64,
@@ -113,9 +136,16 @@ struct Medians {
     first_event_ms: f64,
 }
 
+/// A broker under test: its name in the report, its bootstrap list and a slot of its own.
+struct Target {
+    name: String,
+    brokers: String,
+    slot: String,
+}
+
 fn main() {
     let a = args();
-    eprintln!("bench: starting PostgreSQL and tansu…");
+    eprintln!("bench: starting PostgreSQL and the brokers…");
     // synchronous_commit=on: the walsender only sends flushed WAL, so the testkit's "off"
     // would add up to wal_writer_delay to every commit→ack latency.
     let pg = Postgres::start_with(&[
@@ -125,19 +155,49 @@ fn main() {
         "synchronous_commit=on",
     ])
     .expect("PostgreSQL");
-    let broker = Tansu::start().expect("tansu");
+    // Kept alive for the whole run; on the main thread, so they die with it.
+    let kafka = a.kafka.then(|| {
+        let started = Instant::now();
+        // Full JIT and a production-sized heap: the broker is measured, not just run.
+        let kafka = Kafka::start_with(KafkaOptions {
+            heap_mib: 1024,
+            quick_jit: false,
+            ..KafkaOptions::default()
+        })
+        .expect("Apache Kafka");
+        eprintln!("bench: Apache Kafka ready in {:.1?}", started.elapsed());
+        kafka
+    });
+    let tansu = a.tansu.then(|| Tansu::start().expect("tansu"));
+    let mut targets = Vec::new();
+    if let Some(k) = &kafka {
+        targets.push(Target {
+            name: format!("Apache Kafka {}", apache_kafka::VERSION),
+            brokers: k.brokers(),
+            slot: "bench_relay_kafka".into(),
+        });
+    }
+    if let Some(t) = &tansu {
+        targets.push(Target {
+            name: "tansu 0.6.0".into(),
+            brokers: t.brokers(),
+            slot: "bench_relay_tansu".into(),
+        });
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let report = rt.block_on(run(&a, &pg, &broker));
+    let report = rt.block_on(run(&a, &pg, &targets));
     print_table(&report);
     std::fs::create_dir_all(a.json.parent().unwrap()).unwrap();
     std::fs::write(&a.json, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     eprintln!("bench: JSON written to {}", a.json.display());
 }
 
-async fn run(a: &Args, pg: &Postgres, broker: &Tansu) -> Report {
-    kafka::create_topics(&broker.brokers(), &[TOPIC, "outbox.dlq"], 4)
-        .await
-        .expect("topics");
+async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
+    for t in targets {
+        kafka::create_topics(&t.brokers, &[TOPIC, "outbox.dlq"], 4)
+            .await
+            .expect("topics");
+    }
     let url = pg.create_database("bench").await.expect("database");
     let db = pg.connect("bench").await.unwrap();
     for (name, sql) in outbox_relay::SETUP_SQL {
@@ -150,26 +210,25 @@ async fn run(a: &Args, pg: &Postgres, broker: &Tansu) -> Report {
         rows: a.rows,
         runs: a.runs,
         pg_recvlogical: Vec::new(),
-        relay_log: Vec::new(),
-        relay_polling: Vec::new(),
-        first_event_ms: Vec::new(),
-        steady: Steady::default(),
-        median: Medians {
-            pg_recvlogical_events_per_second: 0.0,
-            log_events_per_second: 0.0,
-            polling_events_per_second: 0.0,
-            log_ratio_to_pg_recvlogical: 0.0,
-            polling_ratio_to_pg_recvlogical: 0.0,
-            peak_rss_mb: 0.0,
-            first_event_ms: 0.0,
-        },
+        brokers: targets
+            .iter()
+            .map(|t| BrokerReport {
+                broker: t.name.clone(),
+                relay_log: Vec::new(),
+                relay_polling: Vec::new(),
+                first_event_ms: Vec::new(),
+                steady: Steady::default(),
+                median: Medians::default(),
+            })
+            .collect(),
     };
     for run in 0..a.runs {
         eprintln!("bench: run {}/{}", run + 1, a.runs);
-        // One backlog, read by pg_recvlogical and by the relay through two slots
-        // created before it was written.
+        // One backlog, read by pg_recvlogical and by the relay (once per broker) through
+        // slots created before it was written.
         reset(&db).await;
-        for slot in ["bench_recv", "bench_relay"] {
+        let slots = std::iter::once("bench_recv").chain(targets.iter().map(|t| t.slot.as_str()));
+        for slot in slots {
             db.execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&slot],
@@ -181,59 +240,64 @@ async fn run(a: &Args, pg: &Postgres, broker: &Tansu) -> Report {
         report
             .pg_recvlogical
             .push(recvlogical(pg, "bench_recv", &end, a.rows));
-        report
-            .relay_log
-            .push(relay_log(&db, &url, broker, &end, a.rows).await);
         eprintln!(
-            "  pg_recvlogical {:.0}/s, relay log mode {:.0}/s",
-            report.pg_recvlogical[run].events_per_second, report.relay_log[run].events_per_second
+            "  pg_recvlogical {:.0}/s",
+            report.pg_recvlogical[run].events_per_second
         );
-        reset(&db).await;
-        load(&db, a.rows).await;
-        report
-            .relay_polling
-            .push(relay_polling(&db, &url, broker, a.rows).await);
-        eprintln!(
-            "  relay polling {:.0}/s",
-            report.relay_polling[run].events_per_second
-        );
-        reset(&db).await;
-        report
-            .first_event_ms
-            .push(first_event(&db, &url, broker).await);
+        for (t, b) in targets.iter().zip(&mut report.brokers) {
+            b.relay_log
+                .push(relay_log(&db, &url, t, &end, a.rows).await);
+            eprintln!(
+                "  {}: relay log mode {:.0}/s",
+                t.name, b.relay_log[run].events_per_second
+            );
+        }
+        for (t, b) in targets.iter().zip(&mut report.brokers) {
+            reset(&db).await;
+            load(&db, a.rows).await;
+            b.relay_polling
+                .push(relay_polling(&db, &url, &t.brokers, a.rows).await);
+            eprintln!(
+                "  {}: relay polling {:.0}/s",
+                t.name, b.relay_polling[run].events_per_second
+            );
+            reset(&db).await;
+            b.first_event_ms
+                .push(first_event(&db, &url, &t.brokers).await);
+        }
     }
-    reset(&db).await;
-    report.steady = steady(a, &db, &url, broker).await;
-    let med = |v: Vec<f64>| median(v);
-    let recv = med(report
-        .pg_recvlogical
-        .iter()
-        .map(|d| d.events_per_second)
-        .collect());
-    let log = med(report
-        .relay_log
-        .iter()
-        .map(|d| d.events_per_second)
-        .collect());
-    let polling = med(report
-        .relay_polling
-        .iter()
-        .map(|d| d.events_per_second)
-        .collect());
-    report.median = Medians {
-        pg_recvlogical_events_per_second: recv,
-        log_events_per_second: log,
-        polling_events_per_second: polling,
-        log_ratio_to_pg_recvlogical: log / recv,
-        polling_ratio_to_pg_recvlogical: polling / recv,
-        peak_rss_mb: report
-            .relay_log
+    let recv = median(
+        report
+            .pg_recvlogical
             .iter()
-            .chain(&report.relay_polling)
-            .map(|d| d.peak_rss_mb)
-            .fold(report.steady.peak_rss_mb, f64::max),
-        first_event_ms: med(report.first_event_ms.clone()),
-    };
+            .map(|d| d.events_per_second)
+            .collect(),
+    );
+    for (t, b) in targets.iter().zip(&mut report.brokers) {
+        reset(&db).await;
+        b.steady = steady(a, &db, &url, &t.brokers).await;
+        let log = median(b.relay_log.iter().map(|d| d.events_per_second).collect());
+        let polling = median(
+            b.relay_polling
+                .iter()
+                .map(|d| d.events_per_second)
+                .collect(),
+        );
+        b.median = Medians {
+            pg_recvlogical_events_per_second: recv,
+            log_events_per_second: log,
+            polling_events_per_second: polling,
+            log_ratio_to_pg_recvlogical: log / recv,
+            polling_ratio_to_pg_recvlogical: polling / recv,
+            peak_rss_mb: b
+                .relay_log
+                .iter()
+                .chain(&b.relay_polling)
+                .map(|d| d.peak_rss_mb)
+                .fold(b.steady.peak_rss_mb, f64::max),
+            first_event_ms: median(b.first_event_ms.clone()),
+        };
+    }
     report
 }
 
@@ -304,12 +368,15 @@ fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> Drain {
     drain(started.elapsed(), rows, rss, cpu)
 }
 
-async fn relay_log(db: &Client, url: &str, broker: &Tansu, end: &str, rows: usize) -> Drain {
+async fn relay_log(db: &Client, url: &str, target: &Target, end: &str, rows: usize) -> Drain {
     let config = config_file(
         url,
-        broker,
+        &target.brokers,
         "logical",
-        "[source.logical]\nslot = \"bench_relay\"\ncreate_if_missing = false\n",
+        &format!(
+            "[source.logical]\nslot = \"{}\"\ncreate_if_missing = false\n",
+            target.slot
+        ),
     );
     let started = Instant::now();
     let relay = spawn_relay(config.path());
@@ -317,8 +384,8 @@ async fn relay_log(db: &Client, url: &str, broker: &Tansu, end: &str, rows: usiz
         let done: bool = db
             .query_one(
                 "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots \
-                 WHERE slot_name = 'bench_relay'",
-                &[&end],
+                 WHERE slot_name = $2",
+                &[&end, &target.slot],
             )
             .await
             .unwrap()
@@ -333,7 +400,7 @@ async fn relay_log(db: &Client, url: &str, broker: &Tansu, end: &str, rows: usiz
     drain(elapsed, rows, rss, cpu)
 }
 
-async fn relay_polling(db: &Client, url: &str, broker: &Tansu, rows: usize) -> Drain {
+async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize) -> Drain {
     let config = config_file(url, broker, "polling", "");
     let started = Instant::now();
     let relay = spawn_relay(config.path());
@@ -344,7 +411,7 @@ async fn relay_polling(db: &Client, url: &str, broker: &Tansu, rows: usize) -> D
 }
 
 /// Process start to the first event acknowledged (its row deleted), polling mode.
-async fn first_event(db: &Client, url: &str, broker: &Tansu) -> f64 {
+async fn first_event(db: &Client, url: &str, broker: &str) -> f64 {
     db.batch_execute(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
          VALUES ('bench', 'first', 'First', '{}')",
@@ -360,7 +427,7 @@ async fn first_event(db: &Client, url: &str, broker: &Tansu) -> f64 {
     ms
 }
 
-async fn steady(a: &Args, db: &Client, url: &str, broker: &Tansu) -> Steady {
+async fn steady(a: &Args, db: &Client, url: &str, broker: &str) -> Steady {
     let port = free_port().unwrap();
     let config = config_file(
         url,
@@ -517,11 +584,10 @@ impl ConfigFile {
     }
 }
 
-fn config_file(url: &str, broker: &Tansu, mode: &str, extra: &str) -> ConfigFile {
+fn config_file(url: &str, broker: &str, mode: &str, extra: &str) -> ConfigFile {
     write_config(format!(
         "[source]\nmode = \"{mode}\"\ndatabase_url = \"{url}\"\n{extra}\n\
-         [sink.kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        broker.brokers()
+         [sink.kafka]\nbrokers = \"{broker}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
     ))
 }
 
@@ -604,13 +670,12 @@ fn machine() -> String {
 }
 
 fn print_table(r: &Report) {
-    let m = &r.median;
     println!(
         "\noutbox-relay benchmark — {} rows, median of {} ({})",
         r.rows, r.runs, r.machine
     );
     println!(
-        "{:<38} {:>12} {:>10} {:>10} {:>9}",
+        "{:<52} {:>12} {:>10} {:>10} {:>9}",
         "", "events/s", "seconds", "RSS MB", "CPU s"
     );
     let row = |name: &str, d: &[Drain]| {
@@ -621,31 +686,43 @@ fn print_table(r: &Report) {
             .copied()
             .unwrap();
         println!(
-            "{name:<38} {:>12.0} {:>10.2} {:>10.1} {:>9.2}",
+            "{name:<52} {:>12.0} {:>10.2} {:>10.1} {:>9.2}",
             x.events_per_second, x.seconds, x.peak_rss_mb, x.cpu_seconds
         );
     };
     row("pg_recvlogical → /dev/null", &r.pg_recvlogical);
-    row("relay, log mode → broker (acked)", &r.relay_log);
-    row("relay, polling mode (with deletes)", &r.relay_polling);
-    println!(
-        "ratio to pg_recvlogical: log mode {:.2}x, polling mode {:.2}x",
-        m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
-    );
-    println!(
-        "process start → first event acked: {:.0} ms",
-        m.first_event_ms
-    );
-    let s = &r.steady;
-    println!(
-        "steady state ({} events/s offered for {} s): {:.0} events/s end to end, commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
-        s.target_events_per_second, s.seconds, s.events_per_second, s.commit_to_ack_p50_ms, s.commit_to_ack_p99_ms, s.peak_rss_mb
-    );
-    println!(
-        "steady-state memory after warm-up: {:.1}–{:.1} MB ({:+.1}% spread)",
-        s.rss_min_mb,
-        s.rss_max_mb,
-        (s.rss_max_mb / s.rss_min_mb - 1.0) * 100.0
-    );
-    println!("peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+    for b in &r.brokers {
+        row(
+            &format!("relay, log mode → {} (acked)", b.broker),
+            &b.relay_log,
+        );
+        row(
+            &format!("relay, polling mode → {} (with deletes)", b.broker),
+            &b.relay_polling,
+        );
+    }
+    for b in &r.brokers {
+        let m = &b.median;
+        println!("\n{}:", b.broker);
+        println!(
+            "  ratio to pg_recvlogical: log mode {:.2}x, polling mode {:.2}x",
+            m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
+        );
+        println!(
+            "  process start → first event acked: {:.0} ms",
+            m.first_event_ms
+        );
+        let s = &b.steady;
+        println!(
+            "  steady state ({} events/s offered for {} s): {:.0} events/s end to end, commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
+            s.target_events_per_second, s.seconds, s.events_per_second, s.commit_to_ack_p50_ms, s.commit_to_ack_p99_ms, s.peak_rss_mb
+        );
+        println!(
+            "  steady-state memory after warm-up: {:.1}–{:.1} MB ({:+.1}% spread)",
+            s.rss_min_mb,
+            s.rss_max_mb,
+            (s.rss_max_mb / s.rss_min_mb - 1.0) * 100.0
+        );
+        println!("  peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+    }
 }

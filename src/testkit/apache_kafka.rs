@@ -48,6 +48,9 @@ pub struct KafkaOptions {
     pub properties: Vec<String>,
     /// Maximum JVM heap per node, in MiB.
     pub heap_mib: u32,
+    /// Quick start (C1 compiler only) over peak throughput: right for tests, wrong for
+    /// the benchmark.
+    pub quick_jit: bool,
 }
 
 impl Default for KafkaOptions {
@@ -56,6 +59,7 @@ impl Default for KafkaOptions {
             nodes: 1,
             properties: Vec::new(),
             heap_mib: 512,
+            quick_jit: true,
         }
     }
 }
@@ -70,6 +74,7 @@ struct Node {
 pub struct Kafka {
     nodes: Vec<Node>,
     heap_mib: u32,
+    quick_jit: bool,
     // Declared last: removed after the nodes are gone.
     _dir: tempfile::TempDir,
 }
@@ -170,6 +175,7 @@ impl Kafka {
         let mut kafka = Kafka {
             nodes,
             heap_mib: options.heap_mib,
+            quick_jit: options.quick_jit,
             _dir: dir,
         };
         for i in 0..n {
@@ -181,14 +187,14 @@ impl Kafka {
 
     fn spawn(&mut self, node: usize) -> std::io::Result<()> {
         let libs = libs_dir()?;
-        let heap = self.heap_mib;
+        let (heap, quick_jit) = (self.heap_mib, self.quick_jit);
         let n = &mut self.nodes[node];
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(n.dir.join("broker.log"))?;
         let mut cmd = Command::new(java());
-        cmd.args(jvm_args(heap))
+        cmd.args(jvm_args(heap, quick_jit))
             .arg("-cp")
             .arg(libs.join("*"))
             .arg("kafka.Kafka")
@@ -359,18 +365,22 @@ impl Drop for Kafka {
     }
 }
 
-/// The JVM for a test broker: bounded heap, a small collector, and C1 only — a test
-/// broker moves little data, and C2's compile threads would compete for the two cores.
-fn jvm_args(heap_mib: u32) -> Vec<String> {
-    vec![
+/// The JVM for a test broker: bounded heap, a small collector and, with `quick_jit`, C1
+/// only — a test broker moves little data, and C2's compile threads would compete for
+/// the two cores.
+fn jvm_args(heap_mib: u32, quick_jit: bool) -> Vec<String> {
+    let mut args = vec![
         format!("-Xmx{heap_mib}m"),
         "-Xms128m".into(),
         "-XX:+UseSerialGC".into(),
-        "-XX:TieredStopAtLevel=1".into(),
         "-XX:-UsePerfData".into(),
         "-Djava.awt.headless=true".into(),
         "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn".into(),
-    ]
+    ];
+    if quick_jit {
+        args.push("-XX:TieredStopAtLevel=1".into());
+    }
+    args
 }
 
 fn format_storage(libs: &Path, node_dir: &Path, cluster_id: &str) -> std::io::Result<()> {
