@@ -44,6 +44,8 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
         Mode::Logical => {
             let client = table::connect(src).await?;
             logical::require_logical_wal(&client).await?;
+            let server = logical::server_version(&client).await?;
+            logical::require_supported(server, src)?;
             let may_replicate: bool = client
                 .query_one(
                     "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -58,7 +60,7 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 src.pg.get_user().unwrap_or("?")
             );
             let mut what = format!(
-                "{}, wal_level=logical, REPLICATION granted",
+                "{}, PostgreSQL {server}, wal_level=logical, REPLICATION granted",
                 src.redacted_url()
             );
             let mut ours = Vec::new();

@@ -73,7 +73,7 @@ impl Postgres {
             attempt += 1;
             let port = free_port()?;
             let mut child = spawn_server(&bin, &data, port, &as_user, settings)?;
-            match wait_ready(&bin, &mut child, port) {
+            match wait_ready(&mut child, port) {
                 Ok(()) => break (child, port),
                 Err(e) if attempt < 3 => {
                     tracing::debug!(error = %e, port, "postgres did not start; trying another port");
@@ -153,7 +153,7 @@ impl Postgres {
         loop {
             // The old postmaster's port can take a moment to be free again.
             let mut next = spawn_server(&bin, &self.data, self.port, &as_user, &settings)?;
-            match wait_ready(&bin, &mut next, self.port) {
+            match wait_ready(&mut next, self.port) {
                 Ok(()) => {
                     *child = next;
                     return Ok(());
@@ -245,7 +245,25 @@ fn spawn_server(
 
 /// Waits until the server accepts connections. The child must still be running then, so
 /// a ready answer from some other server on the port does not count.
-fn wait_ready(bin: &Path, child: &mut Child, port: u16) -> std::io::Result<()> {
+/// What `pg_isready` answers, without it (the npm server builds have no client tools):
+/// a startup message as `postgres`, ready when the server asks for authentication or
+/// accepts (`R`) rather than refusing while it starts up (`E`).
+fn accepts_connections(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut startup = Vec::with_capacity(8 + params.len());
+    startup.extend_from_slice(&(8 + params.len() as i32).to_be_bytes());
+    startup.extend_from_slice(&196_608i32.to_be_bytes()); // protocol 3.0
+    startup.extend_from_slice(params);
+    let mut tag = [0u8; 1];
+    stream.write_all(&startup).is_ok() && stream.read_exact(&mut tag).is_ok() && tag[0] == b'R'
+}
+
+fn wait_ready(child: &mut Child, port: u16) -> std::io::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -253,18 +271,7 @@ fn wait_ready(bin: &Path, child: &mut Child, port: u16) -> std::io::Result<()> {
                 "postgres exited at start: {status}"
             )));
         }
-        let ready = Command::new(bin.join("pg_isready"))
-            .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .status()?;
-        if ready.success() {
+        if accepts_connections(port) {
             std::thread::sleep(Duration::from_millis(20));
             if let Some(status) = child.try_wait()? {
                 return Err(std::io::Error::other(format!(
@@ -291,10 +298,26 @@ impl Drop for Postgres {
     }
 }
 
-/// `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else `pg_config --bindir`.
+/// `$PG_BIN`; else, with `PG_VERSION=13…18`, that major: `.tools/postgres-<major>/bin`
+/// (the npm builds `scripts/install` fetches) or Debian's `/usr/lib/postgresql/<major>/bin`;
+/// else the newest `/usr/lib/postgresql/*/bin`, else `pg_config --bindir`.
 pub fn bin_dir() -> std::io::Result<PathBuf> {
     if let Ok(dir) = std::env::var("PG_BIN") {
         return Ok(PathBuf::from(dir));
+    }
+    if let Some(major) = std::env::var("PG_VERSION").ok().filter(|v| !v.is_empty()) {
+        let tools =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(".tools/postgres-{major}/bin"));
+        let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+        return [tools, debian]
+            .into_iter()
+            .find(|dir| dir.join("initdb").exists())
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "PG_VERSION={major}: no PostgreSQL {major} in .tools/postgres-{major} or \
+                     /usr/lib/postgresql/{major}: run scripts/install (it fetches 13, 14, 16, 17, 18)"
+                ))
+            });
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

@@ -141,6 +141,18 @@ impl Env {
         env
     }
 
+    /// The server's major version (13…18).
+    pub async fn pg_major(&self) -> u32 {
+        let num: String = self
+            .client()
+            .await
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .unwrap()
+            .get(0);
+        num.parse::<u32>().unwrap() / 10000
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         self.pg.connect("app").await.expect("connect to app")
     }

@@ -23,6 +23,7 @@
 //! the rows that existed before the slot, on the first start; this file is the
 //! [`Source`](crate::source::Source) the relay drives.
 
+mod commands;
 mod config;
 pub mod ledger;
 pub mod mapping;
@@ -39,11 +40,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
+pub use commands::ServerVersion;
 pub use config::{LogicalConfig, RawLogicalConfig};
 #[doc(hidden)]
 pub use protocol::fuzz_stream_bytes;
 pub use protocol::ReplicationError;
-pub use setup::{missing_publication, outbox_relations, publication_ready, require_logical_wal};
+pub use setup::{
+    missing_publication, outbox_relations, publication_ready, require_logical_wal,
+    require_supported, server_version,
+};
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
@@ -80,6 +85,8 @@ pub struct LogicalSource {
     payload_is_json: bool,
     select_sql: Option<String>,
     lag_measured: Option<std::time::Instant>,
+    /// Decides the replication commands' syntax and options.
+    server: ServerVersion,
 }
 
 enum Phase {
@@ -112,6 +119,8 @@ impl LogicalSource {
     ) -> Result<LogicalSource, SourceError> {
         let sql = table::connect(config).await?;
         require_logical_wal(&sql).await?;
+        let server = server_version(&sql).await?;
+        setup::require_supported(server, config)?;
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
         let mut partitions = Vec::new();
@@ -149,6 +158,7 @@ impl LogicalSource {
             payload_is_json,
             select_sql,
             lag_measured: None,
+            server,
         })
     }
 

@@ -3,7 +3,38 @@
 
 use tokio_postgres::Client;
 
+use super::commands::{ServerVersion, MESSAGES_SINCE, OLDEST_SUPPORTED};
 use crate::source::{quote_ident, SourceConfig, SourceError, TableName};
+
+/// The server's `server_version_num`.
+pub async fn server_version(sql: &Client) -> Result<ServerVersion, SourceError> {
+    let num: String = sql
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .map_err(SourceError::pg("reading server_version_num"))?
+        .get(0);
+    num.parse()
+        .map(ServerVersion)
+        .map_err(|_| SourceError::Setup(format!("server_version_num {num:?} is not a number")))
+}
+
+/// Log mode runs on PostgreSQL 13 and later; a table-less outbox (logical decoding
+/// messages) needs 14, whose pgoutput sends messages.
+pub fn require_supported(server: ServerVersion, config: &SourceConfig) -> Result<(), SourceError> {
+    if server.0 < OLDEST_SUPPORTED {
+        return Err(SourceError::Setup(format!(
+            "PostgreSQL {server} is older than 13, the oldest the relay supports: upgrade it"
+        )));
+    }
+    if config.table.is_none() && server.0 < MESSAGES_SINCE {
+        return Err(SourceError::Setup(format!(
+            "a table-less outbox (source.table = \"\", pg_logical_emit_message) needs \
+             PostgreSQL 14 or later, whose pgoutput sends logical decoding messages; this \
+             server is {server}: use an outbox table (source.table), or upgrade"
+        )));
+    }
+    Ok(())
+}
 
 /// Log mode needs `wal_level = logical`; says how to get it otherwise.
 pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {

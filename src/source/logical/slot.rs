@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
+use super::commands;
 use super::mapping::Mapper;
 use super::protocol::{ReplicationClient, ReplicationError};
 use super::stream::{self, Feedback, Queued};
@@ -64,8 +65,11 @@ impl LogicalSource {
             // Table-less: nothing existed before the slot, so nothing to snapshot.
             let mut repl = self.replication_client().await?;
             let slot = &logical.slot;
-            repl.simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
+            repl.simple_query(&commands::create_slot(
+                self.server,
+                slot,
+                false,
+                commands::Snapshot::Nothing,
             ))
             .await
             .map_err(slot_error(slot))?;
@@ -115,12 +119,8 @@ impl LogicalSource {
                 "starting replication"
             );
         }
-        let command = format!(
-            "START_REPLICATION SLOT \"{}\" LOGICAL {} (proto_version '1', publication_names '\"{}\"', messages 'true')",
-            logical.slot,
-            from,
-            logical.publication
-        );
+        let command =
+            commands::start_replication(self.server, &logical.slot, from, &logical.publication);
         let stream = repl
             .start_replication(&command)
             .await

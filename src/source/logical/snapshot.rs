@@ -48,8 +48,11 @@ impl LogicalSource {
         let temp_slot: String = format!("{}_init_{:016x}", &slot[..slot.len().min(40)], nonce());
         let mut holder = self.replication_client().await?;
         let rows = holder
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{temp_slot}\" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+            .simple_query(&super::commands::create_slot(
+                self.server,
+                &temp_slot,
+                true,
+                super::commands::Snapshot::Export,
             ))
             .await
             .map_err(slot_error(&temp_slot))?;

@@ -25,6 +25,9 @@ use crate::event::{Lsn, Position};
 use crate::metrics::Telemetry;
 use crate::source::SourceError;
 
+/// How long a clean stop waits for the server to end the stream after our CopyDone.
+const FINISH_WAIT: Duration = Duration::from_secs(2);
+
 /// What the source tells the stream task.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Feedback {
@@ -83,8 +86,22 @@ pub async fn run(
                 writer.send_status(flushed).await.map_err(repl("sending status"))?;
                 telemetry.metrics.last_acked_lsn.set(flushed.0 as i64);
                 if finishing {
-                    // The final acknowledgement is out; ending the stream is a courtesy.
-                    let _ = writer.finish().await;
+                    // The final acknowledgement is out, but not yet read by the server.
+                    // Closing now, with the server's last WAL unread on our side, makes
+                    // the kernel reset the connection, and a reset discards what the
+                    // server had not read yet: the acknowledgement could be lost and
+                    // the next start would send the last transaction again (seen under
+                    // load). So end the copy and wait for the server to end it too.
+                    if writer.finish().await.is_ok() {
+                        let drain = async {
+                            while let Ok(msg) = reader.next().await {
+                                if matches!(msg, StreamMessage::Done) {
+                                    break;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(FINISH_WAIT, drain).await;
+                    }
                     return Ok(());
                 }
             }
