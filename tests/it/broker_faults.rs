@@ -15,7 +15,7 @@
 //! the relay fault suite's is printed. CI runs the short plan; `OUTBOX_RELAY_LONG=1` the
 //! long one (5 kills, 30 s outages and pauses).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use outbox_relay::testkit::{free_port, http_get};
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use crate::faults::write_until;
+use crate::faults::{first_occurrences, write_until};
 use crate::support::{spawn_relay, Broker, BrokerKind, Env};
 
 const PARTITIONS: i32 = 4;
@@ -73,6 +73,13 @@ enum Fault {
 struct Outage {
     not_ready: Option<String>,
     back_ready_after: Option<Duration>,
+}
+
+/// The index of the node leading `topic`'s `partition` (blocking).
+fn leader_node(kafka: &Kafka, topic: &str, partition: i32) -> usize {
+    let id = partition_leader(&kafka.brokers(), topic, partition, Duration::from_secs(5))
+        .expect("a leader");
+    kafka.index_of(id).expect("a node of ours")
 }
 
 async fn relay_get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -174,16 +181,7 @@ async fn broker_fault_suite(mode: &'static str) {
         match fault {
             Fault::KillLeader => {
                 let partition = rng.random_range(0..PARTITIONS);
-                let node = tokio::task::block_in_place(|| {
-                    let id = partition_leader(
-                        &kafka.brokers(),
-                        &topic,
-                        partition,
-                        Duration::from_secs(5),
-                    )
-                    .expect("a leader");
-                    kafka.index_of(id).expect("a node of ours")
-                });
+                let node = tokio::task::block_in_place(|| leader_node(kafka, &topic, partition));
                 kafka.kill(node);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(2000..5000))).await;
                 tokio::task::block_in_place(|| {
@@ -226,16 +224,7 @@ async fn broker_fault_suite(mode: &'static str) {
             }
             Fault::Pause => {
                 let partition = rng.random_range(0..PARTITIONS);
-                let node = tokio::task::block_in_place(|| {
-                    let id = partition_leader(
-                        &kafka.brokers(),
-                        &topic,
-                        partition,
-                        Duration::from_secs(5),
-                    )
-                    .expect("a leader");
-                    kafka.index_of(id).expect("a node of ours")
-                });
+                let node = tokio::task::block_in_place(|| leader_node(kafka, &topic, partition));
                 kafka.pause(node);
                 tokio::time::sleep(plan.pause).await;
                 kafka.resume(node);
@@ -288,20 +277,11 @@ async fn broker_fault_suite(mode: &'static str) {
     drop(relay);
 
     let arrivals = arrivals.lock().unwrap();
-    let mut first = HashSet::new();
-    let mut next: HashMap<&str, u64> = HashMap::new();
-    let mut reordered = 0;
-    for (key, n, id, _) in arrivals.iter() {
-        if !first.insert(id.as_str()) {
-            continue;
-        }
-        let expected = next.entry(key.as_str()).or_insert(0);
-        if *n != *expected {
-            reordered += 1;
-        }
-        *expected = n + 1;
-    }
-    let delivered = first.len();
+    let (delivered, reordered) = first_occurrences(
+        arrivals
+            .iter()
+            .map(|(k, n, id, _)| (k.as_str(), *n, id.as_str())),
+    );
     let longest_stall = arrivals
         .windows(2)
         .map(|w| w[1].3.duration_since(w[0].3))

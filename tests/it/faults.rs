@@ -94,6 +94,28 @@ async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> Optio
         .map(|r| r.get(0))
 }
 
+/// Counts what a consumer saw, as `(key, n, event id)` in arrival order: how many distinct
+/// events, and how many first occurrences broke their key's order (each key's `n` must
+/// run 0, 1, 2, …; a duplicate is judged by its first copy only).
+pub fn first_occurrences<'a>(
+    seen: impl Iterator<Item = (&'a str, u64, &'a str)>,
+) -> (usize, usize) {
+    let mut first = HashSet::new();
+    let mut next: HashMap<&str, u64> = HashMap::new();
+    let mut reordered = 0;
+    for (key, n, id) in seen {
+        if !first.insert(id) {
+            continue;
+        }
+        let expected = next.entry(key).or_insert(0);
+        if n != *expected {
+            reordered += 1;
+        }
+        *expected = n + 1;
+    }
+    (first.len(), reordered)
+}
+
 /// Writes `events` events, `PER_TXN` per transaction, with ids derived from (aggregate,
 /// n), so a transaction retried after a lost connection cannot write an event twice.
 async fn write(env_url: String, events: usize) {
@@ -284,20 +306,11 @@ async fn fault_suite(mode: &'static str) {
     .unwrap();
     drop(relays);
 
-    let mut first = HashSet::new();
-    let mut next: HashMap<&str, u64> = HashMap::new();
-    let mut reordered = 0;
-    for (key, n, id) in &messages {
-        if !first.insert(id.as_str()) {
-            continue;
-        }
-        let expected = next.entry(key.as_str()).or_insert(0);
-        if *n != *expected {
-            reordered += 1;
-        }
-        *expected = n + 1;
-    }
-    let delivered = first.len();
+    let (delivered, reordered) = first_occurrences(
+        messages
+            .iter()
+            .map(|(k, n, id)| (k.as_str(), *n, id.as_str())),
+    );
     let count = |f: fn(&Fault) -> bool| faults.iter().filter(|x| f(x)).count();
     let slowest = takeovers.iter().max().copied().unwrap_or_default();
     eprintln!(

@@ -38,12 +38,7 @@ async fn an_event_above_the_topics_max_message_bytes_is_dead_lettered() {
     let relay = RunningRelay::start(env.config(""));
     let small = env.consume(&["outbox.small"], 59, 30).await;
     let dlq = env.consume(&["outbox.dlq"], 1, 30).await;
-    for _ in 0..100 {
-        if env.outbox_count().await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_outbox_empty(Duration::from_secs(10)).await;
     relay.stop().await;
 
     let ns: Vec<u64> = small
@@ -113,12 +108,7 @@ async fn a_topic_the_principal_may_not_write_sends_its_events_to_the_dead_letter
     let relay = RunningRelay::start(env.config(""));
     let orders = env.consume(&["outbox.order"], 2, 30).await;
     let dlq = env.consume(&["outbox.dlq"], 1, 30).await;
-    for _ in 0..100 {
-        if env.outbox_count().await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_outbox_empty(Duration::from_secs(10)).await;
     relay.stop().await;
 
     let types: Vec<_> = orders

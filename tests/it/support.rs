@@ -218,6 +218,14 @@ listen = "127.0.0.1:0"
             .get(0)
     }
 
+    /// Waits up to `timeout` for the outbox to be empty (the relay deleted every row).
+    pub async fn wait_outbox_empty(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.outbox_count().await > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Reads `count` messages from `topics` (from the beginning), waiting up to `secs`.
     pub async fn consume(&self, topics: &[&str], count: usize, secs: u64) -> Vec<Consumed> {
         let brokers = self.kafka.brokers();
