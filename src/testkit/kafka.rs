@@ -78,12 +78,21 @@ pub async fn create_replicated_topics(
     Ok(())
 }
 
-/// How many brokers the cluster's metadata lists (blocking).
-pub fn broker_count(brokers: &str, timeout: Duration) -> anyhow::Result<usize> {
+/// A fresh metadata answer for `topic` (all topics with `None`), blocking.
+fn metadata(
+    brokers: &str,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<rdkafka::metadata::Metadata> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    Ok(consumer.fetch_metadata(None, timeout)?.brokers().len())
+    Ok(consumer.fetch_metadata(topic, timeout)?)
+}
+
+/// How many brokers the cluster's metadata lists (blocking).
+pub fn broker_count(brokers: &str, timeout: Duration) -> anyhow::Result<usize> {
+    Ok(metadata(brokers, None, timeout)?.brokers().len())
 }
 
 /// The node id leading `topic`'s `partition`, from a fresh metadata request (blocking).
@@ -93,11 +102,8 @@ pub fn partition_leader(
     partition: i32,
     timeout: Duration,
 ) -> anyhow::Result<i32> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    md.topics()
+    metadata(brokers, Some(topic), timeout)?
+        .topics()
         .iter()
         .flat_map(|t| t.partitions())
         .find(|p| p.id() == partition)
@@ -114,11 +120,7 @@ pub fn under_replicated(
     replicas: usize,
     timeout: Duration,
 ) -> anyhow::Result<usize> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    Ok(md
+    Ok(metadata(brokers, Some(topic), timeout)?
         .topics()
         .iter()
         .flat_map(|t| t.partitions())
