@@ -42,6 +42,10 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
             ))
         }
         Mode::Logical => {
+            let mut problems = 0;
+            for host in src.each_host() {
+                problems += report_on(host).await;
+            }
             let client = table::connect(src).await?;
             logical::require_logical_wal(&client).await?;
             let server = logical::server_version(&client).await?;
@@ -84,9 +88,50 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 table::check_dead_letter_table(&client, t).await?;
                 what.push_str(&format!(", dead-letter table {t} writable"));
             }
+            anyhow::ensure!(problems == 0, "{problems} problem(s) in the report above");
             Ok(what)
         }
     }
+}
+
+/// Prints what one server says about everything log mode depends on; returns the
+/// number of problems (an unreachable server is one).
+async fn report_on(mut host: crate::source::SourceConfig) -> usize {
+    use logical::report::Verdict;
+    // Every server is reported, standbys too, whatever the URL asks of the relay's own
+    // connections.
+    host.pg
+        .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any);
+    let name = host.redacted_url();
+    let client = match table::connect(&host).await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("postgres {name}: unreachable: {e}");
+            return 1;
+        }
+    };
+    let report = match logical::report::report(&client, &host).await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("postgres {name}: could not read its settings: {e}");
+            return 1;
+        }
+    };
+    let role = if report.standby { "standby" } else { "primary" };
+    println!("postgres {name}: {role}, PostgreSQL {}", report.version);
+    let mut problems = 0;
+    for f in &report.findings {
+        let tag = match f.verdict {
+            Verdict::Ok => "ok",
+            Verdict::Warning => "WARNING",
+            Verdict::Problem => {
+                problems += 1;
+                "PROBLEM"
+            }
+        };
+        println!("  {tag}: {}", f.text);
+    }
+    problems
 }
 
 async fn check_kafka(config: &Config) -> anyhow::Result<usize> {

@@ -92,6 +92,8 @@ create_if_missing = true
 status_interval = "10s"
 heartbeat_interval = "10s"
 cleanup = false
+failover = false
+on_slot_lost = "fail"
 
 [source.polling]
 interval = "100ms"
@@ -401,4 +403,57 @@ fn the_dead_letter_table_decides_whether_bodies_can_be_kept() {
     let c = load_str(&none, &[]).unwrap();
     assert!(c.source.dead_letter_table.is_none());
     assert!(!c.sink.metadata_dead_letters, "nowhere to keep a body");
+}
+
+#[test]
+fn on_slot_lost_takes_fail_or_recreate_and_names_both_otherwise() {
+    let logical = |extra: &str| {
+        VALID.replace("mode = \"polling\"", "mode = \"logical\"")
+            + &format!("\n[source.logical]\n{extra}\n")
+    };
+    let c = load_str(&logical(""), &[]).unwrap();
+    assert_eq!(
+        c.source.logical.on_slot_lost,
+        crate::source::logical::OnSlotLost::Fail
+    );
+    assert!(!c.source.logical.failover);
+    let c = load_str(
+        &logical("on_slot_lost = \"recreate\"\nfailover = true"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.source.logical.on_slot_lost,
+        crate::source::logical::OnSlotLost::Recreate
+    );
+    assert!(c.source.logical.failover);
+    let text = problem_text(load_str(&logical("on_slot_lost = \"skip\""), &[]));
+    assert!(text.contains("source.logical.on_slot_lost"), "{text}");
+    assert!(
+        text.contains("\"fail\"") && text.contains("\"recreate\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_multi_host_url_splits_into_one_config_per_host_with_the_rest_kept() {
+    let c = load_str(
+        &VALID.replace(
+            "postgres://relay:s3cret@db.internal:5433/app",
+            "postgres://relay:s3cret@a:5433,b:5434/app?target_session_attrs=read-write&connect_timeout=3",
+        ),
+        &[],
+    )
+    .unwrap();
+    let hosts = c.source.each_host();
+    let names: Vec<String> = hosts.iter().map(|h| h.redacted_url()).collect();
+    assert_eq!(names, ["relay@a:5433/app", "relay@b:5434/app"]);
+    for h in &hosts {
+        assert_eq!(h.pg.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(
+            h.pg.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(h.pg.get_connect_timeout(), Some(&Duration::from_secs(3)));
+    }
 }

@@ -28,6 +28,7 @@ pub const SLOT_LAG_BYTES: &str = "outbox_relay_slot_lag_bytes";
 pub const LAST_ACKED_LSN: &str = "outbox_relay_last_acked_lsn";
 pub const LAST_ACK_TIMESTAMP: &str = "outbox_relay_last_ack_timestamp_seconds";
 pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
+pub const SLOTS_RECREATED: &str = "outbox_relay_slots_recreated_total";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 
 /// The `reason` label values of [`FAILURES`].
@@ -41,7 +42,7 @@ pub const FAILURE_REASONS: [&str; 6] = [
 ];
 
 /// Every metric this crate exports (the process_* metrics come on top).
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 15] = [
     EVENTS_PUBLISHED,
     EVENTS_DEAD_LETTERED,
     FAILURES,
@@ -55,6 +56,7 @@ pub const NAMES: [&str; 14] = [
     LAST_ACKED_LSN,
     LAST_ACK_TIMESTAMP,
     RECONNECTS,
+    SLOTS_RECREATED,
     BUILD_INFO,
 ];
 
@@ -74,6 +76,7 @@ pub struct Metrics {
     pub last_acked_lsn: IntGauge,
     pub last_ack_timestamp: IntGauge,
     pub reconnects: IntCounter,
+    pub slots_recreated: IntCounter,
 }
 
 impl Metrics {
@@ -140,6 +143,11 @@ impl Metrics {
             .unwrap(),
             reconnects: IntCounter::new(RECONNECTS, "Reconnections to PostgreSQL after a failure.")
                 .unwrap(),
+            slots_recreated: IntCounter::new(
+                SLOTS_RECREATED,
+                "Replication slots found invalidated or dropped and made again (on_slot_lost = recreate).",
+            )
+            .unwrap(),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -167,6 +175,7 @@ impl Metrics {
             Box::new(metrics.last_acked_lsn.clone()),
             Box::new(metrics.last_ack_timestamp.clone()),
             Box::new(metrics.reconnects.clone()),
+            Box::new(metrics.slots_recreated.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {

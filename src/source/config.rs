@@ -93,6 +93,16 @@ impl SourceConfig {
         )
     }
 
+    /// One configuration per host of `database_url`, each with that host alone, in the
+    /// URL's order: `check` reports on every server, and the replication client, which
+    /// speaks to one server, tries them in turn.
+    pub fn each_host(&self) -> Vec<SourceConfig> {
+        single_hosts(&self.pg)
+            .into_iter()
+            .map(|pg| SourceConfig { pg, ..self.clone() })
+            .collect()
+    }
+
     /// `user@host:port/dbname`, safe to print: never the password.
     pub fn redacted_url(&self) -> String {
         let host = self
@@ -240,6 +250,66 @@ impl RawSourceConfig {
     }
 }
 
+/// `pg` split per host, every other setting kept. libpq pairs ports with hosts one to
+/// one, or gives one port to all.
+pub(crate) fn single_hosts(pg: &tokio_postgres::Config) -> Vec<tokio_postgres::Config> {
+    use tokio_postgres::config::Host;
+    let ports = pg.get_ports();
+    let hosts: Vec<Host> = match pg.get_hosts() {
+        [] => vec![Host::Tcp("localhost".into())],
+        hosts => hosts.to_vec(),
+    };
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let mut one = tokio_postgres::Config::new();
+            match host {
+                Host::Tcp(h) => one.host(h),
+                Host::Unix(p) => one.host_path(p),
+            };
+            one.port(match ports {
+                [] => 5432,
+                [only] => *only,
+                many => many.get(i).copied().unwrap_or(5432),
+            });
+            if let Some(v) = pg.get_user() {
+                one.user(v);
+            }
+            if let Some(v) = pg.get_password() {
+                one.password(v);
+            }
+            if let Some(v) = pg.get_dbname() {
+                one.dbname(v);
+            }
+            if let Some(v) = pg.get_options() {
+                one.options(v);
+            }
+            if let Some(v) = pg.get_application_name() {
+                one.application_name(v);
+            }
+            if let Some(v) = pg.get_connect_timeout() {
+                one.connect_timeout(*v);
+            }
+            if let Some(v) = pg.get_tcp_user_timeout() {
+                one.tcp_user_timeout(*v);
+            }
+            one.ssl_mode(pg.get_ssl_mode())
+                .channel_binding(pg.get_channel_binding())
+                .keepalives(pg.get_keepalives())
+                .keepalives_idle(pg.get_keepalives_idle())
+                .target_session_attrs(pg.get_target_session_attrs());
+            if let Some(v) = pg.get_keepalives_interval() {
+                one.keepalives_interval(v);
+            }
+            if let Some(v) = pg.get_keepalives_retries() {
+                one.keepalives_retries(v);
+            }
+            one
+        })
+        .collect()
+}
+
 /// Whether every host of the connection is this machine: a Unix socket, `localhost` or
 /// a loopback address (no host at all means the local socket).
 fn all_hosts_local(pg: &tokio_postgres::Config) -> bool {
@@ -276,8 +346,10 @@ fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgr
             // Notice a dead peer in seconds rather than the kernel's two hours: a leader
             // whose host vanished must lose its lock quickly (see also the server-side
             // settings in table::connect).
-            pg.connect_timeout(CONNECT_TIMEOUT)
-                .keepalives(true)
+            if pg.get_connect_timeout().is_none() {
+                pg.connect_timeout(CONNECT_TIMEOUT);
+            }
+            pg.keepalives(true)
                 .keepalives_idle(KEEPALIVE_IDLE)
                 .keepalives_interval(KEEPALIVE_INTERVAL)
                 .keepalives_retries(KEEPALIVE_RETRIES)

@@ -175,6 +175,130 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Starts a hot standby of this server, made without `pg_basebackup` (the npm builds
+    /// have none): a physical slot `slot` reserving WAL, a non-exclusive base backup
+    /// (`pg_backup_start`, a copy of the data directory, `pg_backup_stop` for its
+    /// `backup_label`), `standby.signal` and `primary_conninfo` (with `dbname`, which slot
+    /// synchronisation needs), streaming through the slot with `hot_standby_feedback`.
+    /// `settings` come on top (e.g. `sync_replication_slots=on`).
+    pub async fn start_standby(&self, slot: &str, settings: &[&str]) -> std::io::Result<Postgres> {
+        let pg = |e: tokio_postgres::Error| std::io::Error::other(format!("standby: {e}"));
+        let admin = self.connect("postgres").await.map_err(pg)?;
+        let version: i32 = admin
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        admin
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true)",
+                &[&slot],
+            )
+            .await
+            .map_err(pg)?;
+        // The session that starts a non-exclusive backup must be the one that stops it.
+        let (start, stop) = if version >= 150000 {
+            (
+                "SELECT pg_backup_start('outbox-relay-standby', true)",
+                "SELECT labelfile, spcmapfile FROM pg_backup_stop(true)",
+            )
+        } else {
+            (
+                "SELECT pg_start_backup('outbox-relay-standby', true, false)",
+                "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, true)",
+            )
+        };
+        admin.execute(start, &[]).await.map_err(pg)?;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-relay-pg-standby-")
+            .tempdir()?;
+        let data = dir.path().join("data");
+        let as_user = server_user()?;
+        if let Some(user) = &as_user {
+            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        }
+        // cp -a keeps the owner and the 0700 mode the server insists on.
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&self.data)
+            .arg(&data)
+            .status()?;
+        let row = admin.query_one(stop, &[]).await.map_err(pg)?;
+        if !copied.success() {
+            return Err(std::io::Error::other(
+                "standby: copying the data directory failed",
+            ));
+        }
+        // Not the primary's: its pid file, its slots, its WAL (the standby streams that
+        // from the backup's start, which the slot kept).
+        for file in ["postmaster.pid", "postmaster.opts"] {
+            let _ = std::fs::remove_file(data.join(file));
+        }
+        for sub in ["pg_replslot", "pg_wal", "pg_wal/archive_status"] {
+            for entry in std::fs::read_dir(data.join(sub))?.flatten() {
+                if entry.file_type()?.is_dir() && sub == "pg_wal" {
+                    continue;
+                }
+                let path = entry.path();
+                if entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(path)?;
+                } else {
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        let label: String = row.get(0);
+        let spcmap: Option<String> = row.get(1);
+        let mut files = vec![("backup_label", label), ("standby.signal", String::new())];
+        if let Some(map) = spcmap.filter(|m| !m.is_empty()) {
+            files.push(("tablespace_map", map));
+        }
+        for (name, text) in files {
+            let path = data.join(name);
+            std::fs::write(&path, text)?;
+            if let Some(user) = &as_user {
+                nix::unistd::chown(&path, Some(user.uid), Some(user.gid))?;
+            }
+        }
+        let mut all = vec![
+            format!(
+                "primary_conninfo=host=127.0.0.1 port={} user=postgres dbname=postgres",
+                self.port
+            ),
+            format!("primary_slot_name={slot}"),
+            "hot_standby_feedback=on".to_owned(),
+        ];
+        all.extend(settings.iter().map(|s| s.to_string()));
+        let all_ref: Vec<&str> = all.iter().map(String::as_str).collect();
+        let bin = bin_dir()?;
+        let port = free_port()?;
+        let mut child = spawn_server(&bin, &data, port, &as_user, &all_ref)?;
+        if let Err(e) = wait_ready(&mut child, port) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log =
+                std::fs::read_to_string(data.with_file_name("server.log")).unwrap_or_default();
+            return Err(std::io::Error::other(format!(
+                "standby: {e}; its log:\n{log}"
+            )));
+        }
+        Ok(Postgres {
+            port,
+            child: std::sync::Mutex::new(child),
+            data,
+            settings: all,
+            _dir: dir,
+        })
+    }
+
+    /// Stops the server at once (an immediate shutdown: every backend goes, no
+    /// checkpoint), as a failing machine would; the data stays until drop.
+    pub fn kill(&self) {
+        stop_child(&mut self.child.lock().unwrap(), Signal::SIGQUIT);
+    }
+}
+
 /// Signals the postmaster and waits for it. A fast shutdown can wait forever for a
 /// walsender whose client stopped reading, so after 5 s it becomes an immediate one
 /// (which also stops the backends); SIGKILL only as the last resort, since it would

@@ -149,3 +149,68 @@ fn check_reports_an_unreachable_database_and_exits_1() {
     assert!(t.contains("postgres: FAILED"), "{t}");
     assert!(t.contains("kafka: FAILED"), "{t}");
 }
+
+/// In log mode `check` reports every host of the URL: role, version, each setting the
+/// relay depends on, and the fix beside each problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_in_log_mode_reports_each_server_with_its_settings() {
+    let env = Env::start().await;
+    let major = env.pg_major().await;
+    let logical = |extra: &str| crate::logical::logical_toml(&env, extra);
+    let f = config_file(&logical(""));
+    let out = relay(&["check", "--config", f.path().to_str().unwrap()]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let port = env.pg.port();
+    for line in [
+        format!("postgres postgres@127.0.0.1:{port}/app: primary, PostgreSQL {major}."),
+        "  ok: wal_level = logical".into(),
+        "  ok: role postgres may replicate".into(),
+        "  WARNING: max_slot_wal_keep_size = -1 (unlimited)".into(),
+        "  ok: slot outbox_relay does not exist yet (the first start creates it)".into(),
+        "postgres: ok".into(),
+    ] {
+        assert!(t.contains(&line), "{line:?} not in:\n{t}");
+    }
+    assert!(
+        t.contains("publication outbox_relay"),
+        "the publication is reported:\n{t}"
+    );
+
+    // Failover slots: refused before 17, and on 17+ the primary's missing
+    // synchronized_standby_slots is explained.
+    let f = config_file(&logical("failover = true"));
+    let out = relay(&["check", "--config", f.path().to_str().unwrap()]);
+    let t = text(&out);
+    if major < 17 {
+        assert_eq!(out.status.code(), Some(1), "{t}");
+        assert!(
+            t.contains("PROBLEM: source.logical.failover = true needs PostgreSQL 17"),
+            "{t}"
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{t}");
+        assert!(
+            t.contains("WARNING: synchronized_standby_slots is empty"),
+            "{t}"
+        );
+    }
+
+    // A second host that does not answer is reported by name, and fails the check.
+    let dead = outbox_relay::testkit::free_port().unwrap();
+    let two = logical("").replace(
+        &format!("127.0.0.1:{port}/"),
+        &format!("127.0.0.1:{port},127.0.0.1:{dead}/"),
+    );
+    assert!(two.contains(&format!(",127.0.0.1:{dead}/")), "{two}");
+    let f = config_file(&two);
+    let out = relay(&["check", "--config", f.path().to_str().unwrap()]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!(
+            "postgres postgres@127.0.0.1:{dead}/app: unreachable"
+        )),
+        "{t}"
+    );
+}

@@ -20,3 +20,4 @@ mod polling;
 mod process;
 mod refusals;
 mod secrets;
+mod slot_lost;

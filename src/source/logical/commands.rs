@@ -17,6 +17,9 @@ pub const MESSAGES_SINCE: u32 = 140000;
 /// The first major that takes `CREATE_REPLICATION_SLOT … (option, …)`.
 const OPTION_LIST_SINCE: u32 = 150000;
 
+/// The first major with failover slots.
+pub const FAILOVER_SINCE: u32 = 170000;
+
 /// A server's `server_version_num` (e.g. 170010 for 17.10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServerVersion(pub u32);
@@ -59,6 +62,11 @@ pub fn create_slot(
         (false, Snapshot::Nothing) => "NOEXPORT_SNAPSHOT",
     };
     format!("CREATE_REPLICATION_SLOT \"{slot}\" {temporary}LOGICAL pgoutput {option}")
+}
+
+/// Turns a slot into a failover slot (17+), synchronised to standbys that ask for it.
+pub fn make_failover(slot: &str) -> String {
+    format!("ALTER_REPLICATION_SLOT \"{slot}\" ( FAILOVER true )")
 }
 
 /// `START_REPLICATION` of a pgoutput slot from `from` (0: where the slot stands).

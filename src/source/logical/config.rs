@@ -17,6 +17,8 @@ pub struct RawLogicalConfig {
     heartbeat_interval: String,
     cleanup: bool,
     batch_size: usize,
+    failover: bool,
+    on_slot_lost: String,
 }
 
 impl Default for RawLogicalConfig {
@@ -30,6 +32,8 @@ impl Default for RawLogicalConfig {
             heartbeat_interval: "10s".into(),
             cleanup: false,
             batch_size: 1000,
+            failover: false,
+            on_slot_lost: "fail".into(),
         }
     }
 }
@@ -47,6 +51,30 @@ pub struct LogicalConfig {
     pub cleanup: bool,
     /// Events handed to Kafka per round.
     pub batch_size: std::num::NonZeroUsize,
+    /// Make the slot a failover slot (PostgreSQL 17+), so a promoted standby has it.
+    pub failover: bool,
+    pub on_slot_lost: OnSlotLost,
+}
+
+impl std::fmt::Display for OnSlotLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnSlotLost::Fail => "fail",
+            OnSlotLost::Recreate => "recreate",
+        })
+    }
+}
+
+/// What to do when the slot is invalidated or dropped under the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSlotLost {
+    /// Stop with an error that says what was lost and how to go on (the default): the
+    /// operator decides, because events may be gone from the WAL.
+    Fail,
+    /// Drop the dead slot, make a new one and publish the rows still in the outbox again:
+    /// duplicates, never lost table rows; logical decoding messages written meanwhile are
+    /// gone with the WAL.
+    Recreate,
 }
 
 impl RawLogicalConfig {
@@ -93,6 +121,17 @@ impl RawLogicalConfig {
             );
             ok = false;
         }
+        let on_slot_lost = match self.on_slot_lost.as_str() {
+            "fail" => Some(OnSlotLost::Fail),
+            "recreate" => Some(OnSlotLost::Recreate),
+            other => {
+                problems.push(
+                    "source.logical.on_slot_lost",
+                    format!("{other:?} is not one of \"fail\" (the default) or \"recreate\""),
+                );
+                None
+            }
+        };
         if ok {
             Some(LogicalConfig {
                 slot: self.slot,
@@ -103,6 +142,8 @@ impl RawLogicalConfig {
                 heartbeat_interval: heartbeat.filter(|d| !d.is_zero()),
                 cleanup: self.cleanup,
                 batch_size: batch_size?,
+                failover: self.failover,
+                on_slot_lost: on_slot_lost?,
             })
         } else {
             None

@@ -26,9 +26,11 @@
 mod commands;
 mod config;
 pub mod ledger;
+mod lost;
 pub mod mapping;
 pub mod pgoutput;
 mod protocol;
+pub mod report;
 mod setup;
 mod slot;
 mod snapshot;
@@ -41,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 pub use commands::ServerVersion;
-pub use config::{LogicalConfig, RawLogicalConfig};
+pub use config::{LogicalConfig, OnSlotLost, RawLogicalConfig};
 #[doc(hidden)]
 pub use protocol::fuzz_stream_bytes;
 pub use protocol::ReplicationError;
@@ -87,6 +89,8 @@ pub struct LogicalSource {
     lag_measured: Option<std::time::Instant>,
     /// Decides the replication commands' syntax and options.
     server: ServerVersion,
+    /// Whether the slot is a failover slot already (a new or copied slot is not).
+    slot_is_failover: bool,
 }
 
 enum Phase {
@@ -159,6 +163,7 @@ impl LogicalSource {
             select_sql,
             lag_measured: None,
             server,
+            slot_is_failover: false,
         })
     }
 
@@ -367,6 +372,7 @@ impl crate::source::Source for LogicalSource {
     }
 
     async fn finish(&mut self) -> Result<(), SourceError> {
+        self.finish_snapshot_on_stop().await?;
         self.clean_up(true).await?;
         if let Phase::Streaming(s) = &mut self.phase {
             s.feedback.send_modify(|f| f.finishing = true);

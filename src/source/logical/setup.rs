@@ -3,7 +3,7 @@
 
 use tokio_postgres::Client;
 
-use super::commands::{ServerVersion, MESSAGES_SINCE, OLDEST_SUPPORTED};
+use super::commands::{ServerVersion, FAILOVER_SINCE, MESSAGES_SINCE, OLDEST_SUPPORTED};
 use crate::source::{quote_ident, SourceConfig, SourceError, TableName};
 
 /// The server's `server_version_num`.
@@ -31,6 +31,12 @@ pub fn require_supported(server: ServerVersion, config: &SourceConfig) -> Result
             "a table-less outbox (source.table = \"\", pg_logical_emit_message) needs \
              PostgreSQL 14 or later, whose pgoutput sends logical decoding messages; this \
              server is {server}: use an outbox table (source.table), or upgrade"
+        )));
+    }
+    if config.logical.failover && server.0 < FAILOVER_SINCE {
+        return Err(SourceError::Setup(format!(
+            "source.logical.failover = true needs PostgreSQL 17 or later, which has failover \
+             slots; this server is {server}: set it to false, or upgrade"
         )));
     }
     Ok(())

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use super::commands;
+use super::lost::SlotState;
 use super::mapping::Mapper;
 use super::protocol::{ReplicationClient, ReplicationError};
 use super::stream::{self, Feedback, Queued};
@@ -24,20 +25,19 @@ const FIRST_START_LOCK_CLASS: i32 = 0x6f75_7473;
 
 impl LogicalSource {
     pub(super) async fn take_slot(&mut self) -> Result<(), SourceError> {
+        let recreating = match self.slot_state().await? {
+            SlotState::Usable { failover } => {
+                self.slot_is_failover = failover;
+                return self.start_streaming(Lsn(0)).await;
+            }
+            SlotState::Lost(why) => {
+                self.slot_lost(why).await?;
+                true
+            }
+            SlotState::Missing => false,
+        };
         let logical = &self.config.logical;
-        let exists = self
-            .sql
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&logical.slot],
-            )
-            .await
-            .map_err(SourceError::pg("looking up the replication slot"))?
-            .is_some();
-        if exists {
-            return self.start_streaming(Lsn(0)).await;
-        }
-        if !logical.create_if_missing {
+        if !logical.create_if_missing && !recreating {
             return Err(SourceError::Setup(format!(
                 "replication slot {} does not exist and source.logical.create_if_missing = false: \
                  create it (outbox-relay setup prints the SQL) or allow the relay to",
@@ -74,6 +74,7 @@ impl LogicalSource {
             .await
             .map_err(slot_error(slot))?;
             tracing::info!(%slot, "created the replication slot");
+            self.slot_is_failover = false;
             return self.start_streaming(Lsn(0)).await;
         }
         self.begin_snapshot().await
@@ -118,6 +119,15 @@ impl LogicalSource {
                 from = %from,
                 "starting replication"
             );
+        }
+        if logical.failover && !self.slot_is_failover {
+            // Made here for every path (found, copied from the first start's, created
+            // table-less): a copied slot never inherits the option.
+            repl.simple_query(&commands::make_failover(&logical.slot))
+                .await
+                .map_err(slot_error(&logical.slot))?;
+            self.slot_is_failover = true;
+            tracing::info!(slot = %logical.slot, "the replication slot is a failover slot");
         }
         let command =
             commands::start_replication(self.server, &logical.slot, from, &logical.publication);

@@ -5,7 +5,9 @@
 //! and published; only then is the temporary slot copied into the real one
 //! (`pg_copy_logical_replication_slot`), and the stream starts at the snapshot's
 //! consistent point: no gap, no overlap. A crash before the copy leaves no slot behind
-//! (temporary slots die with their session), so the next start does it all again.
+//! (temporary slots die with their session), so the next start does it all again. A
+//! graceful stop whose snapshot is wholly acknowledged makes the slot before it exits,
+//! so a restart right after a short first start repeats nothing.
 
 use tokio_postgres::Client;
 
@@ -97,8 +99,47 @@ impl LogicalSource {
 
     /// The snapshot is published: make the real slot and stream from where it ends.
     pub(super) async fn finish_snapshot(&mut self) -> Result<(), SourceError> {
-        let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        match self.keep_snapshot_slot().await? {
+            Some(point) => self.start_streaming(point).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A stop during the first start: if every snapshot row is published and
+    /// acknowledged, the real slot is made now. Otherwise the next start would publish
+    /// the whole snapshot again, though Kafka has all of it.
+    pub(super) async fn finish_snapshot_on_stop(&mut self) -> Result<(), SourceError> {
+        let Phase::Snapshot(snap) = &mut self.phase else {
             return Ok(());
+        };
+        if self.ledger.unacknowledged() > 0 {
+            return Ok(());
+        }
+        if !snap.exhausted {
+            // The last batch may have been the end without the cursor saying so yet.
+            let more = snap
+                .reader
+                .query(&format!("FETCH 1 FROM {SNAPSHOT_CURSOR}"), &[])
+                .await
+                .map_err(SourceError::pg("reading the first-start snapshot"))?;
+            if !more.is_empty() {
+                tracing::info!(
+                    slot = %self.config.logical.slot,
+                    "stopped during the first start: the next start publishes the outbox's \
+                     rows again (duplicates, no loss)"
+                );
+                return Ok(());
+            }
+            snap.exhausted = true;
+        }
+        self.keep_snapshot_slot().await.map(drop)
+    }
+
+    /// Copies the temporary slot into the real one and closes the snapshot; returns the
+    /// consistent point to stream from, or `None` when not in the first start.
+    async fn keep_snapshot_slot(&mut self) -> Result<Option<Lsn>, SourceError> {
+        let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Ok(None);
         };
         snap.reader
             .batch_execute("COMMIT")
@@ -124,8 +165,9 @@ impl LogicalSource {
             })?;
         tracing::info!(%slot, "first-start snapshot published; created the replication slot");
         let point = snap.consistent_point;
+        self.slot_is_failover = false;
         drop(snap); // closes the holder: the temporary slot goes away
-        self.start_streaming(point).await
+        Ok(Some(point))
     }
 
     pub(super) async fn next_snapshot_batch(
