@@ -91,6 +91,8 @@ pub struct LogicalSource {
     server: ServerVersion,
     /// Whether the slot is a failover slot already (a new or copied slot is not).
     slot_is_failover: bool,
+    /// Decoding on a hot standby (16+): no writes there, so no heartbeat.
+    standby: bool,
 }
 
 enum Phase {
@@ -125,6 +127,7 @@ impl LogicalSource {
         require_logical_wal(&sql).await?;
         let server = server_version(&sql).await?;
         setup::require_supported(server, config)?;
+        let standby = setup::require_standby_ready(&sql, server, config).await?;
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
         let mut partitions = Vec::new();
@@ -164,6 +167,7 @@ impl LogicalSource {
             lag_measured: None,
             server,
             slot_is_failover: false,
+            standby,
         })
     }
 
@@ -225,7 +229,8 @@ impl LogicalSource {
         let lag: Option<i64> = self
             .sql
             .query_opt(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+                "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                   ELSE pg_current_wal_lsn() END, confirmed_flush_lsn)::int8 \
                  FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.config.logical.slot],
             )

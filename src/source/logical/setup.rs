@@ -42,6 +42,60 @@ pub fn require_supported(server: ServerVersion, config: &SourceConfig) -> Result
     Ok(())
 }
 
+/// The first major that decodes on a hot standby.
+const STANDBY_DECODING_SINCE: u32 = 160000;
+
+/// Whether the server is a hot standby, and if so whether the relay can tail it as
+/// configured: decoding there needs 16+, `hot_standby_feedback` (or the primary vacuums
+/// away catalog rows the slot needs, which invalidates it), and no writes (`cleanup`,
+/// failover slots, which are the primary's).
+pub async fn require_standby_ready(
+    sql: &Client,
+    server: ServerVersion,
+    config: &SourceConfig,
+) -> Result<bool, SourceError> {
+    let row = sql
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('hot_standby_feedback')",
+            &[],
+        )
+        .await
+        .map_err(SourceError::pg("asking whether the server is a standby"))?;
+    let (standby, feedback): (bool, String) = (row.get(0), row.get(1));
+    if !standby {
+        return Ok(false);
+    }
+    let refuse = |why: String| {
+        Err(SourceError::Setup(format!(
+            "this server is a standby: {why}"
+        )))
+    };
+    if server.0 < STANDBY_DECODING_SINCE {
+        return refuse(format!(
+            "PostgreSQL {server} decodes only on a primary (16 and later decode on a standby);              point source.database_url at the primary, or add target_session_attrs=read-write              to a multi-host URL"
+        ));
+    }
+    if config.logical.cleanup {
+        return refuse(
+            "source.logical.cleanup = true deletes rows, which a standby cannot: set it to              false here, or point source.database_url at the primary"
+                .into(),
+        );
+    }
+    if config.logical.failover {
+        return refuse(
+            "source.logical.failover makes a failover slot, which only a primary has: set it              to false to tail this standby"
+                .into(),
+        );
+    }
+    if feedback != "on" {
+        return refuse(
+            "hot_standby_feedback is off, so the primary may vacuum away catalog rows the slot              needs and the standby then invalidates it: ALTER SYSTEM SET hot_standby_feedback              = on; SELECT pg_reload_conf() on the standby (and give it a physical slot on the              primary, primary_slot_name)"
+                .into(),
+        );
+    }
+    Ok(true)
+}
+
 /// Log mode needs `wal_level = logical`; says how to get it otherwise.
 pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
     let wal_level: String = sql
@@ -208,6 +262,11 @@ pub(super) async fn ensure_publication(
     ))
     .await
     .map_err(|e| match e.code().map(|c| c.code()) {
+        Some("25006") => SourceError::Setup(format!(
+            "publication {name} does not exist, and this server is a standby, where nothing \
+             can be created: create it on the primary (sql/002_publication.sql); it reaches \
+             the standby with the WAL"
+        )),
         Some("42501") => SourceError::Setup(format!(
             "may not create publication {name}: create it as the table's owner \
              (sql/002_publication.sql) or grant this role ownership of the table"

@@ -164,8 +164,13 @@ impl LogicalSource {
         });
         // Events taken from an earlier stream are that stream's: this one sends them again.
         self.ledger = Default::default();
-        if let Some(every) = logical.heartbeat_interval {
-            self.spawn_heartbeat(every);
+        match logical.heartbeat_interval {
+            // A standby takes no writes; the primary's own traffic moves its WAL on.
+            Some(_) if self.standby => tracing::info!(
+                "decoding on a standby: no heartbeat messages (they would be writes)"
+            ),
+            Some(every) => self.spawn_heartbeat(every),
+            None => {}
         }
         Ok(())
     }
