@@ -220,3 +220,50 @@ async fn drop_under_the_relay(db: &tokio_postgres::Client, slot: &str) {
     }
     panic!("could not drop {slot} under the relay");
 }
+
+/// PostgreSQL 18 also invalidates a slot unused for `idle_replication_slot_timeout`: the
+/// same policy, the server's own reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_18_a_slot_idle_past_idle_replication_slot_timeout_is_reported_as_such() {
+    let env = Env::start().await;
+    let major = env.pg_major().await;
+    if major < 18 {
+        eprintln!("PostgreSQL {major} has no idle_replication_slot_timeout: nothing to test");
+        return;
+    }
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    let toml = logical_toml(&env, "");
+    let relay = RunningRelay::start(load_toml(&toml));
+    insert_event(&db, "order", "o-1", "Sent", "{}").await;
+    assert_eq!(env.consume(&["outbox.order"], 1, 20).await.len(), 1);
+    relay.stop().await;
+    for sql in [
+        "ALTER SYSTEM SET idle_replication_slot_timeout = '1s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    let mut reason = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        db.batch_execute("CHECKPOINT").await.unwrap();
+        reason = db
+            .query_one(
+                "SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0);
+        if reason.is_some() {
+            break;
+        }
+    }
+    assert_eq!(reason.as_deref(), Some("idle_timeout"));
+    let err = run_error(load_toml(&toml)).await;
+    assert!(
+        err.contains("replication slot outbox_relay was invalidated (idle_timeout): it was unused for longer than idle_replication_slot_timeout"),
+        "{err}"
+    );
+}
