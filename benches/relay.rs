@@ -123,6 +123,38 @@ struct Steady {
     /// Resident memory sampled every second after the first tenth of the run.
     rss_min_mb: f64,
     rss_max_mb: f64,
+    /// Resident memory every second from the start, for drift and jitter.
+    rss_mb_per_second: Vec<f64>,
+    /// Mean RSS of the last window minus that of the first (after warm-up), in percent
+    /// of the first: growth, if the relay leaks or a buffer creeps.
+    rss_drift_percent: f64,
+    /// Max minus min within the last window, in percent of its mean: noise.
+    rss_jitter_percent: f64,
+    /// The window: a minute, or a quarter of a shorter run.
+    rss_window_seconds: usize,
+}
+
+/// Drift (first window after warm-up vs last window) and jitter (spread inside the last
+/// window) of a per-second RSS series, in percent; and the window length.
+fn drift_and_jitter(per_second: &[f64]) -> (f64, f64, usize) {
+    let window = (per_second.len() / 4).clamp(1, 60);
+    // The first tenth is start-up (buffers filling), not drift.
+    let start = per_second.len() / 10;
+    if per_second.len() < start + 2 * window {
+        return (0.0, 0.0, window);
+    }
+    let mean = |w: &[f64]| w.iter().sum::<f64>() / w.len() as f64;
+    let first = mean(&per_second[start..start + window]);
+    let last_w = &per_second[per_second.len() - window..];
+    let last = mean(last_w);
+    let (lo, hi) = last_w
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    (
+        (last / first - 1.0) * 100.0,
+        (hi - lo) / last * 100.0,
+        window,
+    )
 }
 
 #[derive(Serialize, Default)]
@@ -457,7 +489,11 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str) -> Steady {
     let started = Instant::now();
     let mut n = 0i64;
     let (mut rss_min, mut rss_max) = (f64::MAX, 0.0f64);
+    let mut per_second = Vec::new();
     for tick in 0..ticks {
+        if tick % 100 == 0 {
+            per_second.push(current_rss(relay.id()));
+        }
         if tick >= ticks / 10 && tick % 100 == 0 {
             let rss = current_rss(relay.id());
             rss_min = rss_min.min(rss);
@@ -494,6 +530,7 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str) -> Steady {
     };
     let elapsed = started.elapsed();
     let (rss, _) = stop_measured(relay);
+    let (drift, jitter, window) = drift_and_jitter(&per_second);
     Steady {
         target_events_per_second: a.steady_rate,
         seconds: a.steady_secs,
@@ -504,6 +541,10 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str) -> Steady {
         peak_rss_mb: rss,
         rss_min_mb: rss_min,
         rss_max_mb: rss_max,
+        rss_drift_percent: drift,
+        rss_jitter_percent: jitter,
+        rss_window_seconds: window,
+        rss_mb_per_second: per_second,
     }
 }
 
@@ -722,6 +763,13 @@ fn print_table(r: &Report) {
             s.rss_min_mb,
             s.rss_max_mb,
             (s.rss_max_mb / s.rss_min_mb - 1.0) * 100.0
+        );
+        println!(
+            "  steady-state memory drift: {:+.1}% (mean of the last {w} s vs the first {w} s \
+             after warm-up); jitter {:.1}% (spread within the last {w} s)",
+            s.rss_drift_percent,
+            s.rss_jitter_percent,
+            w = s.rss_window_seconds
         );
         println!("  peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
     }

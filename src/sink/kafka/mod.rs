@@ -23,6 +23,7 @@ pub mod message;
 pub mod topic;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -92,6 +93,9 @@ pub struct KafkaSink {
     alone: OnceLock<Result<FutureProducer, KafkaError>>,
     /// Topics that refused a batch for its size: their events go through `alone`.
     one_at_a_time: Mutex<HashSet<String>>,
+    /// Whether `one_at_a_time` holds any topic: until one is refused, which is the
+    /// normal case, the per-event check takes no lock.
+    any_one_at_a_time: AtomicBool,
     client: ClientConfig,
     config: KafkaSinkConfig,
     telemetry: Telemetry,
@@ -112,6 +116,7 @@ impl KafkaSink {
             producer,
             alone: OnceLock::new(),
             one_at_a_time: Mutex::new(HashSet::new()),
+            any_one_at_a_time: AtomicBool::new(false),
             client,
             config: config.clone(),
             telemetry,
@@ -264,7 +269,9 @@ impl KafkaSink {
     /// An event refused for its size as part of a batch: sent again alone, so the answer
     /// is about the event itself. Its topic's events go alone from now on.
     async fn send_alone(&self, event: &OutboxEvent, topic: String) -> Delivery {
-        if self.one_at_a_time.lock().unwrap().insert(topic.clone()) {
+        let first = self.one_at_a_time.lock().unwrap().insert(topic.clone());
+        self.any_one_at_a_time.store(true, Ordering::Release);
+        if first {
             tracing::warn!(
                 %topic,
                 "the broker refused a produce batch for this topic as too large: its events \
@@ -290,7 +297,14 @@ impl KafkaSink {
             .get_or_init(|| {
                 let mut client = self.client.clone();
                 client.set("batch.num.messages", "1");
-                client.set("client.id", "outbox-relay-single");
+                // Told apart in the broker's logs and quotas, under the operator's name
+                // when one is set.
+                let id = self
+                    .config
+                    .librdkafka
+                    .get("client.id")
+                    .map_or("outbox-relay".to_owned(), |v| v.to_string());
+                client.set("client.id", format!("{id}-single"));
                 client.create()
             })
             .as_ref()
@@ -300,7 +314,9 @@ impl KafkaSink {
     /// Hands `msg` to the producer its topic uses; `true` when that is the one-message
     /// producer.
     async fn enqueue_for(&self, msg: &KafkaMessage) -> Result<(DeliveryFuture, bool), KafkaError> {
-        if self.one_at_a_time.lock().unwrap().contains(&msg.topic) {
+        let alone = self.any_one_at_a_time.load(Ordering::Acquire)
+            && self.one_at_a_time.lock().unwrap().contains(&msg.topic);
+        if alone {
             Ok((self.enqueue_on(self.alone()?, msg).await?, true))
         } else {
             Ok((self.enqueue_on(&self.producer, msg).await?, false))
