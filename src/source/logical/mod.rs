@@ -25,6 +25,7 @@
 
 mod commands;
 mod config;
+mod hosts;
 pub mod ledger;
 mod lost;
 pub mod mapping;

@@ -81,7 +81,7 @@ impl LogicalSource {
     }
 
     pub(super) async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
-        ReplicationClient::connect(&self.config.pg, &self.config.tls)
+        super::hosts::connect(&self.config.pg, &self.config.tls)
             .await
             .map_err(|e| match e.code() {
                 Some("42501") => SourceError::Setup(format!(
