@@ -27,7 +27,7 @@ impl FromStr for Lsn {
 }
 
 /// Where an event sits in its source: its order key, and what the source forgets on ack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Position {
     /// The outbox row's `seq` (polling, and rows of the first-start snapshot).
     Seq(i64),
@@ -41,6 +41,26 @@ impl fmt::Display for Position {
             Position::Seq(seq) => write!(f, "seq:{seq}"),
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
         }
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+
+    /// The [`Display`](fmt::Display) form back: `seq:42` or `lsn:16/B374D848`.
+    fn from_str(s: &str) -> Result<Position, String> {
+        if let Some(seq) = s.strip_prefix("seq:") {
+            return seq
+                .parse()
+                .map(Position::Seq)
+                .map_err(|_| format!("{s:?} is not a position (bad seq)"));
+        }
+        if let Some(lsn) = s.strip_prefix("lsn:") {
+            return lsn.parse().map(Position::Lsn);
+        }
+        Err(format!(
+            "{s:?} is not a position (expected seq:N or lsn:X/Y)"
+        ))
     }
 }
 
@@ -106,6 +126,21 @@ mod tests {
         assert_eq!(Position::Lsn(Lsn(0x1_0000_0002)).to_string(), "lsn:1/2");
         for bad in ["nonsense", "1/", "/1", "1/2/3", "G/1", "100000000/0"] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn positions_round_trip_through_their_text() {
+        for p in [
+            Position::Seq(0),
+            Position::Seq(i64::MAX),
+            Position::Seq(-3),
+            Position::Lsn(Lsn(0x16_B374_D848)),
+        ] {
+            assert_eq!(p.to_string().parse(), Ok(p));
+        }
+        for bad in ["", "seq:", "seq:x", "lsn:1", "LSN:1/2", "42", "seq:1.5"] {
+            assert!(bad.parse::<Position>().is_err(), "{bad} parsed");
         }
     }
 }

@@ -30,19 +30,24 @@ pub const LAST_ACK_TIMESTAMP: &str = "outbox_relay_last_ack_timestamp_seconds";
 pub const RECONNECTS: &str = "outbox_relay_reconnects_total";
 pub const SLOTS_RECREATED: &str = "outbox_relay_slots_recreated_total";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
+pub const TRANSACTIONS: &str = "outbox_relay_kafka_transactions_total";
+pub const EVENTS_RECONCILED: &str = "outbox_relay_events_reconciled_total";
 
 /// The `reason` label values of [`FAILURES`].
-pub const FAILURE_REASONS: [&str; 6] = [
+pub const FAILURE_REASONS: [&str; 9] = [
     "delivery",
     "dead_letter",
     "producer",
     "not_attempted",
     "postgres",
     "stalled",
+    "aborted",
+    "fenced",
+    "checkpoint",
 ];
 
 /// Every metric this crate exports (the process_* metrics come on top).
-pub const NAMES: [&str; 15] = [
+pub const NAMES: [&str; 17] = [
     EVENTS_PUBLISHED,
     EVENTS_DEAD_LETTERED,
     FAILURES,
@@ -58,7 +63,12 @@ pub const NAMES: [&str; 15] = [
     RECONNECTS,
     SLOTS_RECREATED,
     BUILD_INFO,
+    TRANSACTIONS,
+    EVENTS_RECONCILED,
 ];
+
+/// The `outcome` label values of [`TRANSACTIONS`].
+pub const TRANSACTION_OUTCOMES: [&str; 2] = ["committed", "aborted"];
 
 /// The metrics of one relay process.
 pub struct Metrics {
@@ -77,6 +87,8 @@ pub struct Metrics {
     pub last_ack_timestamp: IntGauge,
     pub reconnects: IntCounter,
     pub slots_recreated: IntCounter,
+    pub transactions: IntCounterVec,
+    pub events_reconciled: IntCounter,
 }
 
 impl Metrics {
@@ -96,7 +108,7 @@ impl Metrics {
             failures: IntCounterVec::new(
                 Opts::new(
                     FAILURES,
-                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled.",
+                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled, aborted, fenced, checkpoint.",
                 ),
                 &["reason"],
             )
@@ -148,6 +160,19 @@ impl Metrics {
                 "Replication slots found invalidated or dropped and made again (on_slot_lost = recreate).",
             )
             .unwrap(),
+            transactions: IntCounterVec::new(
+                Opts::new(
+                    TRANSACTIONS,
+                    "Kafka transactions ended, by outcome: committed, aborted (exactly-once delivery).",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+            events_reconciled: IntCounter::new(
+                EVENTS_RECONCILED,
+                "Events found already committed to Kafka by an earlier run, acknowledged without publishing them again (exactly-once delivery).",
+            )
+            .unwrap(),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -159,6 +184,9 @@ impl Metrics {
         // Known reasons start at 0, so rate() and alerts see the series from the start.
         for reason in FAILURE_REASONS {
             metrics.failures.with_label_values(&[reason]);
+        }
+        for outcome in TRANSACTION_OUTCOMES {
+            metrics.transactions.with_label_values(&[outcome]);
         }
         let r = &metrics.registry;
         for c in [
@@ -176,6 +204,8 @@ impl Metrics {
             Box::new(metrics.last_ack_timestamp.clone()),
             Box::new(metrics.reconnects.clone()),
             Box::new(metrics.slots_recreated.clone()),
+            Box::new(metrics.transactions.clone()),
+            Box::new(metrics.events_reconciled.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {

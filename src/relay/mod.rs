@@ -20,6 +20,7 @@
 //! acknowledged by then is simply read again by the next run.
 
 mod config;
+mod exactly_once;
 mod pump;
 #[cfg(test)]
 mod tests;
@@ -34,7 +35,8 @@ pub use config::{RawRelayConfig, RelayConfig};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::metrics::Telemetry;
-use crate::sink::kafka::{KafkaSink, SinkError};
+use crate::sink::kafka::checkpoint::Resume;
+use crate::sink::kafka::{DeliveryMode, KafkaSink, SinkError};
 use crate::source::{AnySource, Mode, Source, SourceError};
 use pump::Pump;
 
@@ -80,6 +82,9 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
+    if config.sink.delivery == DeliveryMode::ExactlyOnce {
+        return exactly_once::run(config, telemetry, shutdown).await;
+    }
     let mut sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
     let mut probe = sink.spawn_health_probe(shutdown.clone());
     let batch_size = match config.source.mode {
@@ -121,6 +126,7 @@ pub async fn run(
                 config: &relay_config,
                 shutdown: &shutdown,
                 backoff: &mut backoff,
+                resume: Resume::default(),
             };
             pump.run(&mut source, batch_size).await?;
             source.finish().await?;

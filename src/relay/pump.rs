@@ -13,14 +13,12 @@ use super::{RelayConfig, RelayError};
 use crate::backoff::Backoff;
 use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
-use crate::sink::{Delivery, Sink, SinkError};
+use crate::sink::kafka::checkpoint::Resume;
+use crate::sink::{Delivery, Sink};
 use crate::source::Source;
 
 /// How often a batch waiting for Kafka is checked for a stall.
 const STALL_CHECK: Duration = Duration::from_secs(1);
-
-/// Batches handed to Kafka and not yet acknowledged, at most.
-pub(super) const PIPELINE_DEPTH: usize = 2;
 
 /// The batch loop's collaborators.
 pub(super) struct Pump<'a, K: Sink> {
@@ -29,6 +27,9 @@ pub(super) struct Pump<'a, K: Sink> {
     pub config: &'a RelayConfig,
     pub shutdown: &'a CancellationToken,
     pub backoff: &'a mut Backoff,
+    /// What an earlier run already committed to Kafka (exactly-once delivery): it is
+    /// acknowledged to PostgreSQL without being published again.
+    pub resume: Resume,
 }
 
 /// A batch with the sink. The relay holds the only copy of its events: on a failure
@@ -51,7 +52,7 @@ impl InFlight {
 impl<K: Sink> Pump<'_, K> {
     /// Moves batches from `source` to the sink until shutdown or a source error.
     ///
-    /// Up to [`PIPELINE_DEPTH`] batches are in flight: while Kafka acknowledges one, the
+    /// Up to [`Sink::depth`] batches are in flight: while Kafka acknowledges one, the
     /// next is read and handed over, so database and broker work overlap. Batches are
     /// handed to the producer strictly in order and acknowledged strictly in order; when
     /// one is not fully durable, the batches behind it are abandoned and the source is
@@ -74,7 +75,7 @@ impl<K: Sink> Pump<'_, K> {
             // source can only acknowledge whole transactions, so stopping in the middle
             // would send its first part again after the restart.
             let want_more = !stopping || source.mid_transaction();
-            if want_more && in_flight.len() < PIPELINE_DEPTH {
+            if want_more && in_flight.len() < self.sink.depth() {
                 // Only block for new events when nothing is waiting for Kafka.
                 let wait = in_flight.is_empty();
                 let batch = if stopping {
@@ -96,6 +97,25 @@ impl<K: Sink> Pump<'_, K> {
                         batch = source.next_batch(batch_size, wait) => batch?,
                     }
                 };
+                let mut batch = batch;
+                let covered = self.resume.covered(&batch);
+                if covered > 0 {
+                    // Only the start of the stream can be covered, before anything was
+                    // sent: these are the oldest unacknowledged events, as `ack` wants.
+                    source.ack(&batch[..covered]).await?;
+                    metrics.events_reconciled.inc_by(covered as u64);
+                    metrics.acked_now();
+                    tracing::info!(
+                        events = covered,
+                        up_to = %batch[covered - 1].position,
+                        "already committed to Kafka by an earlier run: acknowledged without \
+                         publishing them again"
+                    );
+                    batch.drain(..covered);
+                    if batch.is_empty() {
+                        continue;
+                    }
+                }
                 if !batch.is_empty() {
                     metrics.batch_size.observe(batch.len() as f64);
                     // A full producer queue holds the hand-over; a shutdown must not wait
@@ -169,9 +189,12 @@ impl<K: Sink> Pump<'_, K> {
                 self.backoff.reset();
                 continue;
             }
-            let failure = outcomes.into_iter().nth(durable);
-            if let Some(Delivery::Failed(fatal @ SinkError::Fatal(_))) = failure {
-                return Err(fatal.into());
+            let mut failure = outcomes.into_iter().nth(durable);
+            if let Some(Delivery::Failed(fatal)) = failure {
+                if fatal.is_fatal() {
+                    return Err(fatal.into());
+                }
+                failure = Some(Delivery::Failed(fatal));
             }
             if let (Some(event), Some(Delivery::Failed(e))) = (batch.get(durable), &failure) {
                 // One line per failed batch, naming the first event that blocks it.

@@ -196,6 +196,7 @@ async fn pump_with(
         config: &config,
         shutdown,
         backoff: &mut backoff,
+        resume: Default::default(),
     };
     let result = pump.run(source, batch_size).await;
     (result, sink)

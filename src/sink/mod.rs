@@ -1,4 +1,5 @@
-//! Where events go. One sink: Kafka ([`kafka::KafkaSink`]).
+//! Where events go: Kafka, at least once ([`kafka::KafkaSink`]) or exactly once
+//! ([`kafka::TransactionalSink`]).
 //!
 //! The relay loop sees it through [`Sink`], two steps per batch, so that it can keep two
 //! batches with the broker at once and so that its logic (durable prefix, rewind,
@@ -18,6 +19,12 @@ pub use kafka::{Delivery, SinkError};
 pub trait Sink: Send + Sync + 'static {
     /// A batch handed over whose outcomes are not collected yet.
     type Sent: Send + 'static;
+
+    /// Batches that may be with the sink at once. Two let the next batch go out while
+    /// the first one's reports come back; a transactional sink takes one at a time.
+    fn depth(&self) -> usize {
+        2
+    }
 
     /// Hands every event of the batch over, in order. Batches sent one after the other
     /// keep their order, so the next one may be sent before this one is collected.

@@ -80,7 +80,52 @@ pub enum AnySource {
     Logical(logical::LogicalSource),
 }
 
+/// What names an outbox across its replicas, for exactly-once delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The cluster's system identifier: the same on a physical standby and after its
+    /// promotion, different on any other cluster.
+    pub system_identifier: String,
+    pub database: String,
+    /// The outbox table (polling) or the slot (log mode).
+    pub name: String,
+    /// Changes when the outbox is made anew under the same name (the table's OID in
+    /// polling mode, whose `seq` may start over), so an old checkpoint is not trusted.
+    pub epoch: String,
+}
+
+/// Reads the cluster's system identifier and the database's name.
+async fn cluster_identity(
+    client: &tokio_postgres::Client,
+) -> Result<(String, String), SourceError> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(SourceError::pg(
+            "reading the system identifier (pg_control_system())",
+        ))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 impl AnySource {
+    /// The outbox's identity (see [`Identity`]).
+    pub async fn identity(&self) -> Result<Identity, SourceError> {
+        let (client, name, epoch) = match self {
+            AnySource::Polling(s) => (s.client(), s.table_name(), s.table_oid().to_string()),
+            AnySource::Logical(s) => (s.client(), format!("slot:{}", s.slot()), String::new()),
+        };
+        let (system_identifier, database) = cluster_identity(client).await?;
+        Ok(Identity {
+            system_identifier,
+            database,
+            name,
+            epoch,
+        })
+    }
+
     pub async fn connect(
         config: &SourceConfig,
         telemetry: crate::metrics::Telemetry,

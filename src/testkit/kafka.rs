@@ -141,6 +141,8 @@ impl Reader {
             .set("group.id", "outbox-relay-testkit")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            // librdkafka's default, spelled out: exactly-once tests rely on it.
+            .set("isolation.level", "read_committed")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for topic in topics {

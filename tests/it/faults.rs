@@ -76,7 +76,7 @@ impl Relay {
 
 /// The application name of the relay that currently leads, if any. The monitoring
 /// connection is reopened after a database restart closed it.
-async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> Option<String> {
+pub async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> Option<String> {
     if db.is_closed() {
         *db = env.pg.connect("app").await.ok()?;
     }

@@ -9,6 +9,7 @@ mod bad_rows;
 mod broker_faults;
 mod cli;
 mod deploy;
+mod exactly_once;
 mod failover;
 mod faults;
 mod kafka_sink;

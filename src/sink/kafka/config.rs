@@ -9,6 +9,7 @@ use crate::config::Problems;
 
 const DEFAULT_TOPIC: &str = "outbox.{aggregate_type}";
 const DEFAULT_DEAD_LETTER_TOPIC: &str = "outbox.dlq";
+const DEFAULT_CHECKPOINT_TOPIC: &str = "outbox-relay.checkpoints";
 
 #[derive(Deserialize)]
 pub struct RawKafkaSinkConfig {
@@ -25,6 +26,18 @@ pub struct RawKafkaSinkConfig {
     row_topics: Option<Vec<String>>,
     #[serde(default)]
     librdkafka: BTreeMap<String, serde_json::Value>,
+    #[serde(default = "default_delivery")]
+    delivery: String,
+    transactional_id: Option<String>,
+    #[serde(default = "default_checkpoint_topic")]
+    checkpoint_topic: String,
+}
+
+fn default_delivery() -> String {
+    "at_least_once".into()
+}
+fn default_checkpoint_topic() -> String {
+    DEFAULT_CHECKPOINT_TOPIC.into()
 }
 
 fn default_topic() -> String {
@@ -44,6 +57,16 @@ pub enum Format {
     Raw,
     /// A CloudEvents 1.0 structured-mode JSON envelope around the payload.
     CloudEvents,
+}
+
+/// What the sink promises about duplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    /// One idempotent producer; an event may appear twice after a crash.
+    AtLeastOnce,
+    /// Each batch is one Kafka transaction that also records the batch's source position
+    /// in the checkpoint topic (see [`super::transactional`]).
+    ExactlyOnce,
 }
 
 /// Why a librdkafka override is refused: it would let the producer reorder, drop or
@@ -79,6 +102,10 @@ fn refused_override(key: &str, value: &str) -> Option<String> {
                  at most 5 requests in flight; use 1 to 5 or remove the key"
             )),
         },
+        "transactional.id" => Some(format!(
+            "{value:?}: the relay sets the transactional id itself; use \
+             sink.kafka.transactional_id (with sink.kafka.delivery = \"exactly_once\")"
+        )),
         "retries" | "message.send.max.retries" => Some(format!(
             "{value:?} would let a message fail for good after some retries and the ones behind \
              it go ahead; remove the key (librdkafka then retries until delivered)"
@@ -140,6 +167,12 @@ pub struct KafkaSinkConfig {
     pub metadata_dead_letters: bool,
     /// Extra librdkafka properties, applied after (and so over) the relay's defaults.
     pub librdkafka: BTreeMap<String, String>,
+    pub delivery: DeliveryMode,
+    /// Exactly-once: the producer's `transactional.id`; derived from the outbox's
+    /// identity when `None`.
+    pub transactional_id: Option<String>,
+    /// Exactly-once: the compacted topic that holds each outbox's last committed position.
+    pub checkpoint_topic: String,
 }
 
 impl std::fmt::Debug for KafkaSinkConfig {
@@ -165,6 +198,9 @@ impl std::fmt::Debug for KafkaSinkConfig {
             .field("row_topics", &self.row_topics)
             .field("metadata_dead_letters", &self.metadata_dead_letters)
             .field("librdkafka", &librdkafka)
+            .field("delivery", &self.delivery)
+            .field("transactional_id", &self.transactional_id)
+            .field("checkpoint_topic", &self.checkpoint_topic)
             .finish()
     }
 }
@@ -207,6 +243,46 @@ impl RawKafkaSinkConfig {
                 None
             }
         };
+        let delivery = match self.delivery.as_str() {
+            "at_least_once" => Some(DeliveryMode::AtLeastOnce),
+            "exactly_once" => Some(DeliveryMode::ExactlyOnce),
+            other => {
+                problems.push(
+                    "sink.kafka.delivery",
+                    format!(
+                        "unknown delivery {other:?}: use \"at_least_once\" or \"exactly_once\""
+                    ),
+                );
+                None
+            }
+        };
+        if let Some(id) = &self.transactional_id {
+            if delivery != Some(DeliveryMode::ExactlyOnce) {
+                problems.push(
+                    "sink.kafka.transactional_id",
+                    "only means something with sink.kafka.delivery = \"exactly_once\": \
+                     set that, or remove the key",
+                );
+                ok = false;
+            } else if id.trim().is_empty() {
+                problems.push(
+                    "sink.kafka.transactional_id",
+                    "is empty: name the outbox (every replica of one outbox must use the same \
+                     id), or remove the key to derive it",
+                );
+                ok = false;
+            }
+        }
+        if let Err(e) = validate_topic_name(&self.checkpoint_topic) {
+            problems.push("sink.kafka.checkpoint_topic", e);
+            ok = false;
+        } else if self.checkpoint_topic == self.dead_letter_topic {
+            problems.push(
+                "sink.kafka.checkpoint_topic",
+                "must differ from sink.kafka.dead_letter_topic",
+            );
+            ok = false;
+        }
         let mut librdkafka = BTreeMap::new();
         for (key, value) in self.librdkafka {
             let text = match value {
@@ -275,6 +351,9 @@ impl RawKafkaSinkConfig {
             row_topics,
             metadata_dead_letters: true,
             librdkafka,
+            delivery: delivery?,
+            transactional_id: self.transactional_id,
+            checkpoint_topic: self.checkpoint_topic,
         })
     }
 }

@@ -16,6 +16,16 @@ pub enum SinkError {
     NotAttempted,
     #[error("the Kafka producer hit a fatal error and cannot continue: {0}")]
     Fatal(String),
+    #[error(
+        "this relay's Kafka producer was fenced ({0}): another relay with the same \
+         transactional id took over the outbox, or the transaction ran past \
+         transaction.timeout.ms. This relay stops publishing; the other one goes on"
+    )]
+    Fenced(String),
+    #[error("the Kafka transaction was aborted and the batch is sent again: {0}")]
+    Aborted(String),
+    #[error("the checkpoint topic {topic}: {reason}")]
+    Checkpoint { topic: String, reason: String },
     #[error("the dead-letter topic {topic} did not take a poison event ({reason}): {source}")]
     DeadLetter {
         topic: String,
@@ -27,6 +37,12 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// Whether the producer is unusable: the relay must stop (never build another one
+    /// on its own when it was fenced).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SinkError::Fatal(_) | SinkError::Fenced(_))
+    }
+
     /// A short, stable label for logs and the failures metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -35,8 +51,25 @@ impl SinkError {
             SinkError::DeadLetter { .. } => "dead_letter",
             SinkError::NotAttempted => "not_attempted",
             SinkError::Fatal(_) => "producer",
+            SinkError::Fenced(_) => "fenced",
+            SinkError::Aborted(_) => "aborted",
+            SinkError::Checkpoint { .. } => "checkpoint",
         }
     }
+}
+
+/// True when a transactional call failed because a newer producer with the same
+/// transactional id exists (or this one's epoch was bumped past it).
+pub fn is_fenced(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::TransactionCoordinatorFenced
+        )
+    )
 }
 
 /// True when the message was refused for its size (by librdkafka or the broker).

@@ -17,10 +17,12 @@
 //! request, and from then on that topic's events go through that producer. Only an event
 //! refused alone is dead-lettered for its size.
 
+pub mod checkpoint;
 mod config;
 mod error;
 pub mod message;
 pub mod topic;
+mod transactional;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +34,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
-pub use config::{Format, KafkaSinkConfig, RawKafkaSinkConfig};
-pub use error::{is_poison, is_too_large, SinkError};
+pub use config::{DeliveryMode, Format, KafkaSinkConfig, RawKafkaSinkConfig};
+pub use error::{is_fenced, is_poison, is_too_large, SinkError};
 pub use message::{KafkaMessage, Poison};
+pub use transactional::{derive_transactional_id, TransactionalSink};
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
@@ -45,7 +48,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
-const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
+pub(super) const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
     ("enable.idempotence", "true"),
     // Retry inside librdkafka until delivered. A finite timeout lets a partition end up
     // with 1, 4, 5 after an outage (librdkafka INTRODUCTION.md, "Message timeout
@@ -333,59 +336,18 @@ impl KafkaSink {
         }
     }
 
-    /// Hands one message to librdkafka, waiting while its local queue is full: a full
-    /// queue is backpressure, never a failure.
     async fn enqueue_on(
         &self,
         producer: &FutureProducer,
         msg: &KafkaMessage,
     ) -> Result<DeliveryFuture, KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
-        for (key, value) in &msg.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
-        let mut record = FutureRecord::to(&msg.topic)
-            .payload(&msg.value)
-            .headers(headers);
-        if let Some(key) = &msg.key {
-            record = record.key(key);
-        }
-        if let Some(ts) = msg.timestamp_ms {
-            record = record.timestamp(ts);
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        enqueue(producer, msg).await
     }
 
     /// Counts an outcome and keeps Kafka's readiness current: a delivery proves the
     /// brokers answer, a failed one says why they do not.
     fn account(&self, outcome: &Delivery) {
-        let metrics = &self.telemetry.metrics;
-        match outcome {
-            Delivery::Published { topic } => {
-                metrics.events_published.with_label_values(&[topic]).inc();
-                self.telemetry.health.set_kafka(None);
-            }
-            Delivery::DeadLettered { .. } => {
-                metrics.events_dead_lettered.inc();
-                self.telemetry.health.set_kafka(None);
-            }
-            Delivery::Failed(e) => {
-                metrics.failures.with_label_values(&[e.reason()]).inc();
-                self.telemetry.health.set_kafka(Some(e.to_string()));
-            }
-        }
+        account(&self.telemetry, outcome);
     }
 
     /// Asks the brokers for metadata every few seconds, so `/readyz` notices a Kafka
@@ -394,41 +356,12 @@ impl KafkaSink {
         &self,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let producer = self.producer.clone();
-        let health = self.telemetry.health.clone();
-        let brokers = self.config.brokers.clone();
-        tokio::spawn(async move {
-            loop {
-                let p = producer.clone();
-                let answer = tokio::task::spawn_blocking(move || {
-                    p.client().fetch_metadata(None, PROBE_TIMEOUT).map(|md| {
-                        let leaderless = md
-                            .topics()
-                            .iter()
-                            .flat_map(|t| t.partitions())
-                            .filter(|p| p.leader() < 0)
-                            .count();
-                        (md.brokers().len(), leaderless)
-                    })
-                })
-                .await;
-                if let Ok(Ok((_, leaderless))) = &answer {
-                    health.set_leaderless_partitions(*leaderless);
-                }
-                match answer.map(|r| r.map(|(brokers, _)| brokers)) {
-                    Ok(Ok(n)) if n > 0 => health.set_kafka(None),
-                    Ok(Ok(_)) => {
-                        health.set_kafka(Some(format!("{brokers}: metadata lists no broker")))
-                    }
-                    Ok(Err(e)) => health.set_kafka(Some(format!("{brokers} unreachable: {e}"))),
-                    Err(_) => {}
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                }
-            }
-        })
+        spawn_health_probe(
+            self.producer.clone(),
+            &self.telemetry,
+            &self.config.brokers,
+            shutdown,
+        )
     }
 
     /// The producer's fatal error, if it has one.
@@ -444,6 +377,103 @@ impl KafkaSink {
         let md = self.producer.client().fetch_metadata(None, timeout)?;
         Ok(md.brokers().len())
     }
+}
+
+/// Hands one message to librdkafka, waiting while its local queue is full: a full queue
+/// is backpressure, never a failure.
+pub(super) async fn enqueue(
+    producer: &FutureProducer,
+    msg: &KafkaMessage,
+) -> Result<DeliveryFuture, KafkaError> {
+    let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
+    for (key, value) in &msg.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let mut record = FutureRecord::to(&msg.topic)
+        .payload(&msg.value)
+        .headers(headers);
+    if let Some(key) = &msg.key {
+        record = record.key(key);
+    }
+    if let Some(ts) = msg.timestamp_ms {
+        record = record.timestamp(ts);
+    }
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Counts an outcome and keeps Kafka's readiness current: a delivery proves the brokers
+/// answer, a failed one says why they do not.
+pub(super) fn account(telemetry: &Telemetry, outcome: &Delivery) {
+    let metrics = &telemetry.metrics;
+    match outcome {
+        Delivery::Published { topic } => {
+            metrics.events_published.with_label_values(&[topic]).inc();
+            telemetry.health.set_kafka(None);
+        }
+        Delivery::DeadLettered { .. } => {
+            metrics.events_dead_lettered.inc();
+            telemetry.health.set_kafka(None);
+        }
+        Delivery::Failed(e) => {
+            metrics.failures.with_label_values(&[e.reason()]).inc();
+            telemetry.health.set_kafka(Some(e.to_string()));
+        }
+    }
+}
+
+/// Asks the brokers for metadata every few seconds through `producer`, so `/readyz`
+/// notices a Kafka outage even while no event is flowing. Stops with `shutdown` (or when
+/// aborted).
+pub(super) fn spawn_health_probe(
+    producer: FutureProducer,
+    telemetry: &Telemetry,
+    brokers: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let health = telemetry.health.clone();
+    let brokers = brokers.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let p = producer.clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                p.client().fetch_metadata(None, PROBE_TIMEOUT).map(|md| {
+                    let leaderless = md
+                        .topics()
+                        .iter()
+                        .flat_map(|t| t.partitions())
+                        .filter(|p| p.leader() < 0)
+                        .count();
+                    (md.brokers().len(), leaderless)
+                })
+            })
+            .await;
+            if let Ok(Ok((_, leaderless))) = &answer {
+                health.set_leaderless_partitions(*leaderless);
+            }
+            match answer.map(|r| r.map(|(brokers, _)| brokers)) {
+                Ok(Ok(n)) if n > 0 => health.set_kafka(None),
+                Ok(Ok(_)) => health.set_kafka(Some(format!("{brokers}: metadata lists no broker"))),
+                Ok(Err(e)) => health.set_kafka(Some(format!("{brokers} unreachable: {e}"))),
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            }
+        }
+    })
 }
 
 impl crate::sink::Sink for KafkaSink {

@@ -118,6 +118,14 @@ struct Cleanup {
 }
 
 impl LogicalSource {
+    pub(crate) fn client(&self) -> &Client {
+        &self.sql
+    }
+
+    pub(crate) fn slot(&self) -> &str {
+        &self.config.logical.slot
+    }
+
     /// Connects, checks what log mode needs (wal_level, the table and its columns,
     /// the publication) and creates the publication when allowed.
     pub async fn connect(

@@ -88,6 +88,18 @@ struct Statements {
 }
 
 impl PollingSource {
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn table_name(&self) -> String {
+        self.table.to_string()
+    }
+
+    pub(crate) fn table_oid(&self) -> u32 {
+        self.table_oid
+    }
+
     /// Connects and checks that the table, its columns and the relay's privileges are
     /// what the configuration says, so that problems surface at start, by name.
     pub async fn connect(

@@ -1,0 +1,411 @@
+//! Exactly-once delivery: each batch is one Kafka transaction.
+//!
+//! The transaction holds the batch's messages, its dead letters, and one record in the
+//! checkpoint topic that says how far the outbox got ([`super::checkpoint`]). Consumers
+//! reading with `isolation.level=read_committed` see all of it or none of it, and the
+//! relay acknowledges to PostgreSQL only after the commit. After a crash, the next
+//! leader reads the checkpoint and acknowledges what it covers without publishing it
+//! again, so the window between Kafka's commit and PostgreSQL's acknowledgement repeats
+//! nothing.
+//!
+//! Every replica of one outbox uses the same `transactional.id`, so a new leader's
+//! `init_transactions` fences the old one: whatever a paused or partitioned old leader
+//! still has queued can never be committed. A fenced producer is never replaced by the
+//! relay on its own (that would fence the new leader in turn): it stops.
+//!
+//! A broker refusal inside a transaction aborts it. The refused event is remembered,
+//! and the batch goes again with that event on the dead-letter topic, inside the new
+//! transaction like everything else.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::ClientConfig;
+
+use super::checkpoint::{self, Checkpoint};
+use super::message::{self, KafkaMessage, Poison};
+use super::{
+    account, enqueue, is_fenced, is_poison, is_too_large, Delivery, KafkaSinkConfig, SinkError,
+    PRODUCER_DEFAULTS,
+};
+use crate::event::{OutboxEvent, Position};
+use crate::metrics::Telemetry;
+
+/// How long `init_transactions`, `commit_transaction` and `abort_transaction` may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// librdkafka's default `transaction.timeout.ms`.
+const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "60000";
+
+/// The transactional id of an outbox when `sink.kafka.transactional_id` is not set: the
+/// same on every replica of the database (a promoted standby keeps the system
+/// identifier), different for every outbox.
+pub fn derive_transactional_id(system_identifier: &str, database: &str, name: &str) -> String {
+    format!("outbox-relay.{system_identifier}.{database}.{name}")
+}
+
+/// Why an event goes to the dead-letter topic in the next transaction.
+enum Refusal {
+    DeadLetter(String),
+    /// Too large even for the dead-letter topic: its metadata goes there.
+    MetadataOnly(String),
+}
+
+/// What one event becomes in a transaction.
+enum Plan {
+    Message(KafkaMessage),
+    DeadLetter {
+        msg: KafkaMessage,
+        reason: String,
+        metadata_only: bool,
+    },
+}
+
+impl Plan {
+    fn msg(&self) -> &KafkaMessage {
+        match self {
+            Plan::Message(msg) | Plan::DeadLetter { msg, .. } => msg,
+        }
+    }
+}
+
+/// Events are told apart across attempts by position and id (several share a position
+/// in log mode).
+type EventKey = (Position, Option<String>);
+
+fn key_of(event: &OutboxEvent) -> EventKey {
+    (event.position, event.id.clone())
+}
+
+pub struct TransactionalSink {
+    producer: FutureProducer,
+    config: KafkaSinkConfig,
+    telemetry: Telemetry,
+    transactional_id: String,
+    epoch: String,
+    /// What the last committed transaction recorded.
+    committed: Mutex<Option<Checkpoint>>,
+    /// Events a broker refused for good in an aborted transaction.
+    refused: Mutex<HashMap<EventKey, Refusal>>,
+}
+
+impl TransactionalSink {
+    /// Creates the transactional producer, fences every earlier producer of this
+    /// outbox (aborting what they left open) and reads the last committed checkpoint.
+    pub async fn start(
+        config: &KafkaSinkConfig,
+        telemetry: Telemetry,
+        transactional_id: String,
+        epoch: String,
+    ) -> Result<(TransactionalSink, Option<Checkpoint>), SinkError> {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &config.brokers);
+        for (key, value) in PRODUCER_DEFAULTS {
+            client.set(key, value);
+        }
+        for (key, value) in &config.librdkafka {
+            client.set(key, value);
+        }
+        client.set("transactional.id", &transactional_id);
+        // A transactional producer must give up on a message before its transaction
+        // times out (librdkafka refuses an infinite message timeout here). Giving up is
+        // harmless in this mode: the whole transaction aborts and goes again.
+        let timeout = config
+            .librdkafka
+            .get("transaction.timeout.ms")
+            .map_or(DEFAULT_TRANSACTION_TIMEOUT_MS, String::as_str);
+        client.set("message.timeout.ms", timeout);
+        let producer: FutureProducer = client.create().map_err(SinkError::Create)?;
+        checkpoint::ensure_topic(config, CALL_TIMEOUT).await?;
+        let p = producer.clone();
+        blocking(move || p.init_transactions(CALL_TIMEOUT))
+            .await
+            .map_err(|e| transaction_error("init_transactions", e))?;
+        let (c, id, ep) = (config.clone(), transactional_id.clone(), epoch.clone());
+        let last = blocking(move || checkpoint::read_last(&c, &id, &ep, CALL_TIMEOUT)).await?;
+        tracing::info!(
+            transactional_id,
+            checkpoint_topic = config.checkpoint_topic,
+            checkpoint = ?last.map(|c| format!("{} (count {})", c.position, c.count)),
+            "exactly-once: fenced earlier producers of this outbox and read its checkpoint"
+        );
+        let sink = TransactionalSink {
+            producer,
+            config: config.clone(),
+            telemetry,
+            transactional_id,
+            epoch,
+            committed: Mutex::new(last),
+            refused: Mutex::new(HashMap::new()),
+        };
+        Ok((sink, last))
+    }
+
+    pub fn spawn_health_probe(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        super::spawn_health_probe(
+            self.producer.clone(),
+            &self.telemetry,
+            &self.config.brokers,
+            shutdown,
+        )
+    }
+
+    /// Publishes `events` in one transaction with their checkpoint; every outcome is
+    /// durable after a commit, and none is after an abort.
+    async fn transact(&self, events: &[OutboxEvent]) -> Vec<Delivery> {
+        let plans: Vec<Plan> = events.iter().map(|e| self.plan(e)).collect();
+        let failed = match self.produce_and_commit(events, &plans).await {
+            Ok(()) => {
+                let mut refused = self.refused.lock().unwrap();
+                for event in events {
+                    refused.remove(&key_of(event));
+                }
+                drop(refused);
+                self.telemetry
+                    .metrics
+                    .transactions
+                    .with_label_values(&["committed"])
+                    .inc();
+                return plans
+                    .into_iter()
+                    .map(|plan| {
+                        let outcome = match plan {
+                            Plan::Message(msg) => Delivery::Published { topic: msg.topic },
+                            Plan::DeadLetter {
+                                reason,
+                                metadata_only,
+                                ..
+                            } => Delivery::DeadLettered {
+                                reason,
+                                metadata_only,
+                            },
+                        };
+                        account(&self.telemetry, &outcome);
+                        outcome
+                    })
+                    .collect();
+            }
+            Err(e) => e,
+        };
+        // The first event carries the reason; the rest of the batch goes again with it.
+        let metrics = &self.telemetry.metrics;
+        metrics.failures.with_label_values(&[failed.reason()]).inc();
+        self.telemetry.health.set_kafka(Some(failed.to_string()));
+        let mut outcomes = vec![Delivery::Failed(failed)];
+        outcomes.extend((1..events.len()).map(|_| Delivery::Failed(SinkError::NotAttempted)));
+        outcomes
+    }
+
+    /// What `event` becomes: its message, or its dead letter when it is poison or a
+    /// broker refused it for good before.
+    fn plan(&self, event: &OutboxEvent) -> Plan {
+        let dead_letter = |reason: String, metadata_only: bool| {
+            let mut msg = message::to_dead_letter(event, &reason, &self.config);
+            if metadata_only {
+                let size = msg.value.len();
+                msg = message::to_dead_letter_metadata(event, &reason, size, &self.config);
+            }
+            Plan::DeadLetter {
+                msg,
+                reason,
+                metadata_only,
+            }
+        };
+        match self.refused.lock().unwrap().get(&key_of(event)) {
+            Some(Refusal::DeadLetter(reason)) => return dead_letter(reason.clone(), false),
+            Some(Refusal::MetadataOnly(reason)) => return dead_letter(reason.clone(), true),
+            None => {}
+        }
+        match message::to_message(event, &self.config) {
+            Ok(msg) => Plan::Message(msg),
+            Err(Poison(reason)) => {
+                tracing::warn!(
+                    event_id = event.id.as_deref().unwrap_or("?"),
+                    position = %event.position,
+                    %reason,
+                    "poison event, sending it to the dead-letter topic"
+                );
+                dead_letter(reason, false)
+            }
+        }
+    }
+
+    async fn produce_and_commit(
+        &self,
+        events: &[OutboxEvent],
+        plans: &[Plan],
+    ) -> Result<(), SinkError> {
+        self.producer
+            .begin_transaction()
+            .map_err(|e| transaction_error("begin_transaction", e))?;
+        let checkpoint = Checkpoint::advance(*self.committed.lock().unwrap(), events)
+            .expect("a batch holds at least one event");
+        let record = KafkaMessage {
+            topic: self.config.checkpoint_topic.clone(),
+            key: Some(self.transactional_id.as_bytes().to_vec()),
+            value: checkpoint.encode(&self.epoch),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        };
+        let in_flight = &self.telemetry.metrics.in_flight;
+        let mut deliveries = Vec::with_capacity(plans.len() + 1);
+        let mut refusals: Vec<(usize, KafkaError)> = Vec::new();
+        for (i, msg) in plans.iter().map(Plan::msg).chain([&record]).enumerate() {
+            match enqueue(&self.producer, msg).await {
+                Ok(delivery) => deliveries.push((i, delivery)),
+                Err(e) => {
+                    refusals.push((i, e));
+                    break;
+                }
+            }
+        }
+        in_flight.add(deliveries.len() as i64);
+        self.telemetry.health.note_sent();
+        for (i, delivery) in deliveries {
+            let answer = match delivery.await {
+                Ok(Ok(_)) => None,
+                Ok(Err((e, _))) => Some(e),
+                Err(_canceled) => Some(KafkaError::Canceled),
+            };
+            in_flight.dec();
+            self.telemetry.health.note_answer(in_flight.get() > 0);
+            if let Some(e) = answer {
+                refusals.push((i, e));
+            }
+        }
+        if let Some((i, e)) = self.blame(events, plans, &refusals) {
+            self.abort().await?;
+            let what = match events.get(i) {
+                Some(event) => format!("event at {}: {e}", event.position),
+                None => format!("the checkpoint record: {e}"),
+            };
+            return Err(SinkError::Aborted(what));
+        }
+        self.commit().await?;
+        *self.committed.lock().unwrap() = Some(checkpoint);
+        Ok(())
+    }
+
+    /// Picks the refusal that explains the abort, and remembers the event to
+    /// dead-letter next time when the refusal was about the event itself.
+    ///
+    /// A broker checks a topic's size limit against a whole produce batch, so when
+    /// several events were refused as too large, the largest is the one to blame.
+    fn blame<'r>(
+        &self,
+        events: &[OutboxEvent],
+        plans: &[Plan],
+        refusals: &'r [(usize, KafkaError)],
+    ) -> Option<(usize, &'r KafkaError)> {
+        let size = |i: usize| plans.get(i).map_or(0, |p| p.msg().value.len());
+        let (i, e) = refusals
+            .iter()
+            .filter(|(i, e)| is_too_large(e) && *i < events.len())
+            .max_by_key(|(i, _)| size(*i))
+            .or_else(|| refusals.iter().min_by_key(|(i, _)| *i))
+            .map(|(i, e)| (*i, e))?;
+        let (Some(event), Some(plan)) = (events.get(i), plans.get(i)) else {
+            return Some((i, e));
+        };
+        let refusal = match plan {
+            Plan::Message(_) if is_poison(e) => Some(Refusal::DeadLetter(e.to_string())),
+            Plan::DeadLetter {
+                reason,
+                metadata_only: false,
+                ..
+            } if is_too_large(e) && self.config.metadata_dead_letters => {
+                Some(Refusal::MetadataOnly(reason.clone()))
+            }
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            tracing::warn!(
+                event_id = event.id.as_deref().unwrap_or("?"),
+                position = %event.position,
+                error = %e,
+                "the broker refused this event for good: the transaction is aborted and the \
+                 batch goes again with the event on the dead-letter topic"
+            );
+            self.refused.lock().unwrap().insert(key_of(event), refusal);
+        }
+        Some((i, e))
+    }
+
+    async fn commit(&self) -> Result<(), SinkError> {
+        loop {
+            let p = self.producer.clone();
+            match blocking(move || p.commit_transaction(CALL_TIMEOUT)).await {
+                Ok(()) => return Ok(()),
+                // librdkafka: a retriable commit error means "call commit again"; a
+                // commit that did happen then answers success.
+                Err(KafkaError::Transaction(t)) if t.is_retriable() => {
+                    tracing::warn!(error = %t, "committing the Kafka transaction again");
+                }
+                Err(KafkaError::Transaction(t)) if t.txn_requires_abort() => {
+                    self.abort().await?;
+                    return Err(SinkError::Aborted(format!("the commit failed: {t}")));
+                }
+                Err(e) => return Err(transaction_error("commit_transaction", e)),
+            }
+        }
+    }
+
+    async fn abort(&self) -> Result<(), SinkError> {
+        self.telemetry
+            .metrics
+            .transactions
+            .with_label_values(&["aborted"])
+            .inc();
+        loop {
+            let p = self.producer.clone();
+            match blocking(move || p.abort_transaction(CALL_TIMEOUT)).await {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(t)) if t.is_retriable() => {
+                    tracing::warn!(error = %t, "aborting the Kafka transaction again");
+                }
+                Err(e) => return Err(transaction_error("abort_transaction", e)),
+            }
+        }
+    }
+}
+
+/// A failed transactional call: fenced, or fatal, or (when Kafka is not reachable yet)
+/// something a later attempt may get through.
+fn transaction_error(call: &str, e: KafkaError) -> SinkError {
+    if is_fenced(&e) {
+        return SinkError::Fenced(format!("{call}: {e}"));
+    }
+    match &e {
+        KafkaError::Transaction(t) if !t.is_fatal() => {
+            SinkError::Aborted(format!("{call} failed: {t}"))
+        }
+        _ => SinkError::Fatal(format!("{call}: {e}")),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+impl crate::sink::Sink for TransactionalSink {
+    type Sent = ();
+
+    fn depth(&self) -> usize {
+        1
+    }
+
+    async fn send(&self, _events: &[OutboxEvent]) {}
+
+    async fn collect(&self, events: &[OutboxEvent], _sent: ()) -> Vec<Delivery> {
+        self.transact(events).await
+    }
+}
