@@ -146,6 +146,21 @@ pub async fn run(
                 telemetry.metrics.reconnects.inc();
                 telemetry.metrics.leader.set(0);
                 health.set_postgres(Some(format!("reconnecting after: {e}")));
+                if telemetry.metrics.in_flight.get() > 0 {
+                    // Without its connection this relay no longer leads (its lock or slot
+                    // is gone, and a standby may be publishing already): what its
+                    // producer still queues must not land after the new leader's events.
+                    // A new producer starts clean; the events are read again by
+                    // whichever relay leads next.
+                    tracing::warn!(
+                        "purging the events queued for Kafka: this relay lost its lead with \
+                         PostgreSQL"
+                    );
+                    sink.purge_queued();
+                    probe.abort();
+                    sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
+                    probe = sink.spawn_health_probe(shutdown.clone());
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(pause) => {}

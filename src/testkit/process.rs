@@ -80,6 +80,25 @@ impl RelayProcess {
         let _ = kill(Pid::from_raw(self.id() as i32), signal);
     }
 
+    /// SIGSTOP: the process stays, frozen (a paused VM, a long stall).
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`RelayProcess::pause`].
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    /// The exit code once the process has exited on its own; `None` while it runs.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+
     pub fn kill9(&mut self) {
         self.signal(Signal::SIGKILL);
         let _ = self.child.wait();

@@ -432,3 +432,150 @@ async fn twenty_leader_kills_at_least_once_lose_nothing() {
     kill_the_leader("polling", "at_least_once").await;
     kill_the_leader("logical", "at_least_once").await;
 }
+
+/// What a paused old leader did after it was resumed.
+#[derive(Debug, PartialEq, Eq)]
+enum Zombie {
+    /// It exited with this code (1: fenced).
+    Exited(i32),
+    /// It runs on, as a standby.
+    Standby,
+}
+
+/// The zombie leader: the leader is frozen (SIGSTOP), its PostgreSQL sessions are
+/// terminated so the standby takes over and publishes, and then it is resumed. Returns
+/// (delivered, duplicated, reordered, what the old leader did).
+async fn zombie(mode: &'static str, delivery: &str) -> (usize, usize, usize, Zombie) {
+    let env = Env::start_with(&["synchronous_commit=on"]).await;
+    env.create_topics(&["outbox.order"], 4).await;
+    let sink = match delivery {
+        "exactly_once" => exactly_once(&env, ""),
+        _ => String::new(),
+    };
+    let config = |name: &str| {
+        let toml = in_sink(&env.config_toml(mode, "", ""), &sink)
+            .replace("/app\"", &format!("/app?application_name={name}\""))
+            .replace(
+                "[source.polling]",
+                "[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n\n[source.polling]",
+            );
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(toml.as_bytes()).unwrap();
+        f
+    };
+    let files = [config("relay-a"), config("relay-b")];
+    let names = ["relay-a", "relay-b"];
+    let mut relays: Vec<RelayProcess> = files.iter().map(|f| spawn_relay(f.path())).collect();
+    let mut db = env.client().await;
+    let events = 6_000;
+    let stop = CancellationToken::new();
+    let writer = tokio::spawn(write_until(
+        env.db_url.clone(),
+        events,
+        Duration::from_millis(10),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut old = None;
+    for _ in 0..200 {
+        old = leader(&env, &mut db, mode).await;
+        if old.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old = old.expect("a relay leads");
+    let idx = names.iter().position(|n| *n == old).unwrap();
+    relays[idx].pause();
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        &[&old],
+    )
+    .await
+    .unwrap();
+    // The standby takes over and publishes for a while; then the old leader wakes up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leader(&env, &mut db, mode).await.is_none_or(|l| l == old) {
+        assert!(Instant::now() < deadline, "no takeover within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relays[idx].resume();
+    let written = writer.await.unwrap();
+    let brokers = env.kafka.brokers();
+    let topic = env.topic("outbox.order");
+    let messages = tokio::task::spawn_blocking(move || {
+        let reader = Reader::new(&brokers, &[&topic]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let (mut all, mut ids) = (Vec::new(), HashSet::new());
+        let mut quiet_since = None;
+        while Instant::now() < deadline {
+            match reader.next(Duration::from_millis(200)) {
+                Ok(Some(m)) => {
+                    let id = m.header("id").unwrap().to_owned();
+                    ids.insert(id.clone());
+                    all.push((m.key_str().to_owned(), payload_n(&m), id));
+                    quiet_since = None;
+                }
+                _ if ids.len() >= written => {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(3) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        all
+    })
+    .await
+    .unwrap();
+    let fate = match relays[idx].exit_code() {
+        Some(code) => Zombie::Exited(code),
+        None => {
+            assert_ne!(
+                leader(&env, &mut db, mode).await.as_deref(),
+                Some(old.as_str()),
+                "the old leader took the lead back"
+            );
+            Zombie::Standby
+        }
+    };
+    stop.cancel();
+    drop(relays);
+    let (delivered, reordered) = first_occurrences(
+        messages
+            .iter()
+            .map(|(k, n, id)| (k.as_str(), *n, id.as_str())),
+    );
+    let duplicated = messages.len() - delivered;
+    eprintln!(
+        "\nzombie leader, {mode} mode, {delivery}\n\
+         | written | delivered | lost | duplicated | reordered | old leader after SIGCONT |\n\
+         |---:|---:|---:|---:|---:|---|\n\
+         | {written} | {delivered} | {} | {duplicated} | {reordered} | {fate:?} |\n",
+        written - delivered.min(written),
+    );
+    assert_eq!(delivered, written, "events lost");
+    (delivered, duplicated, reordered, fate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_leader_is_fenced_in_polling_mode() {
+    let (_, duplicated, reordered, _) = zombie("polling", "exactly_once").await;
+    assert_eq!((duplicated, reordered), (0, 0), "(duplicated, reordered)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_leader_is_fenced_in_log_mode() {
+    let (_, duplicated, reordered, _) = zombie("logical", "exactly_once").await;
+    assert_eq!((duplicated, reordered), (0, 0), "(duplicated, reordered)");
+}
+
+/// The same at least once: nothing is lost; what the old leader had on the wire may
+/// land again (the table says how much).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_old_leader_at_least_once_loses_nothing() {
+    zombie("polling", "at_least_once").await;
+    zombie("logical", "at_least_once").await;
+}

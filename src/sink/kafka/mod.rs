@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
 pub use config::{DeliveryMode, Format, KafkaSinkConfig, RawKafkaSinkConfig};
@@ -362,6 +362,17 @@ impl KafkaSink {
             &self.config.brokers,
             shutdown,
         )
+    }
+
+    /// Drops what the producers hold and have not sent yet: a relay that lost its lead
+    /// must not publish after the new leader. (What is already on the wire cannot be
+    /// called back; exactly-once delivery fences that too.)
+    pub fn purge_queued(&self) {
+        let queued = PurgeConfig::default().queue().non_blocking();
+        self.producer.purge(queued);
+        if let Some(Ok(alone)) = self.alone.get() {
+            alone.purge(queued);
+        }
     }
 
     /// The producer's fatal error, if it has one.
