@@ -109,6 +109,20 @@ struct BrokerReport {
     first_event_ms: Vec<f64>,
     steady: Steady,
     median: Medians,
+    /// The same, with `sink.kafka.delivery = "exactly_once"` (brokers whose
+    /// transactions work).
+    exactly_once: Option<ExactlyOnce>,
+}
+
+#[derive(Serialize, Default)]
+struct ExactlyOnce {
+    relay_log: Vec<Drain>,
+    relay_polling: Vec<Drain>,
+    steady: Steady,
+    log_events_per_second: f64,
+    polling_events_per_second: f64,
+    log_cpu_us_per_event: f64,
+    polling_cpu_us_per_event: f64,
 }
 
 #[derive(Serialize, Default)]
@@ -166,6 +180,8 @@ struct Medians {
     polling_ratio_to_pg_recvlogical: f64,
     peak_rss_mb: f64,
     first_event_ms: f64,
+    log_cpu_us_per_event: f64,
+    polling_cpu_us_per_event: f64,
 }
 
 /// A broker under test: its name in the report, its bootstrap list and a slot of its own.
@@ -173,6 +189,17 @@ struct Target {
     name: String,
     brokers: String,
     slot: String,
+    /// Whether its transactions work: exactly-once delivery is measured beside.
+    transactions: bool,
+}
+
+/// The `[sink.kafka]` lines of exactly-once delivery.
+const EXACTLY_ONCE: &str =
+    "delivery = \"exactly_once\"\ncheckpoint_topic = \"bench.checkpoints\"\n";
+
+/// The exactly-once slot of a target.
+fn eos_slot(t: &Target) -> String {
+    format!("{}_eos", t.slot)
 }
 
 fn main() {
@@ -207,6 +234,7 @@ fn main() {
             name: format!("Apache Kafka {}", apache_kafka::VERSION),
             brokers: k.brokers(),
             slot: "bench_relay_kafka".into(),
+            transactions: true,
         });
     }
     if let Some(t) = &tansu {
@@ -214,6 +242,8 @@ fn main() {
             name: "tansu 0.6.0".into(),
             brokers: t.brokers(),
             slot: "bench_relay_tansu".into(),
+            // tansu 0.6.0 has no working transactions.
+            transactions: false,
         });
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -251,6 +281,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 first_event_ms: Vec::new(),
                 steady: Steady::default(),
                 median: Medians::default(),
+                exactly_once: t.transactions.then(ExactlyOnce::default),
             })
             .collect(),
     };
@@ -259,7 +290,9 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         // One backlog, read by pg_recvlogical and by the relay (once per broker) through
         // slots created before it was written.
         reset(&db).await;
-        let slots = std::iter::once("bench_recv").chain(targets.iter().map(|t| t.slot.as_str()));
+        let slots = std::iter::once("bench_recv".to_owned()).chain(targets.iter().flat_map(|t| {
+            std::iter::once(t.slot.clone()).chain(t.transactions.then(|| eos_slot(t)))
+        }));
         for slot in slots {
             db.execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -278,21 +311,41 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         );
         for (t, b) in targets.iter().zip(&mut report.brokers) {
             b.relay_log
-                .push(relay_log(&db, &url, t, &end, a.rows).await);
+                .push(relay_log(&db, &url, &t.brokers, &t.slot, &end, a.rows, "").await);
             eprintln!(
                 "  {}: relay log mode {:.0}/s",
                 t.name, b.relay_log[run].events_per_second
             );
+            if let Some(eos) = &mut b.exactly_once {
+                let slot = eos_slot(t);
+                eos.relay_log.push(
+                    relay_log(&db, &url, &t.brokers, &slot, &end, a.rows, EXACTLY_ONCE).await,
+                );
+                eprintln!(
+                    "  {}: relay log mode, exactly once {:.0}/s",
+                    t.name, eos.relay_log[run].events_per_second
+                );
+            }
         }
         for (t, b) in targets.iter().zip(&mut report.brokers) {
             reset(&db).await;
             load(&db, a.rows).await;
             b.relay_polling
-                .push(relay_polling(&db, &url, &t.brokers, a.rows).await);
+                .push(relay_polling(&db, &url, &t.brokers, a.rows, "").await);
             eprintln!(
                 "  {}: relay polling {:.0}/s",
                 t.name, b.relay_polling[run].events_per_second
             );
+            if let Some(eos) = &mut b.exactly_once {
+                reset(&db).await;
+                load(&db, a.rows).await;
+                eos.relay_polling
+                    .push(relay_polling(&db, &url, &t.brokers, a.rows, EXACTLY_ONCE).await);
+                eprintln!(
+                    "  {}: relay polling, exactly once {:.0}/s",
+                    t.name, eos.relay_polling[run].events_per_second
+                );
+            }
             reset(&db).await;
             b.first_event_ms
                 .push(first_event(&db, &url, &t.brokers).await);
@@ -307,7 +360,21 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
     );
     for (t, b) in targets.iter().zip(&mut report.brokers) {
         reset(&db).await;
-        b.steady = steady(a, &db, &url, &t.brokers).await;
+        b.steady = steady(a, &db, &url, &t.brokers, "bench_steady", "").await;
+        if let Some(eos) = &mut b.exactly_once {
+            reset(&db).await;
+            eos.steady = steady(a, &db, &url, &t.brokers, "bench_steady_eos", EXACTLY_ONCE).await;
+            eos.log_events_per_second =
+                median(eos.relay_log.iter().map(|d| d.events_per_second).collect());
+            eos.polling_events_per_second = median(
+                eos.relay_polling
+                    .iter()
+                    .map(|d| d.events_per_second)
+                    .collect(),
+            );
+            eos.log_cpu_us_per_event = cpu_us_per_event(&eos.relay_log, a.rows);
+            eos.polling_cpu_us_per_event = cpu_us_per_event(&eos.relay_polling, a.rows);
+        }
         let log = median(b.relay_log.iter().map(|d| d.events_per_second).collect());
         let polling = median(
             b.relay_polling
@@ -328,6 +395,8 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 .map(|d| d.peak_rss_mb)
                 .fold(b.steady.peak_rss_mb, f64::max),
             first_event_ms: median(b.first_event_ms.clone()),
+            log_cpu_us_per_event: cpu_us_per_event(&b.relay_log, a.rows),
+            polling_cpu_us_per_event: cpu_us_per_event(&b.relay_polling, a.rows),
         };
     }
     report
@@ -400,15 +469,21 @@ fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> Drain {
     drain(started.elapsed(), rows, rss, cpu)
 }
 
-async fn relay_log(db: &Client, url: &str, target: &Target, end: &str, rows: usize) -> Drain {
+async fn relay_log(
+    db: &Client,
+    url: &str,
+    brokers: &str,
+    slot: &str,
+    end: &str,
+    rows: usize,
+    sink: &str,
+) -> Drain {
     let config = config_file(
         url,
-        &target.brokers,
+        brokers,
         "logical",
-        &format!(
-            "[source.logical]\nslot = \"{}\"\ncreate_if_missing = false\n",
-            target.slot
-        ),
+        &format!("[source.logical]\nslot = \"{slot}\"\ncreate_if_missing = false\n"),
+        sink,
     );
     let started = Instant::now();
     let relay = spawn_relay(config.path());
@@ -417,7 +492,7 @@ async fn relay_log(db: &Client, url: &str, target: &Target, end: &str, rows: usi
             .query_one(
                 "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots \
                  WHERE slot_name = $2",
-                &[&end, &target.slot],
+                &[&end, &slot],
             )
             .await
             .unwrap()
@@ -432,8 +507,8 @@ async fn relay_log(db: &Client, url: &str, target: &Target, end: &str, rows: usi
     drain(elapsed, rows, rss, cpu)
 }
 
-async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize) -> Drain {
-    let config = config_file(url, broker, "polling", "");
+async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize, sink: &str) -> Drain {
+    let config = config_file(url, broker, "polling", "", sink);
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     wait_empty(db, Duration::from_millis(10)).await;
@@ -450,7 +525,7 @@ async fn first_event(db: &Client, url: &str, broker: &str) -> f64 {
     )
     .await
     .unwrap();
-    let config = config_file(url, broker, "polling", "");
+    let config = config_file(url, broker, "polling", "", "");
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     wait_empty(db, Duration::from_millis(1)).await;
@@ -459,13 +534,14 @@ async fn first_event(db: &Client, url: &str, broker: &str) -> f64 {
     ms
 }
 
-async fn steady(a: &Args, db: &Client, url: &str, broker: &str) -> Steady {
+async fn steady(a: &Args, db: &Client, url: &str, broker: &str, slot: &str, sink: &str) -> Steady {
     let port = free_port().unwrap();
     let config = config_file(
         url,
         broker,
         "logical",
-        "[source.logical]\nslot = \"bench_steady\"\n",
+        &format!("[source.logical]\nslot = \"{slot}\"\n"),
+        sink,
     )
     .with_listen(port);
     let relay = spawn_relay(config.path());
@@ -473,8 +549,8 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str) -> Steady {
     loop {
         let ok = db
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_steady' AND active",
-                &[],
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
             )
             .await
             .unwrap()
@@ -625,11 +701,16 @@ impl ConfigFile {
     }
 }
 
-fn config_file(url: &str, broker: &str, mode: &str, extra: &str) -> ConfigFile {
+fn config_file(url: &str, broker: &str, mode: &str, extra: &str, sink: &str) -> ConfigFile {
     write_config(format!(
         "[source]\nmode = \"{mode}\"\ndatabase_url = \"{url}\"\n{extra}\n\
-         [sink.kafka]\nbrokers = \"{broker}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+         [sink.kafka]\nbrokers = \"{broker}\"\n{sink}[http]\nlisten = \"127.0.0.1:0\"\n"
     ))
+}
+
+/// Relay CPU per event of the median drain, in µs.
+fn cpu_us_per_event(drains: &[Drain], rows: usize) -> f64 {
+    median(drains.iter().map(|d| d.cpu_seconds).collect()) / rows as f64 * 1e6
 }
 
 fn write_config(text: String) -> ConfigFile {
@@ -772,5 +853,22 @@ fn print_table(r: &Report) {
             w = s.rss_window_seconds
         );
         println!("  peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+        println!(
+            "  relay CPU per event: log mode {:.2} µs, polling {:.2} µs",
+            m.log_cpu_us_per_event, m.polling_cpu_us_per_event
+        );
+        if let Some(e) = &b.exactly_once {
+            let s = &e.steady;
+            println!(
+                "  exactly once: log mode {:.0} events/s ({:.2} µs CPU per event), polling {:.0} events/s ({:.2} µs); steady commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
+                e.log_events_per_second,
+                e.log_cpu_us_per_event,
+                e.polling_events_per_second,
+                e.polling_cpu_us_per_event,
+                s.commit_to_ack_p50_ms,
+                s.commit_to_ack_p99_ms,
+                s.peak_rss_mb
+            );
+        }
     }
 }

@@ -457,3 +457,62 @@ fn a_multi_host_url_splits_into_one_config_per_host_with_the_rest_kept() {
         assert_eq!(h.pg.get_connect_timeout(), Some(&Duration::from_secs(3)));
     }
 }
+
+#[test]
+fn exactly_once_delivery_is_chosen_and_its_keys_checked() {
+    let c = load_str(VALID, &[]).unwrap();
+    assert_eq!(
+        c.sink.delivery,
+        crate::sink::kafka::DeliveryMode::AtLeastOnce
+    );
+    assert_eq!(c.sink.checkpoint_topic, "outbox-relay.checkpoints");
+    assert_eq!(c.sink.transactional_id, None);
+
+    let eos = VALID.replace(
+        "dead_letter_topic = \"app.dlq\"",
+        "dead_letter_topic = \"app.dlq\"\ndelivery = \"exactly_once\"\n\
+         transactional_id = \"orders-outbox\"\ncheckpoint_topic = \"app.checkpoints\"",
+    );
+    let c = load_str(&eos, &[]).unwrap();
+    assert_eq!(
+        c.sink.delivery,
+        crate::sink::kafka::DeliveryMode::ExactlyOnce
+    );
+    assert_eq!(c.sink.transactional_id.as_deref(), Some("orders-outbox"));
+    assert_eq!(c.sink.checkpoint_topic, "app.checkpoints");
+
+    // Each mistake named by its key, all at once.
+    let bad = VALID.replace(
+        "dead_letter_topic = \"app.dlq\"",
+        "dead_letter_topic = \"app.dlq\"\ndelivery = \"exactly-once\"\n\
+         transactional_id = \"x\"\ncheckpoint_topic = \"app.dlq\"",
+    );
+    let text = problem_text(load_str(&bad, &[]));
+    for needle in [
+        "sink.kafka.delivery",
+        "\"at_least_once\" or \"exactly_once\"",
+        "sink.kafka.transactional_id",
+        "sink.kafka.checkpoint_topic",
+        "must differ from sink.kafka.dead_letter_topic",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from: {text}");
+    }
+    let blank = eos.replace("\"orders-outbox\"", "\"  \"");
+    assert_eq!(
+        problem_keys(load_str(&blank, &[])),
+        ["sink.kafka.transactional_id"]
+    );
+    let bad_topic = eos.replace("\"app.checkpoints\"", "\"check points\"");
+    assert_eq!(
+        problem_keys(load_str(&bad_topic, &[])),
+        ["sink.kafka.checkpoint_topic"]
+    );
+    // The transactional id is the relay's to set.
+    let raw = eos.replace("\"linger.ms\" = 20", "\"transactional.id\" = \"mine\"");
+    let text = problem_text(load_str(&raw, &[]));
+    assert!(
+        text.contains("sink.kafka.librdkafka.transactional.id"),
+        "{text}"
+    );
+    assert!(text.contains("use sink.kafka.transactional_id"), "{text}");
+}
