@@ -45,6 +45,8 @@ struct Args {
     json: PathBuf,
     kafka: bool,
     tansu: bool,
+    /// `batch_size` of the exactly-once runs (one transaction per batch).
+    eos_batch_size: usize,
 }
 
 fn args() -> Args {
@@ -56,6 +58,7 @@ fn args() -> Args {
         json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/relay.json"),
         kafka: true,
         tansu: true,
+        eos_batch_size: 10_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,7 +68,8 @@ fn args() -> Args {
             "--runs" => a.runs = value().parse().expect("--runs N"),
             "--steady-secs" => a.steady_secs = value().parse().expect("--steady-secs N"),
             "--steady-rate" => a.steady_rate = value().parse().expect("--steady-rate N"),
-            "--json" => a.json = PathBuf::from(value()),
+                        "--json" => a.json = PathBuf::from(value()),
+            "--eos-batch-size" => a.eos_batch_size = value().parse().expect("--eos-batch-size N"),
             "--broker" => {
                 (a.kafka, a.tansu) = match value().as_str() {
                     "kafka" => (true, false),
@@ -75,7 +79,7 @@ fn args() -> Args {
                 }
             }
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker"),
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size"),
         }
     }
     a
@@ -116,6 +120,7 @@ struct BrokerReport {
 
 #[derive(Serialize, Default)]
 struct ExactlyOnce {
+    batch_size: usize,
     relay_log: Vec<Drain>,
     relay_polling: Vec<Drain>,
     steady: Steady,
@@ -196,6 +201,18 @@ struct Target {
 /// The `[sink.kafka]` lines of exactly-once delivery.
 const EXACTLY_ONCE: &str =
     "delivery = \"exactly_once\"\ncheckpoint_topic = \"bench.checkpoints\"\n";
+
+/// What a relay run is configured with beyond its mode: `None` at least once, or
+/// exactly once with this batch size.
+type Eos = Option<usize>;
+
+/// The `[sink.kafka]` lines and the `batch_size` line of `eos`.
+fn eos_lines(eos: Eos) -> (&'static str, String) {
+    match eos {
+        None => ("", String::new()),
+        Some(n) => (EXACTLY_ONCE, format!("batch_size = {n}\n")),
+    }
+}
 
 /// The exactly-once slot of a target.
 fn eos_slot(t: &Target) -> String {
@@ -281,7 +298,10 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 first_event_ms: Vec::new(),
                 steady: Steady::default(),
                 median: Medians::default(),
-                exactly_once: t.transactions.then(ExactlyOnce::default),
+                exactly_once: t.transactions.then(|| ExactlyOnce {
+                    batch_size: a.eos_batch_size,
+                    ..ExactlyOnce::default()
+                }),
             })
             .collect(),
     };
@@ -311,7 +331,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         );
         for (t, b) in targets.iter().zip(&mut report.brokers) {
             b.relay_log
-                .push(relay_log(&db, &url, &t.brokers, &t.slot, &end, a.rows, "").await);
+                .push(relay_log(&db, &url, &t.brokers, &t.slot, &end, a.rows, None).await);
             eprintln!(
                 "  {}: relay log mode {:.0}/s",
                 t.name, b.relay_log[run].events_per_second
@@ -319,7 +339,16 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             if let Some(eos) = &mut b.exactly_once {
                 let slot = eos_slot(t);
                 eos.relay_log.push(
-                    relay_log(&db, &url, &t.brokers, &slot, &end, a.rows, EXACTLY_ONCE).await,
+                    relay_log(
+                        &db,
+                        &url,
+                        &t.brokers,
+                        &slot,
+                        &end,
+                        a.rows,
+                        Some(a.eos_batch_size),
+                    )
+                    .await,
                 );
                 eprintln!(
                     "  {}: relay log mode, exactly once {:.0}/s",
@@ -331,7 +360,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             reset(&db).await;
             load(&db, a.rows).await;
             b.relay_polling
-                .push(relay_polling(&db, &url, &t.brokers, a.rows, "").await);
+                .push(relay_polling(&db, &url, &t.brokers, a.rows, None).await);
             eprintln!(
                 "  {}: relay polling {:.0}/s",
                 t.name, b.relay_polling[run].events_per_second
@@ -339,8 +368,9 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             if let Some(eos) = &mut b.exactly_once {
                 reset(&db).await;
                 load(&db, a.rows).await;
-                eos.relay_polling
-                    .push(relay_polling(&db, &url, &t.brokers, a.rows, EXACTLY_ONCE).await);
+                eos.relay_polling.push(
+                    relay_polling(&db, &url, &t.brokers, a.rows, Some(a.eos_batch_size)).await,
+                );
                 eprintln!(
                     "  {}: relay polling, exactly once {:.0}/s",
                     t.name, eos.relay_polling[run].events_per_second
@@ -360,10 +390,18 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
     );
     for (t, b) in targets.iter().zip(&mut report.brokers) {
         reset(&db).await;
-        b.steady = steady(a, &db, &url, &t.brokers, "bench_steady", "").await;
+        b.steady = steady(a, &db, &url, &t.brokers, "bench_steady", None).await;
         if let Some(eos) = &mut b.exactly_once {
             reset(&db).await;
-            eos.steady = steady(a, &db, &url, &t.brokers, "bench_steady_eos", EXACTLY_ONCE).await;
+            eos.steady = steady(
+                a,
+                &db,
+                &url,
+                &t.brokers,
+                "bench_steady_eos",
+                Some(a.eos_batch_size),
+            )
+            .await;
             eos.log_events_per_second =
                 median(eos.relay_log.iter().map(|d| d.events_per_second).collect());
             eos.polling_events_per_second = median(
@@ -476,13 +514,14 @@ async fn relay_log(
     slot: &str,
     end: &str,
     rows: usize,
-    sink: &str,
+    eos: Eos,
 ) -> Drain {
+    let (sink, batch) = eos_lines(eos);
     let config = config_file(
         url,
         brokers,
         "logical",
-        &format!("[source.logical]\nslot = \"{slot}\"\ncreate_if_missing = false\n"),
+        &format!("[source.logical]\nslot = \"{slot}\"\ncreate_if_missing = false\n{batch}"),
         sink,
     );
     let started = Instant::now();
@@ -507,8 +546,15 @@ async fn relay_log(
     drain(elapsed, rows, rss, cpu)
 }
 
-async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize, sink: &str) -> Drain {
-    let config = config_file(url, broker, "polling", "", sink);
+async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize, eos: Eos) -> Drain {
+    let (sink, batch) = eos_lines(eos);
+    let config = config_file(
+        url,
+        broker,
+        "polling",
+        &format!("[source.polling]\n{batch}"),
+        sink,
+    );
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     wait_empty(db, Duration::from_millis(10)).await;
@@ -534,13 +580,14 @@ async fn first_event(db: &Client, url: &str, broker: &str) -> f64 {
     ms
 }
 
-async fn steady(a: &Args, db: &Client, url: &str, broker: &str, slot: &str, sink: &str) -> Steady {
+async fn steady(a: &Args, db: &Client, url: &str, broker: &str, slot: &str, eos: Eos) -> Steady {
     let port = free_port().unwrap();
+    let (sink, batch) = eos_lines(eos);
     let config = config_file(
         url,
         broker,
         "logical",
-        &format!("[source.logical]\nslot = \"{slot}\"\n"),
+        &format!("[source.logical]\nslot = \"{slot}\"\n{batch}"),
         sink,
     )
     .with_listen(port);
@@ -860,7 +907,8 @@ fn print_table(r: &Report) {
         if let Some(e) = &b.exactly_once {
             let s = &e.steady;
             println!(
-                "  exactly once: log mode {:.0} events/s ({:.2} µs CPU per event), polling {:.0} events/s ({:.2} µs); steady commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
+                "  exactly once (batch_size {}): log mode {:.0} events/s ({:.2} µs CPU per event), polling {:.0} events/s ({:.2} µs); steady commit→ack p50 {:.1} ms, p99 {:.1} ms, RSS {:.1} MB",
+                e.batch_size,
                 e.log_events_per_second,
                 e.log_cpu_us_per_event,
                 e.polling_events_per_second,

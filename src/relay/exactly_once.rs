@@ -25,26 +25,15 @@ use crate::config::Config;
 use crate::metrics::Telemetry;
 use crate::sink::kafka::checkpoint::Resume;
 use crate::sink::kafka::{derive_transactional_id, SinkError, TransactionalSink};
-use crate::source::{AnySource, Mode, Source};
+use crate::source::{AnySource, Source};
 
 pub(super) async fn run(
     config: Config,
     telemetry: Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
-    let batch_size = match config.source.mode {
-        Mode::Polling => config.source.polling.batch_size.get(),
-        Mode::Logical => config.source.logical.batch_size.get(),
-    };
+    let batch_size = super::starting(&config, "exactly_once");
     let mut backoff = Backoff::new(FIRST_BACKOFF, config.relay.max_backoff);
-    tracing::info!(
-        database = %config.source.redacted_url(),
-        table = %config.source.table_label(),
-        brokers = %config.sink.brokers,
-        mode = ?config.source.mode,
-        delivery = "exactly_once",
-        "relay starting"
-    );
     let health = &telemetry.health;
     loop {
         health.set_leader(false, Some("starting: connecting to PostgreSQL"));

@@ -75,6 +75,22 @@ pub enum RelayError {
     GraceExpired(Duration),
 }
 
+/// Logs what the relay starts with; returns its batch size.
+fn starting(config: &Config, delivery: &str) -> usize {
+    tracing::info!(
+        database = %config.source.redacted_url(),
+        table = %config.source.table_label(),
+        brokers = %config.sink.brokers,
+        mode = ?config.source.mode,
+        delivery,
+        "relay starting"
+    );
+    match config.source.mode {
+        Mode::Polling => config.source.polling.batch_size.get(),
+        Mode::Logical => config.source.logical.batch_size.get(),
+    }
+}
+
 /// Runs the relay loop until `shutdown` fires or an error no retry can fix. The
 /// process-level entry point, with the HTTP endpoints, is [`crate::daemon::run`].
 pub async fn run(
@@ -87,18 +103,8 @@ pub async fn run(
     }
     let mut sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
     let mut probe = sink.spawn_health_probe(shutdown.clone());
-    let batch_size = match config.source.mode {
-        Mode::Polling => config.source.polling.batch_size.get(),
-        Mode::Logical => config.source.logical.batch_size.get(),
-    };
+    let batch_size = starting(&config, "at_least_once");
     let mut backoff = Backoff::new(FIRST_BACKOFF, config.relay.max_backoff);
-    tracing::info!(
-        database = %config.source.redacted_url(),
-        table = %config.source.table_label(),
-        brokers = %config.sink.brokers,
-        mode = ?config.source.mode,
-        "relay starting"
-    );
     let health = &telemetry.health;
     let mut relay_config = config.relay.clone();
     let mut stalls = Stalls {

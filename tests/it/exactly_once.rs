@@ -291,6 +291,95 @@ async fn log_mode_skips_exactly_the_events_the_checkpoint_covers_mid_transaction
     );
 }
 
+/// Two relays (`relay-a`, `relay-b`) on one outbox, their config files kept with them.
+struct Pair {
+    files: [tempfile::NamedTempFile; 2],
+    relays: Vec<RelayProcess>,
+}
+
+const NAMES: [&str; 2] = ["relay-a", "relay-b"];
+
+impl Pair {
+    fn start(env: &Env, mode: &str, delivery: &str) -> Pair {
+        let sink = match delivery {
+            "exactly_once" => exactly_once(env, ""),
+            _ => String::new(),
+        };
+        let config = |name: &str| {
+            let toml = in_sink(&env.config_toml(mode, "", ""), &sink)
+                .replace("/app\"", &format!("/app?application_name={name}\""))
+                .replace(
+                    "[source.polling]",
+                    "[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n\n[source.polling]",
+                );
+            let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+            f.write_all(toml.as_bytes()).unwrap();
+            f
+        };
+        let files = [config(NAMES[0]), config(NAMES[1])];
+        let relays = files.iter().map(|f| spawn_relay(f.path())).collect();
+        Pair { files, relays }
+    }
+
+    /// The index of the relay that leads, waiting up to 10 s for one.
+    async fn leader(&self, env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> usize {
+        for _ in 0..200 {
+            if let Some(name) = leader(env, db, mode).await {
+                return NAMES.iter().position(|n| *n == name).expect("known relay");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no relay leads within 10 s");
+    }
+
+    fn restart(&mut self, idx: usize) {
+        self.relays[idx] = spawn_relay(self.files[idx].path());
+    }
+}
+
+/// Reads the topic back until `written` distinct events arrived and 3 s more passed
+/// (late duplicates), or 120 s: `(key, n, id)` in arrival order, duplicates included.
+async fn read_back(env: &Env, written: usize) -> Vec<(String, u64, String)> {
+    let brokers = env.kafka.brokers();
+    let topic = env.topic("outbox.order");
+    tokio::task::spawn_blocking(move || {
+        let reader = Reader::new(&brokers, &[&topic]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut all, mut ids) = (Vec::new(), HashSet::new());
+        let mut quiet_since = None;
+        while Instant::now() < deadline {
+            match reader.next(Duration::from_millis(200)) {
+                Ok(Some(m)) => {
+                    let id = m.header("id").unwrap().to_owned();
+                    ids.insert(id.clone());
+                    all.push((m.key_str().to_owned(), payload_n(&m), id));
+                    quiet_since = None;
+                }
+                _ if ids.len() >= written => {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(3) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        all
+    })
+    .await
+    .unwrap()
+}
+
+/// (delivered, duplicated, reordered) of what [`read_back`] returned.
+fn tally(messages: &[(String, u64, String)]) -> (usize, usize, usize) {
+    let (delivered, reordered) = first_occurrences(
+        messages
+            .iter()
+            .map(|(k, n, id)| (k.as_str(), *n, id.as_str())),
+    );
+    (delivered, messages.len() - delivered, reordered)
+}
+
 struct Kills {
     kills: usize,
     events: usize,
@@ -319,24 +408,7 @@ async fn kill_the_leader(mode: &'static str, delivery: &str) -> (usize, usize, u
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let sink = match delivery {
-        "exactly_once" => exactly_once(&env, ""),
-        _ => String::new(),
-    };
-    let config = |name: &str| {
-        let toml = in_sink(&env.config_toml(mode, "", ""), &sink)
-            .replace("/app\"", &format!("/app?application_name={name}\""))
-            .replace(
-                "[source.polling]",
-                "[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n\n[source.polling]",
-            );
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        f.write_all(toml.as_bytes()).unwrap();
-        f
-    };
-    let files = [config("relay-a"), config("relay-b")];
-    let names = ["relay-a", "relay-b"];
-    let mut relays: Vec<RelayProcess> = files.iter().map(|f| spawn_relay(f.path())).collect();
+    let mut pair = Pair::start(&env, mode, delivery);
     let mut db = env.client().await;
     let stop = CancellationToken::new();
     let writer = tokio::spawn(write_until(
@@ -345,67 +417,23 @@ async fn kill_the_leader(mode: &'static str, delivery: &str) -> (usize, usize, u
         Duration::from_millis(20),
         stop.clone(),
     ));
-    let mut killed_at = Vec::new();
     for _ in 0..plan.kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
-        let mut current = None;
-        for _ in 0..200 {
-            current = leader(&env, &mut db, mode).await;
-            if current.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let name = current.expect("a relay leads within 10 s");
-        let idx = names.iter().position(|n| *n == name).expect("known relay");
-        relays[idx].kill9();
-        killed_at.push(Instant::now());
-        relays[idx] = spawn_relay(files[idx].path());
+        let idx = pair.leader(&env, &mut db, mode).await;
+        pair.relays[idx].kill9();
+        pair.restart(idx);
     }
     let written = writer.await.unwrap();
-    let brokers = env.kafka.brokers();
-    let topic = env.topic("outbox.order");
-    let messages = tokio::task::spawn_blocking(move || {
-        let reader = Reader::new(&brokers, &[&topic]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let (mut all, mut ids) = (Vec::new(), HashSet::new());
-        let mut quiet_since = None;
-        while Instant::now() < deadline {
-            match reader.next(Duration::from_millis(200)) {
-                Ok(Some(m)) => {
-                    let id = m.header("id").unwrap().to_owned();
-                    ids.insert(id.clone());
-                    all.push((m.key_str().to_owned(), payload_n(&m), id));
-                    quiet_since = None;
-                }
-                _ if ids.len() >= written => {
-                    // Every event is in; a little longer, to see late duplicates.
-                    let since = *quiet_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(3) {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        all
-    })
-    .await
-    .unwrap();
+    let messages = read_back(&env, written).await;
     stop.cancel();
-    drop(relays);
-    let (delivered, reordered) = first_occurrences(
-        messages
-            .iter()
-            .map(|(k, n, id)| (k.as_str(), *n, id.as_str())),
-    );
-    let duplicated = messages.len() - delivered;
+    drop(pair);
+    let (delivered, duplicated, reordered) = tally(&messages);
     eprintln!(
         "\nleader kills, {mode} mode, {delivery} (seed {seed})\n\
          | kills | written | delivered | lost | duplicated | reordered |\n\
          |---:|---:|---:|---:|---:|---:|\n\
          | {} | {written} | {delivered} | {} | {duplicated} | {reordered} |\n",
-        killed_at.len(),
+        plan.kills,
         written - delivered.min(written),
     );
     assert_eq!(delivered, written, "events lost (or foreign ones read)");
@@ -448,45 +476,19 @@ enum Zombie {
 async fn zombie(mode: &'static str, delivery: &str) -> (usize, usize, usize, Zombie) {
     let env = Env::start_with(&["synchronous_commit=on"]).await;
     env.create_topics(&["outbox.order"], 4).await;
-    let sink = match delivery {
-        "exactly_once" => exactly_once(&env, ""),
-        _ => String::new(),
-    };
-    let config = |name: &str| {
-        let toml = in_sink(&env.config_toml(mode, "", ""), &sink)
-            .replace("/app\"", &format!("/app?application_name={name}\""))
-            .replace(
-                "[source.polling]",
-                "[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n\n[source.polling]",
-            );
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        f.write_all(toml.as_bytes()).unwrap();
-        f
-    };
-    let files = [config("relay-a"), config("relay-b")];
-    let names = ["relay-a", "relay-b"];
-    let mut relays: Vec<RelayProcess> = files.iter().map(|f| spawn_relay(f.path())).collect();
+    let mut pair = Pair::start(&env, mode, delivery);
     let mut db = env.client().await;
-    let events = 6_000;
     let stop = CancellationToken::new();
     let writer = tokio::spawn(write_until(
         env.db_url.clone(),
-        events,
+        6_000,
         Duration::from_millis(10),
         stop.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut old = None;
-    for _ in 0..200 {
-        old = leader(&env, &mut db, mode).await;
-        if old.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let old = old.expect("a relay leads");
-    let idx = names.iter().position(|n| *n == old).unwrap();
-    relays[idx].pause();
+    let idx = pair.leader(&env, &mut db, mode).await;
+    let old = NAMES[idx];
+    pair.relays[idx].pause();
     db.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
         &[&old],
@@ -500,55 +502,23 @@ async fn zombie(mode: &'static str, delivery: &str) -> (usize, usize, usize, Zom
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    relays[idx].resume();
+    pair.relays[idx].resume();
     let written = writer.await.unwrap();
-    let brokers = env.kafka.brokers();
-    let topic = env.topic("outbox.order");
-    let messages = tokio::task::spawn_blocking(move || {
-        let reader = Reader::new(&brokers, &[&topic]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let (mut all, mut ids) = (Vec::new(), HashSet::new());
-        let mut quiet_since = None;
-        while Instant::now() < deadline {
-            match reader.next(Duration::from_millis(200)) {
-                Ok(Some(m)) => {
-                    let id = m.header("id").unwrap().to_owned();
-                    ids.insert(id.clone());
-                    all.push((m.key_str().to_owned(), payload_n(&m), id));
-                    quiet_since = None;
-                }
-                _ if ids.len() >= written => {
-                    let since = *quiet_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(3) {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        all
-    })
-    .await
-    .unwrap();
-    let fate = match relays[idx].exit_code() {
+    let messages = read_back(&env, written).await;
+    let fate = match pair.relays[idx].exit_code() {
         Some(code) => Zombie::Exited(code),
         None => {
             assert_ne!(
                 leader(&env, &mut db, mode).await.as_deref(),
-                Some(old.as_str()),
+                Some(old),
                 "the old leader took the lead back"
             );
             Zombie::Standby
         }
     };
     stop.cancel();
-    drop(relays);
-    let (delivered, reordered) = first_occurrences(
-        messages
-            .iter()
-            .map(|(k, n, id)| (k.as_str(), *n, id.as_str())),
-    );
-    let duplicated = messages.len() - delivered;
+    drop(pair);
+    let (delivered, duplicated, reordered) = tally(&messages);
     eprintln!(
         "\nzombie leader, {mode} mode, {delivery}\n\
          | written | delivered | lost | duplicated | reordered | old leader after SIGCONT |\n\

@@ -16,10 +16,10 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use super::{KafkaSinkConfig, SinkError};
 use crate::event::{OutboxEvent, Position};
@@ -125,6 +125,20 @@ impl Resume {
     }
 }
 
+/// The reader's context: the end of a partition is how the reader knows it is done,
+/// not an error worth a log line (librdkafka reports it as one).
+struct Reader;
+
+impl ClientContext for Reader {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "checkpoint reader");
+        }
+    }
+}
+
+impl ConsumerContext for Reader {}
+
 /// A client configuration for the checkpoint topic's admin and reader: the brokers and
 /// the operator's connection properties (TLS, SASL) of `[sink.kafka.librdkafka]`.
 fn client(config: &KafkaSinkConfig) -> ClientConfig {
@@ -195,13 +209,13 @@ pub fn read_last(
         topic: topic.clone(),
         reason,
     };
-    let consumer: BaseConsumer = client(config)
+    let consumer: BaseConsumer<Reader> = client(config)
         .set("group.id", "outbox-relay-checkpoint-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(Reader)
         .map_err(|e| failed(format!("cannot create its reader: {e}")))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -248,7 +262,7 @@ pub fn read_last(
 /// The last checkpoint of `key` in `[start, end)` of one partition.
 #[allow(clippy::too_many_arguments)]
 fn read_window(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<Reader>,
     topic: &str,
     partition: i32,
     start: i64,

@@ -48,7 +48,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
-pub(super) const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
+const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
     ("enable.idempotence", "true"),
     // Retry inside librdkafka until delivered. A finite timeout lets a partition end up
     // with 1, 4, 5 after an outage (librdkafka INTRODUCTION.md, "Message timeout
@@ -106,14 +106,7 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(config: &KafkaSinkConfig, telemetry: Telemetry) -> Result<KafkaSink, SinkError> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (key, value) in PRODUCER_DEFAULTS {
-            client.set(key, value);
-        }
-        for (key, value) in &config.librdkafka {
-            client.set(key, value);
-        }
+        let client = producer_config(config);
         let producer = client.create().map_err(SinkError::Create)?;
         Ok(KafkaSink {
             producer,
@@ -388,6 +381,20 @@ impl KafkaSink {
         let md = self.producer.client().fetch_metadata(None, timeout)?;
         Ok(md.brokers().len())
     }
+}
+
+/// The producer's settings: the brokers, the relay's defaults, then the operator's
+/// `[sink.kafka.librdkafka]` over them.
+pub(super) fn producer_config(config: &KafkaSinkConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in PRODUCER_DEFAULTS {
+        client.set(key, value);
+    }
+    for (key, value) in &config.librdkafka {
+        client.set(key, value);
+    }
+    client
 }
 
 /// Hands one message to librdkafka, waiting while its local queue is full: a full queue

@@ -23,13 +23,11 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::ClientConfig;
 
 use super::checkpoint::{self, Checkpoint};
 use super::message::{self, KafkaMessage, Poison};
 use super::{
     account, enqueue, is_fenced, is_poison, is_too_large, Delivery, KafkaSinkConfig, SinkError,
-    PRODUCER_DEFAULTS,
 };
 use crate::event::{OutboxEvent, Position};
 use crate::metrics::Telemetry;
@@ -101,14 +99,7 @@ impl TransactionalSink {
         transactional_id: String,
         epoch: String,
     ) -> Result<(TransactionalSink, Option<Checkpoint>), SinkError> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (key, value) in PRODUCER_DEFAULTS {
-            client.set(key, value);
-        }
-        for (key, value) in &config.librdkafka {
-            client.set(key, value);
-        }
+        let mut client = super::producer_config(config);
         client.set("transactional.id", &transactional_id);
         // A transactional producer must give up on a message before its transaction
         // times out (librdkafka refuses an infinite message timeout here). Giving up is
