@@ -10,6 +10,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{RelayConfig, RelayError};
+
+/// Batches handed to Kafka and not yet acknowledged, at most.
+pub(super) const PIPELINE_DEPTH: usize = 2;
 use crate::backoff::Backoff;
 use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
@@ -52,7 +55,7 @@ impl InFlight {
 impl<K: Sink> Pump<'_, K> {
     /// Moves batches from `source` to the sink until shutdown or a source error.
     ///
-    /// Up to [`Sink::depth`] batches are in flight: while Kafka acknowledges one, the
+    /// Up to [`PIPELINE_DEPTH`] batches are in flight: while Kafka acknowledges one, the
     /// next is read and handed over, so database and broker work overlap. Batches are
     /// handed to the producer strictly in order and acknowledged strictly in order; when
     /// one is not fully durable, the batches behind it are abandoned and the source is
@@ -75,7 +78,7 @@ impl<K: Sink> Pump<'_, K> {
             // source can only acknowledge whole transactions, so stopping in the middle
             // would send its first part again after the restart.
             let want_more = !stopping || source.mid_transaction();
-            if want_more && in_flight.len() < self.sink.depth() {
+            if want_more && in_flight.len() < PIPELINE_DEPTH {
                 // Only block for new events when nothing is waiting for Kafka.
                 let wait = in_flight.is_empty();
                 let batch = if stopping {
@@ -214,6 +217,7 @@ impl<K: Sink> Pump<'_, K> {
             for later in in_flight.drain(..) {
                 unacknowledged.extend(later.abandon().await);
             }
+            self.sink.reset();
             source.rewind(unacknowledged);
             let pause = self.backoff.next_pause();
             tokio::select! {

@@ -20,15 +20,14 @@ pub trait Sink: Send + Sync + 'static {
     /// A batch handed over whose outcomes are not collected yet.
     type Sent: Send + 'static;
 
-    /// Batches that may be with the sink at once. Two let the next batch go out while
-    /// the first one's reports come back; a transactional sink takes one at a time.
-    fn depth(&self) -> usize {
-        2
-    }
-
     /// Hands every event of the batch over, in order. Batches sent one after the other
     /// keep their order, so the next one may be sent before this one is collected.
     fn send(&self, events: &[OutboxEvent]) -> impl Future<Output = Self::Sent> + Send;
+
+    /// The relay gave up on every batch handed over and not collected (they were
+    /// abandoned after a failure, and their collections have ended): the next batch
+    /// starts afresh from the oldest unacknowledged event.
+    fn reset(&self) {}
 
     /// Waits for each event's outcome, in the batch's order. A failure no retry can fix
     /// (the producer is unusable) comes back as [`SinkError::Fatal`].

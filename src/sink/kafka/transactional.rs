@@ -13,6 +13,12 @@
 //! still has queued can never be committed. A fenced producer is never replaced by the
 //! relay on its own (that would fence the new leader in turn): it stops.
 //!
+//! Two batches may be with the sink, as at least once: while one transaction commits,
+//! the relay reads the next batch and acknowledges the previous one to PostgreSQL. The
+//! transactions themselves run one after the other, in the order the batches were
+//! handed over (each has a ticket), and a batch whose predecessor did not commit is not
+//! published at all: it comes back failed and is sent again behind the retried one.
+//!
 //! A broker refusal inside a transaction aborts it. The refused event is remembered,
 //! and the batch goes again with that event on the dead-letter topic, inside the new
 //! transaction like everything else.
@@ -88,6 +94,18 @@ pub struct TransactionalSink {
     committed: Mutex<Option<Checkpoint>>,
     /// Events a broker refused for good in an aborted transaction.
     refused: Mutex<HashMap<EventKey, Refusal>>,
+    tickets: Mutex<Tickets>,
+    /// The last ticket whose collection ended (committed, aborted or refused).
+    finished: tokio::sync::watch::Sender<u64>,
+}
+
+/// The order of the batches handed over.
+#[derive(Default)]
+struct Tickets {
+    /// The last ticket handed out.
+    sent: u64,
+    /// The last ticket whose transaction committed, with every earlier one.
+    committed: u64,
 }
 
 impl TransactionalSink {
@@ -131,6 +149,8 @@ impl TransactionalSink {
             epoch,
             committed: Mutex::new(last),
             refused: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(Tickets::default()),
+            finished: tokio::sync::watch::Sender::new(0),
         };
         Ok((sink, last))
     }
@@ -387,16 +407,48 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
-impl crate::sink::Sink for TransactionalSink {
-    type Sent = ();
+/// A batch's place in line.
+pub struct Ticket(u64);
 
-    fn depth(&self) -> usize {
-        1
+impl crate::sink::Sink for TransactionalSink {
+    type Sent = Ticket;
+
+    /// The ticket is taken when the batch is handed over, so transactions follow the
+    /// batches' order, whichever collection runs first.
+    async fn send(&self, _events: &[OutboxEvent]) -> Ticket {
+        let mut tickets = self.tickets.lock().unwrap();
+        tickets.sent += 1;
+        Ticket(tickets.sent)
     }
 
-    async fn send(&self, _events: &[OutboxEvent]) {}
+    async fn collect(&self, events: &[OutboxEvent], Ticket(ticket): Ticket) -> Vec<Delivery> {
+        let mut finished = self.finished.subscribe();
+        // An abandoned predecessor never finishes, but then this batch is abandoned
+        // too, and [`Sink::reset`] comes before anything is sent again.
+        let _ = finished.wait_for(|&f| f + 1 >= ticket).await;
+        let follows = self.tickets.lock().unwrap().committed + 1 == ticket;
+        let outcomes = if follows {
+            self.transact(events).await
+        } else {
+            // The batch before it did not commit: publishing this one would put its
+            // events ahead of the ones that are sent again.
+            events
+                .iter()
+                .map(|_| Delivery::Failed(SinkError::NotAttempted))
+                .collect()
+        };
+        if follows && outcomes.iter().all(Delivery::is_durable) {
+            self.tickets.lock().unwrap().committed = ticket;
+        }
+        self.finished.send_modify(|f| *f = (*f).max(ticket));
+        outcomes
+    }
 
-    async fn collect(&self, events: &[OutboxEvent], _sent: ()) -> Vec<Delivery> {
-        self.transact(events).await
+    fn reset(&self) {
+        let mut tickets = self.tickets.lock().unwrap();
+        tickets.committed = tickets.sent;
+        let sent = tickets.sent;
+        drop(tickets);
+        self.finished.send_modify(|f| *f = sent);
     }
 }

@@ -40,6 +40,9 @@ pub(super) struct Snapshot {
     temp_slot: String,
     consistent_point: Lsn,
     pub(super) exhausted: bool,
+    /// A FETCH was sent and its rows not taken: a stop cancelled it. The server moved
+    /// the cursor past rows nobody published, so where it stands says nothing.
+    fetching: bool,
 }
 
 impl LogicalSource {
@@ -93,6 +96,7 @@ impl LogicalSource {
             temp_slot,
             consistent_point,
             exhausted: false,
+            fetching: false,
         }));
         Ok(())
     }
@@ -115,6 +119,14 @@ impl LogicalSource {
         if self.ledger.unacknowledged() > 0 {
             return Ok(());
         }
+        if snap.fetching {
+            tracing::info!(
+                slot = %self.config.logical.slot,
+                "stopped while reading the first-start snapshot: the next start publishes the \
+                 outbox's rows again (duplicates, no loss)"
+            );
+            return Ok(());
+        }
         if !snap.exhausted {
             // The last batch may have been the end without the cursor saying so yet.
             let more = snap
@@ -132,13 +144,23 @@ impl LogicalSource {
             }
             snap.exhausted = true;
         }
-        self.keep_snapshot_slot().await.map(drop)
+        match self.keep_snapshot_slot().await {
+            Ok(_) => Ok(()),
+            // A copy a stop cancelled had made it already (or another relay did): the
+            // slot exists, which is all a stop needs.
+            Err(SourceError::SlotBusy { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Copies the temporary slot into the real one and closes the snapshot; returns the
     /// consistent point to stream from, or `None` when not in the first start.
+    ///
+    /// The phase changes only at the end: a stop may cancel this half way, and the
+    /// stop's [`LogicalSource::finish_snapshot_on_stop`] must then still find the
+    /// snapshot to finish (a second COMMIT is only a warning).
     async fn keep_snapshot_slot(&mut self) -> Result<Option<Lsn>, SourceError> {
-        let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Snapshot(snap) = &self.phase else {
             return Ok(None);
         };
         snap.reader
@@ -164,6 +186,9 @@ impl LogicalSource {
                 },
             })?;
         tracing::info!(%slot, "first-start snapshot published; created the replication slot");
+        let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("the phase was the snapshot above");
+        };
         let point = snap.consistent_point;
         self.slot_is_failover = false;
         drop(snap); // closes the holder: the temporary slot goes away
@@ -178,11 +203,13 @@ impl LogicalSource {
             return Ok(Vec::new());
         };
         if !snap.exhausted {
+            snap.fetching = true;
             let rows = snap
                 .reader
                 .query(&format!("FETCH {max} FROM {SNAPSHOT_CURSOR}"), &[])
                 .await
                 .map_err(SourceError::pg("reading the first-start snapshot"))?;
+            snap.fetching = false;
             if rows.is_empty() {
                 snap.exhausted = true;
             } else {
