@@ -577,8 +577,11 @@ async fn an_event_the_broker_refuses_is_dead_lettered_inside_the_retried_transac
         })
         .collect();
     insert_events(&db, &rows).await;
-    let toml = in_sink(&env.config_toml("polling", "", ""), &exactly_once(&env, "refused"))
-        .replace("batch_size = 500", "batch_size = 20");
+    let toml = in_sink(
+        &env.config_toml("polling", "", ""),
+        &exactly_once(&env, "refused"),
+    )
+    .replace("batch_size = 500", "batch_size = 20");
     let relay = RunningRelay::start(load_toml(&toml));
     let got = env.consume(&["outbox.order"], 199, 60).await;
     let dlq = env.consume(&["outbox.dlq"], 1, 30).await;
