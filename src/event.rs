@@ -65,6 +65,24 @@ impl FromStr for Position {
 }
 
 impl OutboxEvent {
+    /// An event at `position` with nothing else known yet: what the sources fill in.
+    pub fn blank(position: Position) -> OutboxEvent {
+        OutboxEvent {
+            position,
+            id: None,
+            aggregate_type: None,
+            aggregate_id: None,
+            event_type: None,
+            payload: None,
+            payload_is_json: true,
+            headers: None,
+            topic: None,
+            timestamp_ms: None,
+            invalid: None,
+            original: None,
+        }
+    }
+
     /// Roughly the memory the event holds: what byte budgets count.
     pub fn approx_bytes(&self) -> usize {
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);

@@ -19,13 +19,13 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::pump::Pump;
-use super::{RelayError, FIRST_BACKOFF};
+use super::{connect_and_lead, lost_postgres, RelayError, FIRST_BACKOFF};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::metrics::Telemetry;
 use crate::sink::kafka::checkpoint::Resume;
 use crate::sink::kafka::{derive_transactional_id, SinkError, TransactionalSink};
-use crate::source::{AnySource, Source};
+use crate::source::Source;
 
 pub(super) async fn run(
     config: Config,
@@ -36,17 +36,11 @@ pub(super) async fn run(
     let mut backoff = Backoff::new(FIRST_BACKOFF, config.relay.max_backoff);
     let health = &telemetry.health;
     loop {
-        health.set_leader(false, Some("starting: connecting to PostgreSQL"));
         let mut probe = None;
         let outcome = async {
-            let mut source = AnySource::connect(&config.source, telemetry.clone()).await?;
-            health.set_postgres(None);
-            if !source
-                .lead(config.source.standby_retry, &telemetry, &shutdown)
-                .await?
-            {
+            let Some(mut source) = connect_and_lead(&config, &telemetry, &shutdown).await? else {
                 return Ok(());
-            }
+            };
             let identity = source.identity().await?;
             let transactional_id = config.sink.transactional_id.clone().unwrap_or_else(|| {
                 derive_transactional_id(
@@ -83,13 +77,10 @@ pub(super) async fn run(
         let pause = match outcome {
             Ok(()) => break,
             Err(RelayError::Source(e)) if e.is_retryable() => {
-                tracing::warn!(error = %e, "lost PostgreSQL; reconnecting (and fencing again)");
-                let metrics = &telemetry.metrics;
-                metrics.failures.with_label_values(&["postgres"]).inc();
-                metrics.reconnects.inc();
-                metrics.leader.set(0);
-                health.set_postgres(Some(format!("reconnecting after: {e}")));
-                backoff.next_pause()
+                // The producer went with the lead: the next lead fences again.
+                let pause = backoff.next_pause();
+                lost_postgres(&telemetry, &e, pause);
+                pause
             }
             // Kafka not reachable while fencing, or the checkpoint not readable yet.
             Err(RelayError::Sink(e @ (SinkError::Aborted(_) | SinkError::Checkpoint { .. }))) => {

@@ -91,6 +91,36 @@ fn starting(config: &Config, delivery: &str) -> usize {
     }
 }
 
+/// Connects to PostgreSQL and becomes the outbox's leader, waiting as a standby while
+/// another relay leads; `None` when `shutdown` fired first.
+async fn connect_and_lead(
+    config: &Config,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
+) -> Result<Option<AnySource>, RelayError> {
+    telemetry
+        .health
+        .set_leader(false, Some("starting: connecting to PostgreSQL"));
+    let mut source = AnySource::connect(&config.source, telemetry.clone()).await?;
+    telemetry.health.set_postgres(None);
+    let leads = source
+        .lead(config.source.standby_retry, telemetry, shutdown)
+        .await?;
+    Ok(leads.then_some(source))
+}
+
+/// What losing PostgreSQL (a retryable source error) does to the metrics and readiness.
+fn lost_postgres(telemetry: &Telemetry, e: &SourceError, retry_in: Duration) {
+    tracing::warn!(error = %e, ?retry_in, "lost PostgreSQL; reconnecting");
+    let metrics = &telemetry.metrics;
+    metrics.failures.with_label_values(&["postgres"]).inc();
+    metrics.reconnects.inc();
+    metrics.leader.set(0);
+    telemetry
+        .health
+        .set_postgres(Some(format!("reconnecting after: {e}")));
+}
+
 /// Runs the relay loop until `shutdown` fires or an error no retry can fix. The
 /// process-level entry point, with the HTTP endpoints, is [`crate::daemon::run`].
 pub async fn run(
@@ -116,16 +146,10 @@ pub async fn run(
             // Progress since the replacements ran out: detect stalls again.
             relay_config.stall_timeout = config.relay.stall_timeout;
         }
-        health.set_leader(false, Some("starting: connecting to PostgreSQL"));
         let outcome = async {
-            let mut source = AnySource::connect(&config.source, telemetry.clone()).await?;
-            health.set_postgres(None);
-            if !source
-                .lead(config.source.standby_retry, &telemetry, &shutdown)
-                .await?
-            {
+            let Some(mut source) = connect_and_lead(&config, &telemetry, &shutdown).await? else {
                 return Ok(());
-            }
+            };
             let mut pump = Pump {
                 sink: &sink,
                 telemetry: &telemetry,
@@ -143,15 +167,7 @@ pub async fn run(
             Ok(()) => break Ok(()),
             Err(RelayError::Source(e)) if e.is_retryable() => {
                 let pause = backoff.next_pause();
-                tracing::warn!(error = %e, retry_in = ?pause, "lost PostgreSQL; reconnecting");
-                telemetry
-                    .metrics
-                    .failures
-                    .with_label_values(&["postgres"])
-                    .inc();
-                telemetry.metrics.reconnects.inc();
-                telemetry.metrics.leader.set(0);
-                health.set_postgres(Some(format!("reconnecting after: {e}")));
+                lost_postgres(&telemetry, &e, pause);
                 if telemetry.metrics.in_flight.get() > 0 {
                     // Without its connection this relay no longer leads (its lock or slot
                     // is gone, and a standby may be publishing already): what its

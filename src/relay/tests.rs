@@ -24,12 +24,7 @@ fn event(seq: i64) -> OutboxEvent {
         aggregate_id: Some(format!("agg-{}", seq % 3)),
         event_type: Some("E".into()),
         payload: Some(b"{}".to_vec()),
-        payload_is_json: true,
-        headers: None,
-        topic: None,
-        timestamp_ms: None,
-        invalid: None,
-        original: None,
+        ..OutboxEvent::blank(Position::Seq(seq))
     }
 }
 

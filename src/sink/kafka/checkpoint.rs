@@ -314,20 +314,7 @@ mod tests {
     use crate::event::Lsn;
 
     fn at(position: Position) -> OutboxEvent {
-        OutboxEvent {
-            position,
-            id: None,
-            aggregate_type: None,
-            aggregate_id: None,
-            event_type: None,
-            payload: None,
-            payload_is_json: true,
-            headers: None,
-            topic: None,
-            timestamp_ms: None,
-            invalid: None,
-            original: None,
-        }
+        OutboxEvent::blank(position)
     }
 
     fn lsn(n: u64) -> Position {

@@ -197,20 +197,7 @@ impl Mapper {
 }
 
 fn empty_event() -> OutboxEvent {
-    OutboxEvent {
-        position: Position::Lsn(crate::event::Lsn(0)),
-        id: None,
-        aggregate_type: None,
-        aggregate_id: None,
-        event_type: None,
-        payload: None,
-        payload_is_json: true,
-        headers: None,
-        topic: None,
-        timestamp_ms: None,
-        invalid: None,
-        original: None,
-    }
+    OutboxEvent::blank(Position::Lsn(crate::event::Lsn(0)))
 }
 
 /// The JSON envelope of a table-less outbox event. `payload` and `headers` are kept as
