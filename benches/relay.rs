@@ -47,6 +47,8 @@ struct Args {
     tansu: bool,
     /// `batch_size` of the exactly-once runs (one transaction per batch).
     eos_batch_size: usize,
+    /// Where to write `perf record` profiles of the first run's drains (`--perf DIR`).
+    perf: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -59,6 +61,7 @@ fn args() -> Args {
         kafka: true,
         tansu: true,
         eos_batch_size: 10_000,
+        perf: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +73,7 @@ fn args() -> Args {
             "--steady-rate" => a.steady_rate = value().parse().expect("--steady-rate N"),
                         "--json" => a.json = PathBuf::from(value()),
             "--eos-batch-size" => a.eos_batch_size = value().parse().expect("--eos-batch-size N"),
+            "--perf" => a.perf = Some(PathBuf::from(value())),
             "--broker" => {
                 (a.kafka, a.tansu) = match value().as_str() {
                     "kafka" => (true, false),
@@ -79,7 +83,7 @@ fn args() -> Args {
                 }
             }
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size"),
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf"),
         }
     }
     a
@@ -331,7 +335,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         );
         for (t, b) in targets.iter().zip(&mut report.brokers) {
             b.relay_log
-                .push(relay_log(&db, &url, &t.brokers, &t.slot, &end, a.rows, None).await);
+                .push(relay_log(&db, &url, &t.brokers, &t.slot, &end, a.rows, None, None).await);
             eprintln!(
                 "  {}: relay log mode {:.0}/s",
                 t.name, b.relay_log[run].events_per_second
@@ -347,6 +351,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                         &end,
                         a.rows,
                         Some(a.eos_batch_size),
+                        None,
                     )
                     .await,
                 );
@@ -360,7 +365,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             reset(&db).await;
             load(&db, a.rows).await;
             b.relay_polling
-                .push(relay_polling(&db, &url, &t.brokers, a.rows, None).await);
+                .push(relay_polling(&db, &url, &t.brokers, a.rows, None, None).await);
             eprintln!(
                 "  {}: relay polling {:.0}/s",
                 t.name, b.relay_polling[run].events_per_second
@@ -369,7 +374,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 reset(&db).await;
                 load(&db, a.rows).await;
                 eos.relay_polling.push(
-                    relay_polling(&db, &url, &t.brokers, a.rows, Some(a.eos_batch_size)).await,
+                    relay_polling(&db, &url, &t.brokers, a.rows, Some(a.eos_batch_size), None).await,
                 );
                 eprintln!(
                     "  {}: relay polling, exactly once {:.0}/s",
@@ -380,6 +385,9 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             b.first_event_ms
                 .push(first_event(&db, &url, &t.brokers).await);
         }
+    }
+    if let Some(dir) = &a.perf {
+        profile_drains(a, &db, &url, targets, dir).await;
     }
     let recv = median(
         report
@@ -438,6 +446,61 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         };
     }
     report
+}
+
+/// One more log-mode and polling drain per broker, at least once, each with `perf record`
+/// attached to the relay (not counted in the figures: the sampling costs CPU).
+async fn profile_drains(a: &Args, db: &Client, url: &str, targets: &[Target], dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for t in targets {
+        let name: String = t
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+            .collect();
+        reset(db).await;
+        db.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&t.slot],
+        )
+        .await
+        .unwrap();
+        let end = load(db, a.rows).await;
+        let out = dir.join(format!("{name}.log.data"));
+        let d = relay_log(db, url, &t.brokers, &t.slot, &end, a.rows, None, Some(&out)).await;
+        eprintln!("  profiled log mode into {}: {:.2} CPU-s", out.display(), d.cpu_seconds);
+        reset(db).await;
+        load(db, a.rows).await;
+        let out = dir.join(format!("{name}.polling.data"));
+        let d = relay_polling(db, url, &t.brokers, a.rows, None, Some(&out)).await;
+        eprintln!("  profiled polling into {}: {:.2} CPU-s", out.display(), d.cpu_seconds);
+    }
+}
+
+/// `perf record` attached to a running relay (`--perf`): where its CPU goes, with call
+/// stacks (DWARF unwinding: release builds keep no frame pointers).
+struct Profile(Child);
+
+impl Profile {
+    fn attach(pid: u32, out: &Path) -> Profile {
+        let child = Command::new("perf")
+            .args(["record", "-q", "-F", "1999", "--call-graph", "dwarf,16384", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(out)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("perf (Debian's linux-perf) for --perf");
+        Profile(child)
+    }
+
+    fn finish(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.0.wait();
+    }
 }
 
 /// Empties the outbox and drops the benchmark's slots.
@@ -515,6 +578,7 @@ async fn relay_log(
     end: &str,
     rows: usize,
     eos: Eos,
+    perf: Option<&Path>,
 ) -> Drain {
     let (sink, batch) = eos_lines(eos);
     let config = config_file(
@@ -526,6 +590,7 @@ async fn relay_log(
     );
     let started = Instant::now();
     let relay = spawn_relay(config.path());
+    let profile = perf.map(|out| Profile::attach(relay.id(), out));
     loop {
         let done: bool = db
             .query_one(
@@ -542,11 +607,19 @@ async fn relay_log(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
+    profile.map(Profile::finish);
     let (rss, cpu) = stop_measured(relay);
     drain(elapsed, rows, rss, cpu)
 }
 
-async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize, eos: Eos) -> Drain {
+async fn relay_polling(
+    db: &Client,
+    url: &str,
+    broker: &str,
+    rows: usize,
+    eos: Eos,
+    perf: Option<&Path>,
+) -> Drain {
     let (sink, batch) = eos_lines(eos);
     let config = config_file(
         url,
@@ -557,8 +630,10 @@ async fn relay_polling(db: &Client, url: &str, broker: &str, rows: usize, eos: E
     );
     let started = Instant::now();
     let relay = spawn_relay(config.path());
+    let profile = perf.map(|out| Profile::attach(relay.id(), out));
     wait_empty(db, Duration::from_millis(10)).await;
     let elapsed = started.elapsed();
+    profile.map(Profile::finish);
     let (rss, cpu) = stop_measured(relay);
     drain(elapsed, rows, rss, cpu)
 }

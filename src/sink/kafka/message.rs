@@ -4,6 +4,8 @@
 //! This is the one place that decides topic, key, value and headers, so both capture
 //! modes produce byte-identical messages for the same event.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::prelude::{Engine as _, BASE64_STANDARD};
@@ -17,13 +19,15 @@ use crate::event::OutboxEvent;
 /// that consumers can trust them (Java's `lastHeader("id")` included).
 pub const RESERVED_HEADERS: [&str; 3] = ["id", "event_type", "aggregate_type"];
 
-/// A message ready to produce.
+/// A message ready to produce. It borrows what it can from its event: the relay builds
+/// one per event, and copying the key, the payload and the headers here would only be
+/// copied again by librdkafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KafkaMessage {
-    pub topic: String,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
+pub struct KafkaMessage<'a> {
+    pub topic: Arc<str>,
+    pub key: Option<Cow<'a, [u8]>>,
+    pub value: Cow<'a, [u8]>,
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
     pub timestamp_ms: Option<i64>,
 }
 
@@ -32,8 +36,62 @@ pub struct KafkaMessage {
 #[error("{0}")]
 pub struct Poison(pub String);
 
+/// Topic names already rendered and checked, by aggregate type and event type.
+///
+/// A batch names few topics, usually one: rendering and checking the name again for
+/// every event would cost an allocation and a scan each.
+#[derive(Debug, Default)]
+pub struct Topics {
+    known: Vec<(String, String, Arc<str>)>,
+}
+
+/// How many (aggregate type, event type) pairs [`Topics`] remembers; past that, names
+/// are rendered per event (still correct, only slower).
+const TOPICS_REMEMBERED: usize = 32;
+
+impl Topics {
+    fn get(
+        &mut self,
+        config: &KafkaSinkConfig,
+        aggregate_type: &str,
+        event_type: &str,
+    ) -> Result<Arc<str>, Poison> {
+        if let Some((_, _, topic)) = self
+            .known
+            .iter()
+            .find(|(a, e, _)| a == aggregate_type && e == event_type)
+        {
+            return Ok(topic.clone());
+        }
+        let topic = config
+            .topic_overrides
+            .get(aggregate_type)
+            .unwrap_or(&config.topic)
+            .render(aggregate_type, event_type);
+        validate_topic_name(&topic).map_err(Poison)?;
+        let topic: Arc<str> = topic.into();
+        if self.known.len() < TOPICS_REMEMBERED {
+            self.known
+                .push((aggregate_type.to_owned(), event_type.to_owned(), topic.clone()));
+        }
+        Ok(topic)
+    }
+}
+
 /// Builds the message for `event`, or says why it is poison.
-pub fn to_message(event: &OutboxEvent, config: &KafkaSinkConfig) -> Result<KafkaMessage, Poison> {
+pub fn to_message<'a>(
+    event: &'a OutboxEvent,
+    config: &KafkaSinkConfig,
+) -> Result<KafkaMessage<'a>, Poison> {
+    to_message_with(event, config, &mut Topics::default())
+}
+
+/// [`to_message`], with topic names remembered across the events of a batch.
+pub fn to_message_with<'a>(
+    event: &'a OutboxEvent,
+    config: &KafkaSinkConfig,
+    topics: &mut Topics,
+) -> Result<KafkaMessage<'a>, Poison> {
     if let Some(reason) = &event.invalid {
         return Err(Poison(reason.clone()));
     }
@@ -59,41 +117,42 @@ pub fn to_message(event: &OutboxEvent, config: &KafkaSinkConfig) -> Result<Kafka
                     config.row_topics.join(", ")
                 )));
             }
-            topic.clone()
+            Arc::from(topic.as_str())
         }
-        _ => config
-            .topic_overrides
-            .get(aggregate_type)
-            .unwrap_or(&config.topic)
-            .render(aggregate_type, event_type),
+        _ => topics.get(config, aggregate_type, event_type)?,
     };
-    validate_topic_name(&topic).map_err(Poison)?;
 
-    let mut headers = vec![
-        ("id".to_owned(), id.as_bytes().to_vec()),
-        ("event_type".to_owned(), event_type.as_bytes().to_vec()),
+    let mut headers = Vec::with_capacity(3);
+    headers.extend([
+        (Cow::Borrowed("id"), Cow::Borrowed(id.as_bytes())),
+        (Cow::Borrowed("event_type"), Cow::Borrowed(event_type.as_bytes())),
         (
-            "aggregate_type".to_owned(),
-            aggregate_type.as_bytes().to_vec(),
+            Cow::Borrowed("aggregate_type"),
+            Cow::Borrowed(aggregate_type.as_bytes()),
         ),
-    ];
+    ]);
     if let Some(extra) = &event.headers {
         headers.extend(
             extra_headers(extra)?
                 .into_iter()
-                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())),
+                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref())),
         );
     }
 
     let value = match config.format {
-        Format::Raw => payload.clone(),
-        Format::CloudEvents => {
-            cloudevent(event, id, aggregate_type, aggregate_id, event_type, payload)?
-        }
+        Format::Raw => Cow::Borrowed(payload.as_slice()),
+        Format::CloudEvents => Cow::Owned(cloudevent(
+            event,
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+        )?),
     };
     Ok(KafkaMessage {
         topic,
-        key: Some(aggregate_id.as_bytes().to_vec()),
+        key: Some(Cow::Borrowed(aggregate_id.as_bytes())),
         value,
         headers,
         timestamp_ms: event.timestamp_ms,
@@ -102,7 +161,11 @@ pub fn to_message(event: &OutboxEvent, config: &KafkaSinkConfig) -> Result<Kafka
 
 /// The dead-letter message for a poison event: its original bytes, key and headers where
 /// they exist, plus `error` and `source_position`.
-pub fn to_dead_letter(event: &OutboxEvent, error: &str, config: &KafkaSinkConfig) -> KafkaMessage {
+pub fn to_dead_letter<'a>(
+    event: &'a OutboxEvent,
+    error: &str,
+    config: &KafkaSinkConfig,
+) -> KafkaMessage<'a> {
     let mut headers = Vec::new();
     for (name, value) in [
         ("id", &event.id),
@@ -110,39 +173,41 @@ pub fn to_dead_letter(event: &OutboxEvent, error: &str, config: &KafkaSinkConfig
         ("aggregate_type", &event.aggregate_type),
     ] {
         if let Some(v) = value {
-            headers.push((name.to_owned(), v.as_bytes().to_vec()));
+            headers.push((Cow::Borrowed(name), Cow::Borrowed(v.as_bytes())));
         }
     }
     match event.headers.as_deref().map(extra_headers) {
         Some(Ok(extra)) => headers.extend(
             extra
                 .into_iter()
-                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_str())),
+                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref())),
         ),
         // Unparseable headers are kept verbatim, so nothing of the event is lost.
         Some(Err(_)) => headers.push((
-            "headers".to_owned(),
-            event.headers.clone().unwrap_or_default().into_bytes(),
+            Cow::Borrowed("headers"),
+            Cow::Borrowed(event.headers.as_deref().unwrap_or_default().as_bytes()),
         )),
         None => {}
     }
-    headers.push(("error".to_owned(), error.as_bytes().to_vec()));
+    headers.push((Cow::Borrowed("error"), Cow::Owned(error.as_bytes().to_vec())));
     headers.push((
-        "source_position".to_owned(),
-        event.position.to_string().into_bytes(),
+        Cow::Borrowed("source_position"),
+        Cow::Owned(event.position.to_string().into_bytes()),
     ));
     KafkaMessage {
-        topic: config.dead_letter_topic.clone(),
+        topic: Arc::from(config.dead_letter_topic.as_str()),
         key: event
             .aggregate_id
             .as_ref()
             .filter(|k| !k.is_empty())
-            .map(|k| k.as_bytes().to_vec()),
-        value: event
-            .original
-            .clone()
-            .or_else(|| event.payload.clone())
-            .unwrap_or_default(),
+            .map(|k| Cow::Borrowed(k.as_bytes())),
+        value: Cow::Borrowed(
+            event
+                .original
+                .as_deref()
+                .or(event.payload.as_deref())
+                .unwrap_or_default(),
+        ),
         headers,
         timestamp_ms: event.timestamp_ms,
     }
@@ -150,20 +215,23 @@ pub fn to_dead_letter(event: &OutboxEvent, error: &str, config: &KafkaSinkConfig
 
 /// The dead-letter record of an event too large even for the dead-letter topic: what
 /// [`to_dead_letter`] sends, without the body, plus its `size` and where the body is.
-pub fn to_dead_letter_metadata(
-    event: &OutboxEvent,
+pub fn to_dead_letter_metadata<'a>(
+    event: &'a OutboxEvent,
     error: &str,
     size: usize,
     config: &KafkaSinkConfig,
-) -> KafkaMessage {
+) -> KafkaMessage<'a> {
     let mut msg = to_dead_letter(event, error, config);
-    msg.value = Vec::new();
-    msg.headers
-        .push(("size".to_owned(), size.to_string().into_bytes()));
+    msg.value = Cow::Borrowed(&[]);
     msg.headers.push((
-        "body".to_owned(),
-        b"too large for the dead-letter topic: kept in PostgreSQL (source.dead_letter_table)"
-            .to_vec(),
+        Cow::Borrowed("size"),
+        Cow::Owned(size.to_string().into_bytes()),
+    ));
+    msg.headers.push((
+        Cow::Borrowed("body"),
+        Cow::Borrowed(
+            b"too large for the dead-letter topic: kept in PostgreSQL (source.dead_letter_table)",
+        ),
     ));
     msg
 }
@@ -177,7 +245,7 @@ fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, Poison
 }
 
 /// The `headers` object's entries: strings as-is, any other JSON value as its JSON text.
-fn extra_headers(json: &str) -> Result<Vec<(String, Vec<u8>)>, Poison> {
+fn extra_headers(json: &str) -> Result<Vec<(Cow<'static, str>, Cow<'static, [u8]>)>, Poison> {
     let value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| Poison(format!("headers is not valid JSON: {e}")))?;
     let serde_json::Value::Object(map) = value else {
@@ -193,7 +261,7 @@ fn extra_headers(json: &str) -> Result<Vec<(String, Vec<u8>)>, Poison> {
                 serde_json::Value::String(s) => s.into_bytes(),
                 other => other.to_string().into_bytes(),
             };
-            (k, bytes)
+            (Cow::Owned(k), Cow::Owned(bytes))
         })
         .collect())
 }

@@ -26,17 +26,18 @@ mod transactional;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
+use futures::FutureExt;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 
 pub use config::{DeliveryMode, Format, KafkaSinkConfig, RawKafkaSinkConfig};
 pub use error::{is_fenced, is_poison, is_too_large, SinkError};
-pub use message::{KafkaMessage, Poison};
+pub use message::{KafkaMessage, Poison, Topics};
 pub use transactional::{derive_transactional_id, TransactionalSink};
 
 use crate::event::OutboxEvent;
@@ -73,7 +74,7 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 #[derive(Debug)]
 pub enum Delivery {
     /// The broker acknowledged it on `topic`.
-    Published { topic: String },
+    Published { topic: Arc<str> },
     /// It was poison and the dead-letter topic acknowledged it. With `metadata_only`,
     /// the event was too large even for the dead-letter topic, which got its key,
     /// headers, error, position and size but not its body: the source must keep the
@@ -134,6 +135,7 @@ impl KafkaSink {
         let mut pending = Vec::with_capacity(events.len());
         let mut outstanding = 0;
         let mut broken = false;
+        let mut topics = Topics::default();
         for event in events {
             // After a failed hand-over, later events are not sent at all: sending them
             // would let them overtake the failed one when it is retried.
@@ -141,10 +143,9 @@ impl KafkaSink {
                 pending.push(Pending::Failed(SinkError::NotAttempted));
                 continue;
             }
-            pending.push(match message::to_message(event, &self.config) {
+            pending.push(match message::to_message_with(event, &self.config, &mut topics) {
                 Ok(msg) => match self.enqueue_for(&msg).await {
                     Ok((delivery, alone)) => {
-                        self.telemetry.metrics.in_flight.inc();
                         outstanding += 1;
                         Pending::Sent(msg.topic, delivery, alone)
                     }
@@ -152,7 +153,7 @@ impl KafkaSink {
                     Err(e) => {
                         broken = true;
                         Pending::Failed(SinkError::Delivery {
-                            topic: msg.topic,
+                            topic: msg.topic.to_string(),
                             source: e,
                         })
                     }
@@ -161,6 +162,7 @@ impl KafkaSink {
             });
         }
         if outstanding > 0 {
+            self.telemetry.metrics.in_flight.add(outstanding);
             self.telemetry.health.note_sent();
         }
         SentBatch {
@@ -176,36 +178,52 @@ impl KafkaSink {
     async fn collect_batch(&self, events: &[OutboxEvent], mut sent: SentBatch) -> Vec<Delivery> {
         let mut outcomes = Vec::with_capacity(events.len());
         let pending = std::mem::take(&mut sent.pending);
+        let health = &self.telemetry.health;
+        let mut answered = false;
         for (event, pending) in events.iter().zip(pending) {
-            let was_sent = matches!(pending, Pending::Sent(..));
             let outcome = match pending {
-                Pending::Sent(topic, delivery, alone) => match delivery.await {
-                    Ok(Ok(_)) => Delivery::Published { topic },
-                    Ok(Err((e, _))) if !alone && is_too_large(&e) => {
-                        self.send_alone(event, topic).await
+                Pending::Sent(topic, mut delivery, alone) => {
+                    // Most reports are in by the time the first one was: only a report
+                    // that had to be waited for is news for the readiness clock (a lock
+                    // and a clock read per event would cost more than the rest).
+                    let report = match (&mut delivery).now_or_never() {
+                        Some(report) => report,
+                        None => {
+                            let report = delivery.await;
+                            health.note_answer(sent.in_flight.get() > 1);
+                            report
+                        }
+                    };
+                    sent.outstanding -= 1;
+                    sent.in_flight.dec();
+                    answered = true;
+                    match report {
+                        Ok(Ok(_)) => Delivery::Published { topic },
+                        Ok(Err((e, _))) if !alone && is_too_large(&e) => {
+                            self.send_alone(event, topic).await
+                        }
+                        Ok(Err((e, _))) if is_poison(&e) => {
+                            self.dead_letter(event, e.to_string()).await
+                        }
+                        Ok(Err((e, _))) => Delivery::Failed(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            source: e,
+                        }),
+                        Err(_canceled) => Delivery::Failed(SinkError::Delivery {
+                            topic: topic.to_string(),
+                            source: KafkaError::Canceled,
+                        }),
                     }
-                    Ok(Err((e, _))) if is_poison(&e) => {
-                        self.dead_letter(event, e.to_string()).await
-                    }
-                    Ok(Err((e, _))) => Delivery::Failed(SinkError::Delivery { topic, source: e }),
-                    Err(_canceled) => Delivery::Failed(SinkError::Delivery {
-                        topic,
-                        source: KafkaError::Canceled,
-                    }),
-                },
+                }
                 Pending::Poison(reason) => self.dead_letter(event, reason).await,
                 Pending::Failed(e) => Delivery::Failed(e),
             };
-            if was_sent {
-                sent.outstanding -= 1;
-                sent.in_flight.dec();
-                self.telemetry
-                    .health
-                    .note_answer(self.telemetry.metrics.in_flight.get() > 0);
-            }
-            self.account(&outcome);
             outcomes.push(outcome);
         }
+        if answered {
+            health.note_answer(sent.in_flight.get() > 0);
+        }
+        account(&self.telemetry, &outcomes);
         // A fatal producer error (e.g. the idempotent producer was fenced) poisons every
         // later send: the only cure is a new producer, so the relay must stop.
         if let Some(failed) = outcomes.iter_mut().find(|o| !o.is_durable()) {
@@ -256,7 +274,7 @@ impl KafkaSink {
         // The dead-letter topic refuses even that (unwritable, say): the event stays
         // unacknowledged and the relay stops advancing. Nothing is dropped.
         Delivery::Failed(SinkError::DeadLetter {
-            topic: msg.topic,
+            topic: msg.topic.to_string(),
             reason,
             source: Box::new(source),
         })
@@ -264,8 +282,8 @@ impl KafkaSink {
 
     /// An event refused for its size as part of a batch: sent again alone, so the answer
     /// is about the event itself. Its topic's events go alone from now on.
-    async fn send_alone(&self, event: &OutboxEvent, topic: String) -> Delivery {
-        let first = self.one_at_a_time.lock().unwrap().insert(topic.clone());
+    async fn send_alone(&self, event: &OutboxEvent, topic: Arc<str>) -> Delivery {
+        let first = self.one_at_a_time.lock().unwrap().insert(topic.to_string());
         self.any_one_at_a_time.store(true, Ordering::Release);
         if first {
             tracing::warn!(
@@ -283,7 +301,10 @@ impl KafkaSink {
         match self.deliver(&msg).await {
             Ok(()) => Delivery::Published { topic },
             Err(e) if is_poison(&e) => self.dead_letter(event, e.to_string()).await,
-            Err(e) => Delivery::Failed(SinkError::Delivery { topic, source: e }),
+            Err(e) => Delivery::Failed(SinkError::Delivery {
+                topic: topic.to_string(),
+                source: e,
+            }),
         }
     }
 
@@ -309,9 +330,12 @@ impl KafkaSink {
 
     /// Hands `msg` to the producer its topic uses; `true` when that is the one-message
     /// producer.
-    async fn enqueue_for(&self, msg: &KafkaMessage) -> Result<(DeliveryFuture, bool), KafkaError> {
+    async fn enqueue_for(
+        &self,
+        msg: &KafkaMessage<'_>,
+    ) -> Result<(DeliveryFuture, bool), KafkaError> {
         let alone = self.any_one_at_a_time.load(Ordering::Acquire)
-            && self.one_at_a_time.lock().unwrap().contains(&msg.topic);
+            && self.one_at_a_time.lock().unwrap().contains(&*msg.topic);
         if alone {
             Ok((self.enqueue_on(self.alone()?, msg).await?, true))
         } else {
@@ -321,7 +345,7 @@ impl KafkaSink {
 
     /// Produces one message alone and waits for its delivery report. Dead letters go this
     /// way too: a size refusal then speaks of that message only.
-    async fn deliver(&self, msg: &KafkaMessage) -> Result<(), KafkaError> {
+    async fn deliver(&self, msg: &KafkaMessage<'_>) -> Result<(), KafkaError> {
         match self.enqueue_on(self.alone()?, msg).await?.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(e),
@@ -332,15 +356,9 @@ impl KafkaSink {
     async fn enqueue_on(
         &self,
         producer: &FutureProducer,
-        msg: &KafkaMessage,
+        msg: &KafkaMessage<'_>,
     ) -> Result<DeliveryFuture, KafkaError> {
         enqueue(producer, msg).await
-    }
-
-    /// Counts an outcome and keeps Kafka's readiness current: a delivery proves the
-    /// brokers answer, a failed one says why they do not.
-    fn account(&self, outcome: &Delivery) {
-        account(&self.telemetry, outcome);
     }
 
     /// Asks the brokers for metadata every few seconds, so `/readyz` notices a Kafka
@@ -401,20 +419,20 @@ pub(super) fn producer_config(config: &KafkaSinkConfig) -> ClientConfig {
 /// is backpressure, never a failure.
 pub(super) async fn enqueue(
     producer: &FutureProducer,
-    msg: &KafkaMessage,
+    msg: &KafkaMessage<'_>,
 ) -> Result<DeliveryFuture, KafkaError> {
     let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
     for (key, value) in &msg.headers {
         headers = headers.insert(Header {
             key,
-            value: Some(value),
+            value: Some(value.as_ref()),
         });
     }
     let mut record = FutureRecord::to(&msg.topic)
-        .payload(&msg.value)
+        .payload(msg.value.as_ref())
         .headers(headers);
     if let Some(key) = &msg.key {
-        record = record.key(key);
+        record = record.key(key.as_ref());
     }
     if let Some(ts) = msg.timestamp_ms {
         record = record.timestamp(ts);
@@ -431,23 +449,37 @@ pub(super) async fn enqueue(
     }
 }
 
-/// Counts an outcome and keeps Kafka's readiness current: a delivery proves the brokers
-/// answer, a failed one says why they do not.
-pub(super) fn account(telemetry: &Telemetry, outcome: &Delivery) {
+/// Counts a batch's outcomes and keeps Kafka's readiness current: a delivery proves the
+/// brokers answer, a failed one says why they do not (the last outcome decides).
+///
+/// Counters move once per run of events on one topic: a labelled counter's lookup per
+/// event would cost a hash and a lock each.
+pub(super) fn account(telemetry: &Telemetry, outcomes: &[Delivery]) {
     let metrics = &telemetry.metrics;
-    match outcome {
-        Delivery::Published { topic } => {
-            metrics.events_published.with_label_values(&[topic]).inc();
-            telemetry.health.set_kafka(None);
+    let mut run: Option<(&Arc<str>, u64)> = None;
+    let flush = |run: Option<(&Arc<str>, u64)>| {
+        if let Some((topic, n)) = run {
+            metrics.events_published.with_label_values(&[topic]).inc_by(n);
         }
-        Delivery::DeadLettered { .. } => {
-            metrics.events_dead_lettered.inc();
-            telemetry.health.set_kafka(None);
+    };
+    for outcome in outcomes {
+        match outcome {
+            Delivery::Published { topic } => match &mut run {
+                Some((current, n)) if Arc::ptr_eq(current, topic) || *current == topic => *n += 1,
+                _ => {
+                    flush(run.take());
+                    run = Some((topic, 1));
+                }
+            },
+            Delivery::DeadLettered { .. } => metrics.events_dead_lettered.inc(),
+            Delivery::Failed(e) => metrics.failures.with_label_values(&[e.reason()]).inc(),
         }
-        Delivery::Failed(e) => {
-            metrics.failures.with_label_values(&[e.reason()]).inc();
-            telemetry.health.set_kafka(Some(e.to_string()));
-        }
+    }
+    flush(run);
+    match outcomes.last() {
+        Some(Delivery::Failed(e)) => telemetry.health.set_kafka(Some(e.to_string())),
+        Some(_) => telemetry.health.set_kafka(None),
+        None => {}
     }
 }
 
@@ -529,7 +561,7 @@ impl Drop for SentBatch {
 
 enum Pending {
     /// Handed to librdkafka for this topic; `true` when through the one-message producer.
-    Sent(String, DeliveryFuture, bool),
+    Sent(Arc<str>, DeliveryFuture, bool),
     Poison(String),
     Failed(SinkError),
 }

@@ -59,17 +59,17 @@ enum Refusal {
 }
 
 /// What one event becomes in a transaction.
-enum Plan {
-    Message(KafkaMessage),
+enum Plan<'a> {
+    Message(KafkaMessage<'a>),
     DeadLetter {
-        msg: KafkaMessage,
+        msg: KafkaMessage<'a>,
         reason: String,
         metadata_only: bool,
     },
 }
 
-impl Plan {
-    fn msg(&self) -> &KafkaMessage {
+impl<'a> Plan<'a> {
+    fn msg(&self) -> &KafkaMessage<'a> {
         match self {
             Plan::Message(msg) | Plan::DeadLetter { msg, .. } => msg,
         }
@@ -183,24 +183,22 @@ impl TransactionalSink {
                     .transactions
                     .with_label_values(&["committed"])
                     .inc();
-                return plans
+                let outcomes: Vec<Delivery> = plans
                     .into_iter()
-                    .map(|plan| {
-                        let outcome = match plan {
-                            Plan::Message(msg) => Delivery::Published { topic: msg.topic },
-                            Plan::DeadLetter {
-                                reason,
-                                metadata_only,
-                                ..
-                            } => Delivery::DeadLettered {
-                                reason,
-                                metadata_only,
-                            },
-                        };
-                        account(&self.telemetry, &outcome);
-                        outcome
+                    .map(|plan| match plan {
+                        Plan::Message(msg) => Delivery::Published { topic: msg.topic },
+                        Plan::DeadLetter {
+                            reason,
+                            metadata_only,
+                            ..
+                        } => Delivery::DeadLettered {
+                            reason,
+                            metadata_only,
+                        },
                     })
                     .collect();
+                account(&self.telemetry, &outcomes);
+                return outcomes;
             }
             Err(e) => e,
         };
@@ -215,7 +213,7 @@ impl TransactionalSink {
 
     /// What `event` becomes: its message, or its dead letter when it is poison or a
     /// broker refused it for good before.
-    fn plan(&self, event: &OutboxEvent) -> Plan {
+    fn plan<'a>(&self, event: &'a OutboxEvent) -> Plan<'a> {
         let dead_letter = |reason: String, metadata_only: bool| {
             let mut msg = message::to_dead_letter(event, &reason, &self.config);
             if metadata_only {
@@ -250,7 +248,7 @@ impl TransactionalSink {
     async fn produce_and_commit(
         &self,
         events: &[OutboxEvent],
-        plans: &[Plan],
+        plans: &[Plan<'_>],
     ) -> Result<(), SinkError> {
         self.producer
             .begin_transaction()
@@ -258,9 +256,9 @@ impl TransactionalSink {
         let checkpoint = Checkpoint::advance(*self.committed.lock().unwrap(), events)
             .expect("a batch holds at least one event");
         let record = KafkaMessage {
-            topic: self.config.checkpoint_topic.clone(),
-            key: Some(self.transactional_id.as_bytes().to_vec()),
-            value: checkpoint.encode(&self.epoch),
+            topic: self.config.checkpoint_topic.as_str().into(),
+            key: Some(self.transactional_id.as_bytes().into()),
+            value: checkpoint.encode(&self.epoch).into(),
             headers: Vec::new(),
             timestamp_ms: None,
         };
@@ -311,7 +309,7 @@ impl TransactionalSink {
     fn blame<'r>(
         &self,
         events: &[OutboxEvent],
-        plans: &[Plan],
+        plans: &[Plan<'_>],
         refusals: &'r [(usize, KafkaError)],
     ) -> Option<(usize, &'r KafkaError)> {
         let size = |i: usize| plans.get(i).map_or(0, |p| p.msg().value.len());

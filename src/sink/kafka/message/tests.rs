@@ -40,15 +40,16 @@ fn event() -> OutboxEvent {
 
 #[test]
 fn maps_topic_key_value_headers_and_timestamp() {
-    let m = to_message(&event(), &config("")).unwrap();
-    assert_eq!(m.topic, "outbox.order");
+    let e = event();
+    let m = to_message(&e, &config("")).unwrap();
+    assert_eq!(&*m.topic, "outbox.order");
     assert_eq!(m.key.as_deref(), Some(&b"o-42"[..]));
-    assert_eq!(m.value, br#"{"total": 42}"#);
+    assert_eq!(&*m.value, &br#"{"total": 42}"#[..]);
     assert_eq!(m.timestamp_ms, Some(1_700_000_000_123));
     let headers: Vec<(&str, &str)> = m
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str(), std::str::from_utf8(v).unwrap()))
+        .map(|(k, v)| (k.as_ref(), std::str::from_utf8(v).unwrap()))
         .collect();
     assert_eq!(
         headers,
@@ -69,13 +70,13 @@ fn routes_by_override_then_row_topic() {
         "topic = \"x.{event_type}\"\nrow_topics = [\"replies.*\"]\n\
          [topic_overrides]\norder = \"orders.{aggregate_type}\"",
     );
-    assert_eq!(to_message(&event(), &c).unwrap().topic, "orders.order");
+    assert_eq!(&*to_message(&event(), &c).unwrap().topic, "orders.order");
     let mut other = event();
     other.aggregate_type = Some("invoice".into());
-    assert_eq!(to_message(&other, &c).unwrap().topic, "x.OrderPlaced");
+    assert_eq!(&*to_message(&other, &c).unwrap().topic, "x.OrderPlaced");
     let mut routed = event();
     routed.topic = Some("replies.billing".into());
-    assert_eq!(to_message(&routed, &c).unwrap().topic, "replies.billing");
+    assert_eq!(&*to_message(&routed, &c).unwrap().topic, "replies.billing");
 }
 
 #[test]
@@ -118,14 +119,14 @@ fn dead_letters_keep_original_bytes_key_headers_and_say_why() {
     let mut e = event();
     e.aggregate_type = Some("bad type".into());
     let m = to_dead_letter(&e, "topic rejected", &config("dead_letter_topic = \"dlq\""));
-    assert_eq!(m.topic, "dlq");
-    assert_eq!(m.value, br#"{"total": 42}"#);
+    assert_eq!(&*m.topic, "dlq");
+    assert_eq!(&*m.value, &br#"{"total": 42}"#[..]);
     assert_eq!(m.key.as_deref(), Some(&b"o-42"[..]));
     let get = |k: &str| {
         m.headers
             .iter()
             .find(|(n, _)| n == k)
-            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+            .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap())
     };
     assert_eq!(get("error").as_deref(), Some("topic rejected"));
     assert_eq!(get("source_position").as_deref(), Some("seq:7"));
@@ -138,7 +139,8 @@ fn dead_letters_keep_original_bytes_key_headers_and_say_why() {
 
 #[test]
 fn cloudevents_wraps_the_payload_verbatim() {
-    let m = to_message(&event(), &config("format = \"cloudevents\"")).unwrap();
+    let e = event();
+    let m = to_message(&e, &config("format = \"cloudevents\"")).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
     assert_eq!(v["specversion"], "1.0");
     assert_eq!(v["id"], "0b6c3a52-7c8e-4a43-9d0c-6b1a7f1d2e11");
@@ -147,7 +149,7 @@ fn cloudevents_wraps_the_payload_verbatim() {
     assert_eq!(v["source"], "/outbox/order");
     assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
     assert_eq!(v["data"]["total"], 42);
-    let text = String::from_utf8(m.value).unwrap();
+    let text = String::from_utf8(m.value.into_owned()).unwrap();
     assert!(
         text.contains(r#""data":{"total": 42}"#),
         "payload bytes embedded as stored: {text}"
@@ -172,7 +174,7 @@ fn a_row_may_name_only_topics_the_allow_list_permits() {
     );
     let mut routed = event();
     routed.topic = Some("outbox.replies".into());
-    assert_eq!(to_message(&routed, &c).unwrap().topic, "outbox.replies");
+    assert_eq!(&*to_message(&routed, &c).unwrap().topic, "outbox.replies");
     routed.topic = Some("payments.commands".into());
     let Poison(why) = to_message(&routed, &c).unwrap_err();
     assert!(
