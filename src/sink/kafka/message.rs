@@ -27,9 +27,12 @@ pub struct KafkaMessage<'a> {
     pub topic: Arc<str>,
     pub key: Option<Cow<'a, [u8]>>,
     pub value: Cow<'a, [u8]>,
-    pub headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+    pub headers: Vec<Header<'a>>,
     pub timestamp_ms: Option<i64>,
 }
+
+/// A Kafka header: its name and value, borrowed from the event where they can be.
+pub type Header<'a> = (Cow<'a, str>, Cow<'a, [u8]>);
 
 /// Why an event cannot become a normal message: it goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -245,7 +248,7 @@ fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, Poison
 }
 
 /// The `headers` object's entries: strings as-is, any other JSON value as its JSON text.
-fn extra_headers(json: &str) -> Result<Vec<(Cow<'static, str>, Cow<'static, [u8]>)>, Poison> {
+fn extra_headers(json: &str) -> Result<Vec<Header<'static>>, Poison> {
     let value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| Poison(format!("headers is not valid JSON: {e}")))?;
     let serde_json::Value::Object(map) = value else {

@@ -105,7 +105,9 @@ enum Phase {
 }
 
 struct Streaming {
-    rx: mpsc::Receiver<Item>,
+    rx: mpsc::Receiver<stream::Chunk>,
+    /// The rest of the chunk last received, taken before the next one.
+    carry: std::vec::IntoIter<Item>,
     feedback: watch::Sender<Feedback>,
     /// Event bytes in `rx`, bounded by `source.max_batch_bytes`.
     queued: std::sync::Arc<stream::Queued>,
@@ -287,23 +289,28 @@ impl LogicalSource {
             }
             batch.extend(self.ledger.take(item));
         };
-        let first = if wait {
-            tokio::time::timeout(IDLE_WAIT, s.rx.recv())
-                .await
-                .ok()
-                .flatten()
-        } else {
-            s.rx.try_recv().ok()
-        };
-        match first {
-            Some(item) => take(item, &mut batch, &mut bytes),
-            None if s.rx.is_closed() && s.rx.is_empty() => return Err(stream_ended(s).await),
-            None => {}
+        if s.carry.len() == 0 {
+            let first = if wait {
+                tokio::time::timeout(IDLE_WAIT, s.rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                s.rx.try_recv().ok()
+            };
+            match first {
+                Some(chunk) => s.carry = chunk.into_iter(),
+                None if s.rx.is_closed() && s.rx.is_empty() => return Err(stream_ended(s).await),
+                None => {}
+            }
         }
         while batch.len() < max && bytes < budget {
-            match s.rx.try_recv() {
-                Ok(item) => take(item, &mut batch, &mut bytes),
-                Err(_) => break,
+            match s.carry.next() {
+                Some(item) => take(item, &mut batch, &mut bytes),
+                None => match s.rx.try_recv() {
+                    Ok(chunk) => s.carry = chunk.into_iter(),
+                    Err(_) => break,
+                },
             }
         }
         Ok(batch)

@@ -135,7 +135,8 @@ impl LogicalSource {
             .start_replication(&command)
             .await
             .map_err(slot_error(&logical.slot))?;
-        let (tx, rx) = mpsc::channel(CHANNEL);
+        // The channel carries chunks of items: about CHANNEL items when they are full.
+        let (tx, rx) = mpsc::channel((CHANNEL / stream::CHUNK).max(2));
         let (feedback, feedback_rx) = watch::channel(Feedback::default());
         let mapper = Mapper::new(
             self.config.table.clone(),
@@ -158,6 +159,7 @@ impl LogicalSource {
         ));
         self.phase = Phase::Streaming(Streaming {
             rx,
+            carry: Vec::new().into_iter(),
             feedback,
             queued,
             task,

@@ -1,8 +1,9 @@
 //! The task that owns a replication stream.
 //!
 //! It reads WAL messages as they come, decodes them, turns outbox rows and messages into
-//! [`Item`]s on a bounded channel (a full channel stops the reading: backpressure down
-//! to PostgreSQL's socket), and talks back to the server: a standby status update every
+//! [`Item`]s and passes them on in chunks over a bounded channel (a full channel stops
+//! the reading: backpressure down to PostgreSQL's socket), and talks back to the server:
+//! a standby status update every
 //! `status_interval`, at once when the server asks, and whenever the source's
 //! [`Ledger`](super::ledger::Ledger) lets the flushed position move (a [`watch`] of
 //! [`Feedback`]).
@@ -10,11 +11,11 @@
 //! The task decides nothing about acknowledgement: keepalives travel down the channel
 //! in WAL order like everything else, and the ledger judges them.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 
 use super::ledger::Item;
@@ -48,12 +49,20 @@ pub struct Queued {
 /// How often a stream held back by [`Queued`] looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(5);
 
+/// Items per chunk, at most. Messages already read from the socket are decoded in one go
+/// and handed over together: one channel hop and one wake-up per chunk rather than per
+/// event (per event they cost more than decoding the event).
+pub const CHUNK: usize = 256;
+
+/// Items in flight between the stream task and the relay: chunks, each up to [`CHUNK`].
+pub type Chunk = Vec<Item>;
+
 /// Runs the stream until it fails, the server ends it, or the source finishes (or is
 /// dropped).
 pub async fn run(
     stream: ReplicationStream,
     mut mapper: Mapper,
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::Sender<Chunk>,
     mut feedback: watch::Receiver<Feedback>,
     queued: Arc<Queued>,
     status_interval: Duration,
@@ -64,7 +73,12 @@ pub async fn run(
         mut writer,
     } = stream;
     let mut decoder = Decoder::default();
-    let mut pending: VecDeque<Item> = VecDeque::new();
+    // Decoded, not handed over yet, and the event bytes among them.
+    let mut chunk: Chunk = Vec::with_capacity(CHUNK);
+    let mut chunk_bytes = 0;
+    // A chunk stops growing at this many event bytes, so that the budget is overshot by
+    // little when a chunk goes in whole.
+    let chunk_budget = (queued.budget / 8).max(1);
     let mut tick = tokio::time::interval(status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The current transaction: commit LSN and time, from its Begin.
@@ -109,48 +123,62 @@ pub async fn run(
                 let flushed = feedback.borrow().flushed;
                 writer.send_status(flushed).await.map_err(repl("sending status"))?;
             }
-            permit = tx.reserve(), if !pending.is_empty() && room => {
+            // Reading goes first: what the socket already holds joins the chunk, and the
+            // chunk is handed over when reading would wait or the chunk is full.
+            msg = reader.next(), if chunk.len() < CHUNK && chunk_bytes < chunk_budget => {
+                let mut msg = msg;
+                loop {
+                    match msg.map_err(repl("reading the replication stream"))? {
+                        StreamMessage::XLogData { data } => {
+                            let decoded = decoder
+                                .decode(data)
+                                .map_err(|e| unexpected(&format!("decoding pgoutput: {e}")))?;
+                            chunk_bytes += handle(decoded, &mut mapper, &mut txn, &mut chunk)?;
+                        }
+                        StreamMessage::Keepalive { wal_end, reply } => {
+                            if reply {
+                                let flushed = feedback.borrow().flushed;
+                                writer.send_status(flushed).await.map_err(repl("sending status"))?;
+                            }
+                            // Inside a transaction the WAL end says nothing about its commit.
+                            if txn.is_none() {
+                                chunk.push(Item::Keepalive { wal_end });
+                            }
+                        }
+                        StreamMessage::Done => {
+                            return Err(unexpected("the server ended the stream"));
+                        }
+                    }
+                    if chunk.len() >= CHUNK || chunk_bytes >= chunk_budget {
+                        break;
+                    }
+                    // Only what is already here: a read that would wait ends the chunk.
+                    match reader.next().now_or_never() {
+                        Some(next) => msg = next,
+                        None => break,
+                    }
+                }
+            }
+            permit = tx.reserve(), if !chunk.is_empty() && room => {
                 let permit = permit.map_err(|_| SourceError::Setup("relay stopped reading".into()))?;
-                let item = pending.pop_front().expect("guarded by the branch condition");
-                if let Item::Event(event) = &item {
-                    queued.bytes.fetch_add(event.approx_bytes(), Ordering::AcqRel);
-                }
-                permit.send(item);
+                queued.bytes.fetch_add(chunk_bytes, Ordering::AcqRel);
+                chunk_bytes = 0;
+                permit.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
             }
-            _ = tokio::time::sleep(BUDGET_RECHECK), if !pending.is_empty() && !room => {}
-            msg = reader.next(), if pending.is_empty() => {
-                match msg.map_err(repl("reading the replication stream"))? {
-                    StreamMessage::XLogData { data, .. } => {
-                        let decoded = decoder
-                            .decode(data)
-                            .map_err(|e| unexpected(&format!("decoding pgoutput: {e}")))?;
-                        handle(decoded, &mut mapper, &mut txn, &mut pending)?;
-                    }
-                    StreamMessage::Keepalive { wal_end, reply } => {
-                        if reply {
-                            let flushed = feedback.borrow().flushed;
-                            writer.send_status(flushed).await.map_err(repl("sending status"))?;
-                        }
-                        // Inside a transaction the WAL end says nothing about its commit.
-                        if txn.is_none() {
-                            pending.push_back(Item::Keepalive { wal_end });
-                        }
-                    }
-                    StreamMessage::Done => {
-                        return Err(unexpected("the server ended the stream"));
-                    }
-                }
-            }
+            _ = tokio::time::sleep(BUDGET_RECHECK), if !chunk.is_empty() && !room => {}
         }
     }
 }
 
+/// Turns one decoded message into items at the end of `chunk`; returns the event bytes
+/// it added.
 fn handle(
     msg: Message,
     mapper: &mut Mapper,
     txn: &mut Option<(Lsn, i64)>,
-    pending: &mut VecDeque<Item>,
-) -> Result<(), SourceError> {
+    chunk: &mut Chunk,
+) -> Result<usize, SourceError> {
+    let mut bytes = 0;
     match msg {
         Message::Begin {
             final_lsn,
@@ -161,7 +189,7 @@ fn handle(
         }
         Message::Commit { end_lsn, .. } => {
             *txn = None;
-            pending.push_back(Item::TxnEnd {
+            chunk.push(Item::TxnEnd {
                 end_lsn: Lsn(end_lsn),
             });
         }
@@ -171,7 +199,8 @@ fn handle(
         } => {
             let (lsn, ts) = txn.ok_or_else(|| unexpected("Insert outside a transaction"))?;
             let event = mapper.insert(relation, &tuple, Position::Lsn(lsn), ts)?;
-            pending.push_back(Item::Event(event));
+            bytes += event.approx_bytes();
+            chunk.push(Item::Event(event));
         }
         Message::Message {
             transactional,
@@ -185,10 +214,11 @@ fn handle(
                 _ => (Position::Lsn(Lsn(lsn)), None),
             };
             if let Some(event) = mapper.message(&prefix, transactional, &content, position, ts) {
-                pending.push_back(Item::Event(event));
+                bytes += event.approx_bytes();
+                chunk.push(Item::Event(event));
                 if !transactional {
                     // Decoded on its own, outside any transaction: flushable once handled.
-                    pending.push_back(Item::TxnEnd { end_lsn: Lsn(lsn) });
+                    chunk.push(Item::TxnEnd { end_lsn: Lsn(lsn) });
                 }
             }
         }
@@ -202,7 +232,7 @@ fn handle(
         }
         Message::Other(_) => {}
     }
-    Ok(())
+    Ok(bytes)
 }
 
 fn unexpected(what: &str) -> SourceError {
