@@ -17,6 +17,7 @@
 //! request, and from then on that topic's events go through that producer. Only an event
 //! refused alone is dead-lettered for its size.
 
+mod acks;
 pub mod checkpoint;
 mod config;
 mod error;
@@ -31,9 +32,14 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use futures::FutureExt;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
-use rdkafka::ClientConfig;
+use rdkafka::client::Client;
+use rdkafka::producer::{
+    BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig,
+    ThreadedProducer,
+};
+use rdkafka::{ClientConfig, ClientContext};
+
+use acks::{BatchContext, Ledger};
 
 pub use config::{DeliveryMode, Format, KafkaSinkConfig, RawKafkaSinkConfig};
 pub use error::{is_fenced, is_poison, is_too_large, SinkError};
@@ -67,6 +73,9 @@ const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
     ("message.max.bytes", "1000000000"),
 ];
 
+/// How often a batch waiting for its reports looks whether some came in (readiness).
+const REPORT_CHECK: Duration = Duration::from_secs(1);
+
 /// How long to wait before retrying an enqueue that found the local queue full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
@@ -92,7 +101,9 @@ impl Delivery {
 }
 
 pub struct KafkaSink {
-    producer: FutureProducer,
+    /// Events go through this one; its reports are counted per batch in `ledger`.
+    producer: Arc<ThreadedProducer<BatchContext>>,
+    ledger: Arc<Ledger>,
     /// One message per produce request (see the module docs), created when first needed.
     alone: OnceLock<Result<FutureProducer, KafkaError>>,
     /// Topics that refused a batch for its size: their events go through `alone`.
@@ -108,9 +119,13 @@ pub struct KafkaSink {
 impl KafkaSink {
     pub fn new(config: &KafkaSinkConfig, telemetry: Telemetry) -> Result<KafkaSink, SinkError> {
         let client = producer_config(config);
-        let producer = client.create().map_err(SinkError::Create)?;
+        let ledger = Arc::new(Ledger::default());
+        let producer = client
+            .create_with_context(BatchContext::new(ledger.clone()))
+            .map_err(SinkError::Create)?;
         Ok(KafkaSink {
-            producer,
+            producer: Arc::new(producer),
+            ledger,
             alone: OnceLock::new(),
             one_at_a_time: Mutex::new(HashSet::new()),
             any_one_at_a_time: AtomicBool::new(false),
@@ -132,41 +147,62 @@ impl KafkaSink {
     /// wire, so the relay can send the next batch while this one's delivery reports are
     /// outstanding.
     async fn send_batch(&self, events: &[OutboxEvent]) -> SentBatch {
+        let batch = self.ledger.open(events.len());
         let mut pending = Vec::with_capacity(events.len());
-        let mut outstanding = 0;
+        let (mut batched, mut alone) = (0, 0);
         let mut broken = false;
         let mut topics = Topics::default();
-        for event in events {
+        for (i, event) in events.iter().enumerate() {
             // After a failed hand-over, later events are not sent at all: sending them
             // would let them overtake the failed one when it is retried.
             if broken {
                 pending.push(Pending::Failed(SinkError::NotAttempted));
                 continue;
             }
-            pending.push(match message::to_message_with(event, &self.config, &mut topics) {
-                Ok(msg) => match self.enqueue_for(&msg).await {
-                    Ok((delivery, alone)) => {
-                        outstanding += 1;
-                        Pending::Sent(msg.topic, delivery, alone)
-                    }
-                    Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
-                    Err(e) => {
-                        broken = true;
-                        Pending::Failed(SinkError::Delivery {
-                            topic: msg.topic.to_string(),
-                            source: e,
-                        })
-                    }
-                },
-                Err(Poison(reason)) => Pending::Poison(reason),
+            let msg = match message::to_message_with(event, &self.config, &mut topics) {
+                Ok(msg) => msg,
+                Err(Poison(reason)) => {
+                    pending.push(Pending::Poison(reason));
+                    continue;
+                }
+            };
+            let handed = if self.goes_alone(&msg.topic) {
+                match self.alone() {
+                    Ok(producer) => enqueue(producer, &msg).await.map(Some),
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.produce(&msg, batch.number(i)).await.map(|()| None)
+            };
+            pending.push(match handed {
+                Ok(Some(delivery)) => {
+                    alone += 1;
+                    Pending::SentAlone(msg.topic, delivery)
+                }
+                Ok(None) => {
+                    batched += 1;
+                    Pending::Sent(msg.topic)
+                }
+                Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
+                Err(e) => {
+                    broken = true;
+                    Pending::Failed(SinkError::Delivery {
+                        topic: msg.topic.to_string(),
+                        source: e,
+                    })
+                }
             });
         }
+        batch.sealed(batched);
+        let outstanding = (batched + alone) as i64;
         if outstanding > 0 {
             self.telemetry.metrics.in_flight.add(outstanding);
             self.telemetry.health.note_sent();
         }
         SentBatch {
             pending,
+            batch,
+            batched,
             in_flight: self.telemetry.metrics.in_flight.clone(),
             health: self.telemetry.health.clone(),
             outstanding,
@@ -176,51 +212,42 @@ impl KafkaSink {
     /// [`Sink::collect`](crate::sink::Sink::collect): waits for the delivery reports (and
     /// sends poison events to the dead-letter topic).
     async fn collect_batch(&self, events: &[OutboxEvent], mut sent: SentBatch) -> Vec<Delivery> {
+        let health = &self.telemetry.health;
+        let reports = if sent.batched > 0 {
+            // Reports arriving while the batch is incomplete keep readiness's clock
+            // from running out, as each report would.
+            let in_flight = sent.in_flight.clone();
+            sent.batch
+                .reports(REPORT_CHECK, || health.note_answer(in_flight.get() > 0))
+                .await
+        } else {
+            acks::Reports { failed: Vec::new() }
+        };
+        let mut failed = reports.failed.into_iter().peekable();
         let mut outcomes = Vec::with_capacity(events.len());
         let pending = std::mem::take(&mut sent.pending);
-        let health = &self.telemetry.health;
-        let mut answered = false;
-        for (event, pending) in events.iter().zip(pending) {
+        for (i, (event, pending)) in events.iter().zip(pending).enumerate() {
             let outcome = match pending {
-                Pending::Sent(topic, mut delivery, alone) => {
-                    // Most reports are in by the time the first one was: only a report
-                    // that had to be waited for is news for the readiness clock (a lock
-                    // and a clock read per event would cost more than the rest).
-                    let report = match (&mut delivery).now_or_never() {
-                        Some(report) => report,
-                        None => {
-                            let report = delivery.await;
-                            health.note_answer(sent.in_flight.get() > 1);
-                            report
-                        }
-                    };
-                    sent.outstanding -= 1;
-                    sent.in_flight.dec();
-                    answered = true;
-                    match report {
-                        Ok(Ok(_)) => Delivery::Published { topic },
-                        Ok(Err((e, _))) if !alone && is_too_large(&e) => {
-                            self.send_alone(event, topic).await
-                        }
-                        Ok(Err((e, _))) if is_poison(&e) => {
-                            self.dead_letter(event, e.to_string()).await
-                        }
-                        Ok(Err((e, _))) => Delivery::Failed(SinkError::Delivery {
-                            topic: topic.to_string(),
-                            source: e,
-                        }),
-                        Err(_canceled) => Delivery::Failed(SinkError::Delivery {
-                            topic: topic.to_string(),
-                            source: KafkaError::Canceled,
-                        }),
-                    }
-                }
+                Pending::Sent(topic) => match failed.next_if(|(j, _)| *j == i) {
+                    None => Delivery::Published { topic },
+                    Some((_, e)) => self.refused(event, topic, e, false).await,
+                },
+                Pending::SentAlone(topic, delivery) => match delivery.await {
+                    Ok(Ok(_)) => Delivery::Published { topic },
+                    Ok(Err((e, _))) => self.refused(event, topic, e, true).await,
+                    Err(_canceled) => Delivery::Failed(SinkError::Delivery {
+                        topic: topic.to_string(),
+                        source: KafkaError::Canceled,
+                    }),
+                },
                 Pending::Poison(reason) => self.dead_letter(event, reason).await,
                 Pending::Failed(e) => Delivery::Failed(e),
             };
             outcomes.push(outcome);
         }
-        if answered {
+        if sent.outstanding > 0 {
+            sent.in_flight.sub(sent.outstanding);
+            sent.outstanding = 0;
             health.note_answer(sent.in_flight.get() > 0);
         }
         account(&self.telemetry, &outcomes);
@@ -232,6 +259,28 @@ impl KafkaSink {
             }
         }
         outcomes
+    }
+
+    /// What becomes of an event the broker refused with `e`: sent again alone when it
+    /// was refused for its size as part of a shared request, dead-lettered when the
+    /// refusal is about the event, failed (to be sent again) otherwise.
+    async fn refused(
+        &self,
+        event: &OutboxEvent,
+        topic: Arc<str>,
+        e: KafkaError,
+        alone: bool,
+    ) -> Delivery {
+        if !alone && is_too_large(&e) {
+            self.send_alone(event, topic).await
+        } else if is_poison(&e) {
+            self.dead_letter(event, e.to_string()).await
+        } else {
+            Delivery::Failed(SinkError::Delivery {
+                topic: topic.to_string(),
+                source: e,
+            })
+        }
     }
 
     async fn dead_letter(&self, event: &OutboxEvent, reason: String) -> Delivery {
@@ -328,38 +377,46 @@ impl KafkaSink {
             .map_err(Clone::clone)
     }
 
-    /// Hands `msg` to the producer its topic uses; `true` when that is the one-message
-    /// producer.
-    async fn enqueue_for(
-        &self,
-        msg: &KafkaMessage<'_>,
-    ) -> Result<(DeliveryFuture, bool), KafkaError> {
-        let alone = self.any_one_at_a_time.load(Ordering::Acquire)
-            && self.one_at_a_time.lock().unwrap().contains(&*msg.topic);
-        if alone {
-            Ok((self.enqueue_on(self.alone()?, msg).await?, true))
-        } else {
-            Ok((self.enqueue_on(&self.producer, msg).await?, false))
+    /// Whether `topic`'s events go through the one-message producer.
+    fn goes_alone(&self, topic: &str) -> bool {
+        self.any_one_at_a_time.load(Ordering::Acquire)
+            && self.one_at_a_time.lock().unwrap().contains(topic)
+    }
+
+    /// Hands `msg` to the batch producer as message `number` of its batch, waiting
+    /// while librdkafka's queue is full (backpressure, never a failure).
+    async fn produce(&self, msg: &KafkaMessage<'_>, number: usize) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::with_opaque_to(&*msg.topic, number)
+            .payload(msg.value.as_ref())
+            .headers(headers_of(msg));
+        if let Some(key) = &msg.key {
+            record = record.key(key.as_ref());
+        }
+        if let Some(ts) = msg.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
         }
     }
 
     /// Produces one message alone and waits for its delivery report. Dead letters go this
     /// way too: a size refusal then speaks of that message only.
     async fn deliver(&self, msg: &KafkaMessage<'_>) -> Result<(), KafkaError> {
-        match self.enqueue_on(self.alone()?, msg).await?.await {
+        match enqueue(self.alone()?, msg).await?.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(e),
             Err(_canceled) => Err(KafkaError::Canceled),
         }
     }
 
-    async fn enqueue_on(
-        &self,
-        producer: &FutureProducer,
-        msg: &KafkaMessage<'_>,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        enqueue(producer, msg).await
-    }
 
     /// Asks the brokers for metadata every few seconds, so `/readyz` notices a Kafka
     /// outage even while no event is flowing. Stops with `shutdown` (or when aborted).
@@ -367,8 +424,9 @@ impl KafkaSink {
         &self,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
+        let producer = self.producer.clone();
         spawn_health_probe(
-            self.producer.clone(),
+            Arc::new(move || probe(producer.client())),
             &self.telemetry,
             &self.config.brokers,
             shutdown,
@@ -421,16 +479,9 @@ pub(super) async fn enqueue(
     producer: &FutureProducer,
     msg: &KafkaMessage<'_>,
 ) -> Result<DeliveryFuture, KafkaError> {
-    let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
-    for (key, value) in &msg.headers {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_ref()),
-        });
-    }
     let mut record = FutureRecord::to(&msg.topic)
         .payload(msg.value.as_ref())
-        .headers(headers);
+        .headers(headers_of(msg));
     if let Some(key) = &msg.key {
         record = record.key(key.as_ref());
     }
@@ -447,6 +498,32 @@ pub(super) async fn enqueue(
             Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// The message's headers, as librdkafka takes them.
+fn headers_of(msg: &KafkaMessage<'_>) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
+    for (key, value) in &msg.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_ref()),
+        });
+    }
+    headers
+}
+
+/// The brokers' metadata through `client`: how many brokers it lists, and how many
+/// partitions without a leader.
+pub(super) fn probe<C: ClientContext>(client: &Client<C>) -> Result<(usize, usize), KafkaError> {
+    client.fetch_metadata(None, PROBE_TIMEOUT).map(|md| {
+        let leaderless = md
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .filter(|p| p.leader() < 0)
+            .count();
+        (md.brokers().len(), leaderless)
+    })
 }
 
 /// Counts a batch's outcomes and keeps Kafka's readiness current: a delivery proves the
@@ -487,7 +564,7 @@ pub(super) fn account(telemetry: &Telemetry, outcomes: &[Delivery]) {
 /// notices a Kafka outage even while no event is flowing. Stops with `shutdown` (or when
 /// aborted).
 pub(super) fn spawn_health_probe(
-    producer: FutureProducer,
+    probe: Arc<dyn Fn() -> Result<(usize, usize), KafkaError> + Send + Sync>,
     telemetry: &Telemetry,
     brokers: &str,
     shutdown: tokio_util::sync::CancellationToken,
@@ -496,19 +573,8 @@ pub(super) fn spawn_health_probe(
     let brokers = brokers.to_owned();
     tokio::spawn(async move {
         loop {
-            let p = producer.clone();
-            let answer = tokio::task::spawn_blocking(move || {
-                p.client().fetch_metadata(None, PROBE_TIMEOUT).map(|md| {
-                    let leaderless = md
-                        .topics()
-                        .iter()
-                        .flat_map(|t| t.partitions())
-                        .filter(|p| p.leader() < 0)
-                        .count();
-                    (md.brokers().len(), leaderless)
-                })
-            })
-            .await;
+            let probe = probe.clone();
+            let answer = tokio::task::spawn_blocking(move || probe()).await;
             if let Ok(Ok((_, leaderless))) = &answer {
                 health.set_leaderless_partitions(*leaderless);
             }
@@ -542,6 +608,10 @@ impl crate::sink::Sink for KafkaSink {
 /// (an aborted collection) takes its events out of the in-flight gauge.
 pub struct SentBatch {
     pending: Vec<Pending>,
+    /// The batch's reports; dropping it stops waiting for them.
+    batch: acks::Batch,
+    /// Events handed to the batch producer.
+    batched: usize,
     in_flight: prometheus::IntGauge,
     health: std::sync::Arc<crate::metrics::Health>,
     outstanding: i64,
@@ -560,8 +630,10 @@ impl Drop for SentBatch {
 }
 
 enum Pending {
-    /// Handed to librdkafka for this topic; `true` when through the one-message producer.
-    Sent(Arc<str>, DeliveryFuture, bool),
+    /// Handed to the batch producer for this topic: its report comes with the batch's.
+    Sent(Arc<str>),
+    /// Handed to the one-message producer.
+    SentAlone(Arc<str>, DeliveryFuture),
     Poison(String),
     Failed(SinkError),
 }

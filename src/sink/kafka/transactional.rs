@@ -159,8 +159,9 @@ impl TransactionalSink {
         &self,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
+        let producer = self.producer.clone();
         super::spawn_health_probe(
-            self.producer.clone(),
+            std::sync::Arc::new(move || super::probe(producer.client())),
             &self.telemetry,
             &self.config.brokers,
             shutdown,
