@@ -374,7 +374,8 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 reset(&db).await;
                 load(&db, a.rows).await;
                 eos.relay_polling.push(
-                    relay_polling(&db, &url, &t.brokers, a.rows, Some(a.eos_batch_size), None).await,
+                    relay_polling(&db, &url, &t.brokers, a.rows, Some(a.eos_batch_size), None)
+                        .await,
                 );
                 eprintln!(
                     "  {}: relay polling, exactly once {:.0}/s",
@@ -456,7 +457,13 @@ async fn profile_drains(a: &Args, db: &Client, url: &str, targets: &[Target], di
         let name: String = t
             .name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
             .collect();
         reset(db).await;
         db.execute(
@@ -468,12 +475,20 @@ async fn profile_drains(a: &Args, db: &Client, url: &str, targets: &[Target], di
         let end = load(db, a.rows).await;
         let out = dir.join(format!("{name}.log.data"));
         let d = relay_log(db, url, &t.brokers, &t.slot, &end, a.rows, None, Some(&out)).await;
-        eprintln!("  profiled log mode into {}: {:.2} CPU-s", out.display(), d.cpu_seconds);
+        eprintln!(
+            "  profiled log mode into {}: {:.2} CPU-s",
+            out.display(),
+            d.cpu_seconds
+        );
         reset(db).await;
         load(db, a.rows).await;
         let out = dir.join(format!("{name}.polling.data"));
         let d = relay_polling(db, url, &t.brokers, a.rows, None, Some(&out)).await;
-        eprintln!("  profiled polling into {}: {:.2} CPU-s", out.display(), d.cpu_seconds);
+        eprintln!(
+            "  profiled polling into {}: {:.2} CPU-s",
+            out.display(),
+            d.cpu_seconds
+        );
     }
 }
 
@@ -484,7 +499,15 @@ struct Profile(Child);
 impl Profile {
     fn attach(pid: u32, out: &Path) -> Profile {
         let child = Command::new("perf")
-            .args(["record", "-q", "-F", "1999", "--call-graph", "dwarf,16384", "-p"])
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "1999",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+            ])
             .arg(pid.to_string())
             .arg("-o")
             .arg(out)

@@ -100,7 +100,13 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(forward_signals(shutdown.clone()));
-                crate::daemon::run(config, shutdown).await
+                // On a worker thread, beside the tasks it talks to all the time (database
+                // connections, the replication stream, delivery collectors): from the
+                // main thread, every one of those wake-ups would cross threads.
+                tokio::spawn(crate::daemon::run(config, shutdown))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the relay task failed: {e}"))?
+                    .map_err(anyhow::Error::from)
             })?;
             tracing::info!("relay stopped cleanly");
             Ok(ExitCode::SUCCESS)

@@ -141,11 +141,7 @@ impl Batch {
 
     /// Waits until every message handed over has its report. `progress` is called when
     /// reports came in while waiting (every `check`), for readiness.
-    pub async fn reports(
-        &self,
-        check: std::time::Duration,
-        mut progress: impl FnMut(),
-    ) -> Reports {
+    pub async fn reports(&self, check: std::time::Duration, mut progress: impl FnMut()) -> Reports {
         let mut seen = 0;
         loop {
             let state = self.ledger.with(self.first, |e| {

@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use super::config::{Format, KafkaSinkConfig};
 use super::topic::validate_topic_name;
 use crate::event::OutboxEvent;
+use headers::extra_headers;
 
 /// Headers the relay sets itself; a `headers` column key of the same name is ignored so
 /// that consumers can trust them (Java's `lastHeader("id")` included).
@@ -74,8 +75,11 @@ impl Topics {
         validate_topic_name(&topic).map_err(Poison)?;
         let topic: Arc<str> = topic.into();
         if self.known.len() < TOPICS_REMEMBERED {
-            self.known
-                .push((aggregate_type.to_owned(), event_type.to_owned(), topic.clone()));
+            self.known.push((
+                aggregate_type.to_owned(),
+                event_type.to_owned(),
+                topic.clone(),
+            ));
         }
         Ok(topic)
     }
@@ -125,22 +129,27 @@ pub fn to_message_with<'a>(
         _ => topics.get(config, aggregate_type, event_type)?,
     };
 
-    let mut headers = Vec::with_capacity(3);
+    let extra = match &event.headers {
+        Some(extra) => extra_headers(extra)?,
+        None => Vec::new(),
+    };
+    let mut headers = Vec::with_capacity(RESERVED_HEADERS.len() + extra.len());
     headers.extend([
         (Cow::Borrowed("id"), Cow::Borrowed(id.as_bytes())),
-        (Cow::Borrowed("event_type"), Cow::Borrowed(event_type.as_bytes())),
+        (
+            Cow::Borrowed("event_type"),
+            Cow::Borrowed(event_type.as_bytes()),
+        ),
         (
             Cow::Borrowed("aggregate_type"),
             Cow::Borrowed(aggregate_type.as_bytes()),
         ),
     ]);
-    if let Some(extra) = &event.headers {
-        headers.extend(
-            extra_headers(extra)?
-                .into_iter()
-                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref())),
-        );
-    }
+    headers.extend(
+        extra
+            .into_iter()
+            .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref())),
+    );
 
     let value = match config.format {
         Format::Raw => Cow::Borrowed(payload.as_slice()),
@@ -192,7 +201,10 @@ pub fn to_dead_letter<'a>(
         )),
         None => {}
     }
-    headers.push((Cow::Borrowed("error"), Cow::Owned(error.as_bytes().to_vec())));
+    headers.push((
+        Cow::Borrowed("error"),
+        Cow::Owned(error.as_bytes().to_vec()),
+    ));
     headers.push((
         Cow::Borrowed("source_position"),
         Cow::Owned(event.position.to_string().into_bytes()),
@@ -244,39 +256,6 @@ fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, Poison
         Some(v) if !v.is_empty() => Ok(v),
         Some(_) => Err(Poison(format!("{name} is empty"))),
         None => Err(Poison(format!("{name} is missing (NULL)"))),
-    }
-}
-
-/// The `headers` object's entries: strings as-is, any other JSON value as its JSON text.
-fn extra_headers(json: &str) -> Result<Vec<Header<'static>>, Poison> {
-    let value: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| Poison(format!("headers is not valid JSON: {e}")))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(Poison(format!(
-            "headers must be a JSON object, got {}",
-            kind(&value)
-        )));
-    };
-    Ok(map
-        .into_iter()
-        .map(|(k, v)| {
-            let bytes = match v {
-                serde_json::Value::String(s) => s.into_bytes(),
-                other => other.to_string().into_bytes(),
-            };
-            (Cow::Owned(k), Cow::Owned(bytes))
-        })
-        .collect())
-}
-
-fn kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -338,5 +317,6 @@ fn cloudevent(
     serde_json::to_vec(&envelope).map_err(|e| Poison(format!("cannot encode CloudEvent: {e}")))
 }
 
+mod headers;
 #[cfg(test)]
 mod tests;

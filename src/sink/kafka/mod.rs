@@ -30,9 +30,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use rdkafka::client::Client;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::client::Client;
 use rdkafka::producer::{
     BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig,
     ThreadedProducer,
@@ -386,7 +386,7 @@ impl KafkaSink {
     /// Hands `msg` to the batch producer as message `number` of its batch, waiting
     /// while librdkafka's queue is full (backpressure, never a failure).
     async fn produce(&self, msg: &KafkaMessage<'_>, number: usize) -> Result<(), KafkaError> {
-        let mut record = BaseRecord::with_opaque_to(&*msg.topic, number)
+        let mut record = BaseRecord::with_opaque_to(&msg.topic, number)
             .payload(msg.value.as_ref())
             .headers(headers_of(msg));
         if let Some(key) = &msg.key {
@@ -416,7 +416,6 @@ impl KafkaSink {
             Err(_canceled) => Err(KafkaError::Canceled),
         }
     }
-
 
     /// Asks the brokers for metadata every few seconds, so `/readyz` notices a Kafka
     /// outage even while no event is flowing. Stops with `shutdown` (or when aborted).
@@ -536,7 +535,10 @@ pub(super) fn account(telemetry: &Telemetry, outcomes: &[Delivery]) {
     let mut run: Option<(&Arc<str>, u64)> = None;
     let flush = |run: Option<(&Arc<str>, u64)>| {
         if let Some((topic, n)) = run {
-            metrics.events_published.with_label_values(&[topic]).inc_by(n);
+            metrics
+                .events_published
+                .with_label_values(&[topic])
+                .inc_by(n);
         }
     };
     for outcome in outcomes {
