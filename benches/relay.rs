@@ -47,8 +47,11 @@ struct Args {
     tansu: bool,
     /// `batch_size` of the exactly-once runs (one transaction per batch).
     eos_batch_size: usize,
-    /// Where to write `perf record` profiles of the first run's drains (`--perf DIR`).
+    /// Where to write `perf record` profiles of extra drains (`--perf DIR`).
     perf: Option<PathBuf>,
+    /// `[sink.kafka.librdkafka]` lines for every relay run (`--librdkafka key=value`,
+    /// repeatable): to compare producer settings in one command.
+    librdkafka: Vec<(String, String)>,
 }
 
 fn args() -> Args {
@@ -62,6 +65,7 @@ fn args() -> Args {
         tansu: true,
         eos_batch_size: 10_000,
         perf: None,
+        librdkafka: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,6 +78,11 @@ fn args() -> Args {
                         "--json" => a.json = PathBuf::from(value()),
             "--eos-batch-size" => a.eos_batch_size = value().parse().expect("--eos-batch-size N"),
             "--perf" => a.perf = Some(PathBuf::from(value())),
+            "--librdkafka" => {
+                let kv = value();
+                let (k, v) = kv.split_once('=').expect("--librdkafka key=value");
+                a.librdkafka.push((k.to_owned(), v.to_owned()));
+            }
             "--broker" => {
                 (a.kafka, a.tansu) = match value().as_str() {
                     "kafka" => (true, false),
@@ -83,7 +92,7 @@ fn args() -> Args {
                 }
             }
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf"),
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf, --librdkafka"),
         }
     }
     a
@@ -115,7 +124,9 @@ struct BrokerReport {
     relay_log: Vec<Drain>,
     relay_polling: Vec<Drain>,
     first_event_ms: Vec<f64>,
+    /// The steady run with the median p99, and every run's (one per `--runs`).
     steady: Steady,
+    steady_runs: Vec<Steady>,
     median: Medians,
     /// The same, with `sink.kafka.delivery = "exactly_once"` (brokers whose
     /// transactions work).
@@ -134,7 +145,7 @@ struct ExactlyOnce {
     polling_cpu_us_per_event: f64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Default, Clone)]
 struct Steady {
     target_events_per_second: usize,
     seconds: u64,
@@ -225,6 +236,16 @@ fn eos_slot(t: &Target) -> String {
 
 fn main() {
     let a = args();
+    if !a.librdkafka.is_empty() {
+        let lines: String = a
+            .librdkafka
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+            .collect();
+        LIBRDKAFKA
+            .set(format!("[sink.kafka.librdkafka]\n{lines}"))
+            .unwrap();
+    }
     eprintln!("bench: starting PostgreSQL and the brokers…");
     // synchronous_commit=on: the walsender only sends flushed WAL, so the testkit's "off"
     // would add up to wal_writer_delay to every commit→ack latency.
@@ -301,6 +322,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 relay_polling: Vec::new(),
                 first_event_ms: Vec::new(),
                 steady: Steady::default(),
+                steady_runs: Vec::new(),
                 median: Medians::default(),
                 exactly_once: t.transactions.then(|| ExactlyOnce {
                     batch_size: a.eos_batch_size,
@@ -399,7 +421,30 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
     );
     for (t, b) in targets.iter().zip(&mut report.brokers) {
         reset(&db).await;
-        b.steady = steady(a, &db, &url, &t.brokers, "bench_steady", None).await;
+        for run in 0..a.runs {
+            reset(&db).await;
+            let s = steady(a, &db, &url, &t.brokers, "bench_steady", None).await;
+            eprintln!(
+                "  {}: steady run {}: p99 {:.1} ms",
+                t.name,
+                run + 1,
+                s.commit_to_ack_p99_ms
+            );
+            b.steady_runs.push(s);
+        }
+        let p99 = median(
+            b.steady_runs
+                .iter()
+                .map(|s| s.commit_to_ack_p99_ms)
+                .collect(),
+        );
+        let mid = b
+            .steady_runs
+            .iter()
+            .position(|s| s.commit_to_ack_p99_ms == p99)
+            .unwrap_or(0);
+        b.steady = std::mem::take(&mut b.steady_runs[mid]);
+        b.steady_runs[mid] = b.steady.clone();
         if let Some(eos) = &mut b.exactly_once {
             reset(&db).await;
             eos.steady = steady(
@@ -852,10 +897,15 @@ impl ConfigFile {
     }
 }
 
+/// The `[sink.kafka.librdkafka]` table of every relay run (`--librdkafka`), set once.
+static LIBRDKAFKA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn config_file(url: &str, broker: &str, mode: &str, extra: &str, sink: &str) -> ConfigFile {
+    let librdkafka = LIBRDKAFKA.get().map_or("", String::as_str);
     write_config(format!(
         "[source]\nmode = \"{mode}\"\ndatabase_url = \"{url}\"\n{extra}\n\
-         [sink.kafka]\nbrokers = \"{broker}\"\n{sink}[http]\nlisten = \"127.0.0.1:0\"\n"
+         [sink.kafka]\nbrokers = \"{broker}\"\n{sink}[http]\nlisten = \"127.0.0.1:0\"\n\
+         {librdkafka}"
     ))
 }
 
@@ -922,6 +972,11 @@ fn drain(elapsed: Duration, rows: usize, rss: f64, cpu: f64) -> Drain {
     }
 }
 
+/// The smallest and largest of a series (the spread printed beside a median).
+fn spread(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    v.fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -948,8 +1003,8 @@ fn print_table(r: &Report) {
         r.rows, r.runs, r.machine
     );
     println!(
-        "{:<52} {:>12} {:>10} {:>10} {:>9}",
-        "", "events/s", "seconds", "RSS MB", "CPU s"
+        "{:<52} {:>12} {:>17} {:>10} {:>10} {:>9} {:>11}",
+        "", "events/s", "(min–max)", "seconds", "RSS MB", "CPU s", "(min–max)"
     );
     let row = |name: &str, d: &[Drain]| {
         let mid = median(d.iter().map(|x| x.events_per_second).collect());
@@ -958,9 +1013,16 @@ fn print_table(r: &Report) {
             .find(|x| x.events_per_second == mid)
             .copied()
             .unwrap();
+        let (lo, hi) = spread(d.iter().map(|x| x.events_per_second));
+        let (clo, chi) = spread(d.iter().map(|x| x.cpu_seconds));
         println!(
-            "{name:<52} {:>12.0} {:>10.2} {:>10.1} {:>9.2}",
-            x.events_per_second, x.seconds, x.peak_rss_mb, x.cpu_seconds
+            "{name:<52} {:>12.0} {:>17} {:>10.2} {:>10.1} {:>9.2} {:>11}",
+            x.events_per_second,
+            format!("({lo:.0}–{hi:.0})"),
+            x.seconds,
+            x.peak_rss_mb,
+            x.cpu_seconds,
+            format!("({clo:.2}–{chi:.2})")
         );
     };
     row("pg_recvlogical → /dev/null", &r.pg_recvlogical);
@@ -977,13 +1039,30 @@ fn print_table(r: &Report) {
     for b in &r.brokers {
         let m = &b.median;
         println!("\n{}:", b.broker);
+        // Each run's relay drain against that run's pg_recvlogical drain.
+        let ratios = |d: &[Drain]| {
+            spread(
+                d.iter()
+                    .zip(&r.pg_recvlogical)
+                    .map(|(x, p)| x.events_per_second / p.events_per_second),
+            )
+        };
+        let ((llo, lhi), (plo, phi)) = (ratios(&b.relay_log), ratios(&b.relay_polling));
         println!(
-            "  ratio to pg_recvlogical: log mode {:.2}x, polling mode {:.2}x",
+            "  ratio to pg_recvlogical (of the medians): log mode {:.2}x, polling mode {:.2}x; \
+             run by run: log {llo:.2}–{lhi:.2}x, polling {plo:.2}–{phi:.2}x",
             m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
         );
+        let (lo, hi) = spread(b.first_event_ms.iter().copied());
         println!(
-            "  process start → first event acked: {:.0} ms",
+            "  process start → first event acked: {:.0} ms ({lo:.0}–{hi:.0})",
             m.first_event_ms
+        );
+        let (plo, phi) = spread(b.steady_runs.iter().map(|s| s.commit_to_ack_p99_ms));
+        println!(
+            "  steady commit→ack p99 over {} runs: median {:.1} ms ({plo:.1}–{phi:.1})",
+            b.steady_runs.len(),
+            b.steady.commit_to_ack_p99_ms
         );
         let s = &b.steady;
         println!(
@@ -1004,8 +1083,11 @@ fn print_table(r: &Report) {
             w = s.rss_window_seconds
         );
         println!("  peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+        let us = |d: &[Drain]| spread(d.iter().map(|x| x.cpu_seconds / r.rows as f64 * 1e6));
+        let ((llo, lhi), (plo, phi)) = (us(&b.relay_log), us(&b.relay_polling));
         println!(
-            "  relay CPU per event: log mode {:.2} µs, polling {:.2} µs",
+            "  relay CPU per event: log mode {:.2} µs ({llo:.2}–{lhi:.2}), polling {:.2} µs \
+             ({plo:.2}–{phi:.2})",
             m.log_cpu_us_per_event, m.polling_cpu_us_per_event
         );
         if let Some(e) = &b.exactly_once {
