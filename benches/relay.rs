@@ -756,6 +756,16 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str, slot: &str, eos:
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // One event through first, so that the timed phase measures the steady state, not
+    // the producer's start (metadata, producer id) that `first_event` measures.
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    db.batch_execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('bench', 'warm-up', 'WarmUp', '{}')",
+    )
+    .await
+    .unwrap();
+    wait_acked(addr, 1).await;
     let per_tick = (a.steady_rate / 100).max(1); // a transaction every 10 ms
     let ticks = a.steady_secs * 100;
     let started = Instant::now();
@@ -786,20 +796,9 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str, slot: &str, eos:
         .unwrap();
         n += per_tick as i64;
     }
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let events = n as usize;
-    let (p50, p99) = loop {
-        let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
-        let count = outbox_relay::testkit::metric_value(
-            &metrics,
-            "outbox_relay_commit_to_ack_seconds_count",
-        )
-        .unwrap_or(0.0);
-        if count as usize >= events {
-            break (quantile(&metrics, 0.5), quantile(&metrics, 0.99));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let metrics = wait_acked(addr, events + 1).await;
+    let (p50, p99) = (quantile(&metrics, 0.5), quantile(&metrics, 0.99));
     let elapsed = started.elapsed();
     let (rss, _) = stop_measured(relay);
     let (drift, jitter, window) = drift_and_jitter(&per_second);
@@ -817,6 +816,23 @@ async fn steady(a: &Args, db: &Client, url: &str, broker: &str, slot: &str, eos:
         rss_jitter_percent: jitter,
         rss_window_seconds: window,
         rss_mb_per_second: per_second,
+    }
+}
+
+/// Waits until the relay at `addr` has acknowledged `events` events; returns its metrics.
+async fn wait_acked(addr: std::net::SocketAddr, events: usize) -> String {
+    loop {
+        if let Ok((_, metrics)) = http_get(addr, "/metrics").await {
+            let count = outbox_relay::testkit::metric_value(
+                &metrics,
+                "outbox_relay_commit_to_ack_seconds_count",
+            )
+            .unwrap_or(0.0);
+            if count as usize >= events {
+                return metrics;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -938,7 +954,11 @@ fn wait_measured(mut child: Child) -> (f64, f64) {
         if child.try_wait().unwrap().is_some() {
             return last;
         }
-        last = measure(child.id());
+        // A process exiting between two looks has no figures left: keep the last ones.
+        let now = measure(child.id());
+        if now.0 > 0.0 {
+            last = now;
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -131,7 +131,14 @@ struct Reader;
 
 impl ClientContext for Reader {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        // The end of a partition is what the reader looks for, not a problem; librdkafka
+        // reports it through this callback as a global error as well.
+        let end = matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
             tracing::warn!(%error, reason, "checkpoint reader");
         }
     }
