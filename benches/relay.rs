@@ -128,6 +128,9 @@ struct BrokerReport {
     steady: Steady,
     steady_runs: Vec<Steady>,
     median: Medians,
+    /// librdkafka alone, in this process: the same messages through a producer with the
+    /// relay's settings, CPU per event (µs) of each run. The floor under the relay's CPU.
+    librdkafka_cpu_us_per_event: Vec<f64>,
     /// The same, with `sink.kafka.delivery = "exactly_once"` (brokers whose
     /// transactions work).
     exactly_once: Option<ExactlyOnce>,
@@ -323,6 +326,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 first_event_ms: Vec::new(),
                 steady: Steady::default(),
                 steady_runs: Vec::new(),
+                librdkafka_cpu_us_per_event: Vec::new(),
                 median: Medians::default(),
                 exactly_once: t.transactions.then(|| ExactlyOnce {
                     batch_size: a.eos_batch_size,
@@ -411,6 +415,13 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
     }
     if let Some(dir) = &a.perf {
         profile_drains(a, &db, &url, targets, dir).await;
+    }
+    for (t, b) in targets.iter().zip(&mut report.brokers) {
+        for _ in 0..a.runs {
+            let us = librdkafka_floor(&t.brokers, a.rows);
+            eprintln!("  {}: librdkafka alone {us:.2} µs CPU per event", t.name);
+            b.librdkafka_cpu_us_per_event.push(us);
+        }
     }
     let recv = median(
         report
@@ -535,6 +546,111 @@ async fn profile_drains(a: &Args, db: &Client, url: &str, targets: &[Target], di
             d.cpu_seconds
         );
     }
+}
+
+/// The CPU librdkafka alone spends per event on the benchmark's messages (same size,
+/// keys, three headers, the relay's producer settings: idempotent, acks=all, lz4), in
+/// µs: everything the relay adds comes on top of this.
+fn librdkafka_floor(brokers: &str, rows: usize) -> f64 {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let config = outbox_relay::config::from_value(serde_json::json!({
+        "source": {"mode": "logical", "database_url": "postgres://u@h/db"},
+        "sink": {"kafka": {"brokers": brokers}},
+    }))
+    .unwrap_or_else(|p| panic!("{p}"));
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        outbox_relay::sink::kafka::producer_config(&config.sink)
+            .create()
+            .expect("producer");
+    let messages: Vec<(String, String, String)> = (0..rows)
+        .map(|n| {
+            (
+                format!("00000000-0000-0000-0000-{n:012}"),
+                format!("agg-{}", n % AGGREGATES),
+                format!(
+                    r#"{{"n": {n}, "agg": {}, "pad": "{}"}}"#,
+                    n % AGGREGATES,
+                    "x".repeat(150)
+                ),
+            )
+        })
+        .collect();
+    let send = |(id, key, payload): &(String, String, String)| {
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "id",
+                value: Some(id),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("BenchEvent"),
+            })
+            .insert(Header {
+                key: "aggregate_type",
+                value: Some("bench"),
+            });
+        let mut record = BaseRecord::to(TOPIC)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => return,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    };
+    // The producer's start (metadata, producer id) is not per-event work.
+    send(&messages[0]);
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    let before = producer_threads_cpu();
+    for m in &messages {
+        send(m);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    let after = producer_threads_cpu();
+    (after - before) / rows as f64 * 1e6
+}
+
+/// CPU seconds of this thread and of librdkafka's and rdkafka's threads: not of the
+/// benchmark's other threads (the brokers' log readers, say).
+fn producer_threads_cpu() -> f64 {
+    let me = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let mut total = stat_cpu(&me);
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("rdk:") || comm.starts_with("producer pollin") {
+            total +=
+                stat_cpu(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default());
+        }
+    }
+    total
+}
+
+/// utime + stime of a `/proc/…/stat` line, in seconds.
+fn stat_cpu(stat: &str) -> f64 {
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// `perf record` attached to a running relay (`--perf`): where its CPU goes, with call
@@ -966,21 +1082,7 @@ fn wait_measured(mut child: Child) -> (f64, f64) {
 fn measure(pid: u32) -> (f64, f64) {
     let rss = outbox_relay::testkit::peak_rss_bytes(pid).unwrap_or(0) as f64;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    (rss / (1024.0 * 1024.0), ticks / 100.0)
+    (rss / (1024.0 * 1024.0), stat_cpu(&stat))
 }
 
 fn drain(elapsed: Duration, rows: usize, rss: f64, cpu: f64) -> Drain {
@@ -1103,6 +1205,13 @@ fn print_table(r: &Report) {
             w = s.rss_window_seconds
         );
         println!("  peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+        let floor = &b.librdkafka_cpu_us_per_event;
+        let (flo, fhi) = spread(floor.iter().copied());
+        println!(
+            "  librdkafka alone (same messages, the relay's producer settings): {:.2} µs CPU \
+             per event ({flo:.2}–{fhi:.2})",
+            median(floor.clone())
+        );
         let us = |d: &[Drain]| spread(d.iter().map(|x| x.cpu_seconds / r.rows as f64 * 1e6));
         let ((llo, lhi), (plo, phi)) = (us(&b.relay_log), us(&b.relay_polling));
         println!(

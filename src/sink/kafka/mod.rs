@@ -460,7 +460,7 @@ impl KafkaSink {
 
 /// The producer's settings: the brokers, the relay's defaults, then the operator's
 /// `[sink.kafka.librdkafka]` over them.
-pub(super) fn producer_config(config: &KafkaSinkConfig) -> ClientConfig {
+pub fn producer_config(config: &KafkaSinkConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
     for (key, value) in PRODUCER_DEFAULTS {
