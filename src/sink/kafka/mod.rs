@@ -52,6 +52,17 @@ use crate::metrics::Telemetry;
 /// How often the background probe asks the brokers for metadata (readiness).
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The first probes come quicker. Besides telling readiness sooner, a metadata answer
+/// from a broker that is up is what makes librdkafka's idempotent producer ask for its
+/// producer id at once: when its first attempt found no broker up yet (the bootstrap
+/// connection answered before the broker it named was connected), it would otherwise
+/// wait for its 500 ms timer, and so would the first event (seen here: 520 ms from
+/// process start to first event acknowledged, against 65 ms).
+const STARTING_PROBES: [Duration; 3] = [
+    Duration::from_millis(20),
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+];
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
@@ -574,6 +585,7 @@ pub(super) fn spawn_health_probe(
     let health = telemetry.health.clone();
     let brokers = brokers.to_owned();
     tokio::spawn(async move {
+        let mut first = STARTING_PROBES.iter();
         loop {
             let probe = probe.clone();
             let answer = tokio::task::spawn_blocking(move || probe()).await;
@@ -588,7 +600,7 @@ pub(super) fn spawn_health_probe(
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = tokio::time::sleep(*first.next().unwrap_or(&PROBE_INTERVAL)) => {}
             }
         }
     })
