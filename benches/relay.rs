@@ -279,7 +279,8 @@ fn main() {
             name: format!("Apache Kafka {}", apache_kafka::VERSION),
             brokers: k.brokers(),
             slot: "bench_relay_kafka".into(),
-            transactions: true,
+            // `--eos-batch-size 0` leaves exactly once out (a long steady run, say).
+            transactions: a.eos_batch_size > 0,
         });
     }
     if let Some(t) = &tansu {
