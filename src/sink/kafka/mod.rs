@@ -22,6 +22,8 @@ pub mod checkpoint;
 mod config;
 mod error;
 pub mod message;
+mod probe;
+mod producer;
 pub mod topic;
 mod transactional;
 
@@ -30,16 +32,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rdkafka::client::Client;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{
-    BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig,
-    ThreadedProducer,
+    BaseRecord, DeliveryFuture, FutureProducer, Producer, PurgeConfig, ThreadedProducer,
 };
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::ClientConfig;
 
 use acks::{BatchContext, Ledger};
+pub(crate) use probe::{probe, spawn_health_probe};
+pub use producer::producer_config;
+use producer::{enqueue, headers_of, offer};
 
 pub use config::{DeliveryMode, Format, KafkaSinkConfig, RawKafkaSinkConfig};
 pub use error::{is_fenced, is_poison, is_too_large, SinkError};
@@ -49,46 +51,8 @@ pub use transactional::{derive_transactional_id, TransactionalSink};
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
 
-/// How often the background probe asks the brokers for metadata (readiness).
-const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// The first probes come quicker. Besides telling readiness sooner, a metadata answer
-/// from a broker that is up is what makes librdkafka's idempotent producer ask for its
-/// producer id at once: when its first attempt found no broker up yet (the bootstrap
-/// connection answered before the broker it named was connected), it would otherwise
-/// wait for its 500 ms timer, and so would the first event (seen here: 520 ms from
-/// process start to first event acknowledged, against 65 ms).
-const STARTING_PROBES: [Duration; 3] = [
-    Duration::from_millis(20),
-    Duration::from_millis(50),
-    Duration::from_millis(200),
-];
-
-/// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
-/// applied after them and can override them (at the operator's own risk).
-const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
-    ("enable.idempotence", "true"),
-    // Retry inside librdkafka until delivered. A finite timeout lets a partition end up
-    // with 1, 4, 5 after an outage (librdkafka INTRODUCTION.md, "Message timeout
-    // considerations"), and re-sending 2, 3 afterwards would break per-key order.
-    ("message.timeout.ms", "0"),
-    ("acks", "all"),
-    ("compression.type", "lz4"),
-    // Java clients hash keys with murmur2: so do we, so keys land where they would.
-    ("partitioner", "murmur2_random"),
-    ("client.id", "outbox-relay"),
-    // librdkafka's own limit (1 MB by default) would refuse a large event before the
-    // broker saw it, and its dead-letter copy too. The broker's per-topic
-    // `max.message.bytes` is the limit that matters: let it decide (this is
-    // librdkafka's maximum).
-    ("message.max.bytes", "1000000000"),
-];
-
 /// How often a batch waiting for its reports looks whether some came in (readiness).
 const REPORT_CHECK: Duration = Duration::from_secs(1);
-
-/// How long to wait before retrying an enqueue that found the local queue full.
-const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
 /// What became of one event handed to [`KafkaSink::publish`].
 #[derive(Debug)]
@@ -396,26 +360,19 @@ impl KafkaSink {
 
     /// Hands `msg` to the batch producer as message `number` of its batch, waiting
     /// while librdkafka's queue is full (backpressure, never a failure).
+    // rdkafka's send hands the (large) record back with its error, by design.
+    #[allow(clippy::result_large_err)]
     async fn produce(&self, msg: &KafkaMessage<'_>, number: usize) -> Result<(), KafkaError> {
-        let mut record = BaseRecord::with_opaque_to(&msg.topic, number)
-            .payload(msg.value.as_ref())
-            .headers(headers_of(msg));
-        if let Some(key) = &msg.key {
-            record = record.key(key.as_ref());
-        }
-        if let Some(ts) = msg.timestamp_ms {
-            record = record.timestamp(ts);
-        }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        let record = BaseRecord {
+            topic: &msg.topic,
+            partition: None,
+            payload: Some(msg.value.as_ref()),
+            key: msg.key.as_deref(),
+            timestamp: msg.timestamp_ms,
+            headers: Some(headers_of(msg)),
+            delivery_opaque: number,
+        };
+        offer(record, |r| self.producer.send(r)).await
     }
 
     /// Produces one message alone and waits for its delivery report. Dead letters go this
@@ -469,73 +426,6 @@ impl KafkaSink {
     }
 }
 
-/// The producer's settings: the brokers, the relay's defaults, then the operator's
-/// `[sink.kafka.librdkafka]` over them.
-pub fn producer_config(config: &KafkaSinkConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers);
-    for (key, value) in PRODUCER_DEFAULTS {
-        client.set(key, value);
-    }
-    for (key, value) in &config.librdkafka {
-        client.set(key, value);
-    }
-    client
-}
-
-/// Hands one message to librdkafka, waiting while its local queue is full: a full queue
-/// is backpressure, never a failure.
-pub(super) async fn enqueue(
-    producer: &FutureProducer,
-    msg: &KafkaMessage<'_>,
-) -> Result<DeliveryFuture, KafkaError> {
-    let mut record = FutureRecord::to(&msg.topic)
-        .payload(msg.value.as_ref())
-        .headers(headers_of(msg));
-    if let Some(key) = &msg.key {
-        record = record.key(key.as_ref());
-    }
-    if let Some(ts) = msg.timestamp_ms {
-        record = record.timestamp(ts);
-    }
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                tokio::time::sleep(QUEUE_FULL_PAUSE).await;
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
-}
-
-/// The message's headers, as librdkafka takes them.
-fn headers_of(msg: &KafkaMessage<'_>) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
-    for (key, value) in &msg.headers {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_ref()),
-        });
-    }
-    headers
-}
-
-/// The brokers' metadata through `client`: how many brokers it lists, and how many
-/// partitions without a leader.
-pub(super) fn probe<C: ClientContext>(client: &Client<C>) -> Result<(usize, usize), KafkaError> {
-    client.fetch_metadata(None, PROBE_TIMEOUT).map(|md| {
-        let leaderless = md
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions())
-            .filter(|p| p.leader() < 0)
-            .count();
-        (md.brokers().len(), leaderless)
-    })
-}
-
 /// Counts a batch's outcomes and keeps Kafka's readiness current: a delivery proves the
 /// brokers answer, a failed one says why they do not (the last outcome decides).
 ///
@@ -571,39 +461,6 @@ pub(super) fn account(telemetry: &Telemetry, outcomes: &[Delivery]) {
         Some(_) => telemetry.health.set_kafka(None),
         None => {}
     }
-}
-
-/// Asks the brokers for metadata every few seconds through `producer`, so `/readyz`
-/// notices a Kafka outage even while no event is flowing. Stops with `shutdown` (or when
-/// aborted).
-pub(super) fn spawn_health_probe(
-    probe: Arc<dyn Fn() -> Result<(usize, usize), KafkaError> + Send + Sync>,
-    telemetry: &Telemetry,
-    brokers: &str,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let health = telemetry.health.clone();
-    let brokers = brokers.to_owned();
-    tokio::spawn(async move {
-        let mut first = STARTING_PROBES.iter();
-        loop {
-            let probe = probe.clone();
-            let answer = tokio::task::spawn_blocking(move || probe()).await;
-            if let Ok(Ok((_, leaderless))) = &answer {
-                health.set_leaderless_partitions(*leaderless);
-            }
-            match answer.map(|r| r.map(|(brokers, _)| brokers)) {
-                Ok(Ok(n)) if n > 0 => health.set_kafka(None),
-                Ok(Ok(_)) => health.set_kafka(Some(format!("{brokers}: metadata lists no broker"))),
-                Ok(Err(e)) => health.set_kafka(Some(format!("{brokers} unreachable: {e}"))),
-                Err(_) => {}
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(*first.next().unwrap_or(&PROBE_INTERVAL)) => {}
-            }
-        }
-    })
 }
 
 impl crate::sink::Sink for KafkaSink {
