@@ -191,7 +191,7 @@ impl KafkaSink {
         let reports = if sent.batched > 0 {
             // Reports arriving while the batch is incomplete keep readiness's clock
             // from running out, as each report would.
-            let in_flight = sent.in_flight.clone();
+            let in_flight = &sent.in_flight;
             sent.batch
                 .reports(REPORT_CHECK, || health.note_answer(in_flight.get() > 0))
                 .await
