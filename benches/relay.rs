@@ -52,6 +52,10 @@ struct Args {
     /// `[sink.kafka.librdkafka]` lines for every relay run (`--librdkafka key=value`,
     /// repeatable): to compare producer settings in one command.
     librdkafka: Vec<(String, String)>,
+    /// Another relay binary, drained right after this build's in every run and mode
+    /// (`--baseline PATH`): an A/B comparison that the machine's drift between
+    /// commands cannot blur.
+    baseline: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -66,6 +70,7 @@ fn args() -> Args {
         eos_batch_size: 10_000,
         perf: None,
         librdkafka: Vec::new(),
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +83,7 @@ fn args() -> Args {
                         "--json" => a.json = PathBuf::from(value()),
             "--eos-batch-size" => a.eos_batch_size = value().parse().expect("--eos-batch-size N"),
             "--perf" => a.perf = Some(PathBuf::from(value())),
+            "--baseline" => a.baseline = Some(PathBuf::from(value())),
             "--librdkafka" => {
                 let kv = value();
                 let (k, v) = kv.split_once('=').expect("--librdkafka key=value");
@@ -92,7 +98,7 @@ fn args() -> Args {
                 }
             }
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf, --librdkafka"),
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf, --librdkafka, --baseline"),
         }
     }
     a
@@ -131,6 +137,10 @@ struct BrokerReport {
     /// librdkafka alone, in this process: the same messages through a producer with the
     /// relay's settings, CPU per event (µs) of each run. The floor under the relay's CPU.
     librdkafka_cpu_us_per_event: Vec<f64>,
+    /// `--baseline`'s drains, each beside this build's of the same run (after it in even
+    /// runs, before it in odd ones).
+    baseline_log: Vec<Drain>,
+    baseline_polling: Vec<Drain>,
     /// The same, with `sink.kafka.delivery = "exactly_once"` (brokers whose
     /// transactions work).
     exactly_once: Option<ExactlyOnce>,
@@ -232,6 +242,45 @@ fn eos_lines(eos: Eos) -> (&'static str, String) {
     }
 }
 
+/// A log-mode drain by the `--baseline` binary, from its own slot.
+async fn baseline_log(
+    bin: &Path,
+    db: &Client,
+    url: &str,
+    t: &Target,
+    end: &str,
+    rows: usize,
+) -> Drain {
+    let slot = baseline_slot(t);
+    let d = with_binary(
+        bin,
+        relay_log(db, url, &t.brokers, &slot, end, rows, None, None),
+    )
+    .await;
+    eprintln!(
+        "  {}: baseline log mode {:.0}/s",
+        t.name, d.events_per_second
+    );
+    d
+}
+
+/// A polling drain by the `--baseline` binary, of a fresh backlog.
+async fn baseline_polling(bin: &Path, db: &Client, url: &str, t: &Target, rows: usize) -> Drain {
+    reset(db).await;
+    load(db, rows).await;
+    let d = with_binary(bin, relay_polling(db, url, &t.brokers, rows, None, None)).await;
+    eprintln!(
+        "  {}: baseline polling {:.0}/s",
+        t.name, d.events_per_second
+    );
+    d
+}
+
+/// The `--baseline` binary's slot of a target.
+fn baseline_slot(t: &Target) -> String {
+    format!("{}_baseline", t.slot)
+}
+
 /// The exactly-once slot of a target.
 fn eos_slot(t: &Target) -> String {
     format!("{}_eos", t.slot)
@@ -328,6 +377,8 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 steady: Steady::default(),
                 steady_runs: Vec::new(),
                 librdkafka_cpu_us_per_event: Vec::new(),
+                baseline_log: Vec::new(),
+                baseline_polling: Vec::new(),
                 median: Medians::default(),
                 exactly_once: t.transactions.then(|| ExactlyOnce {
                     batch_size: a.eos_batch_size,
@@ -342,7 +393,9 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         // slots created before it was written.
         reset(&db).await;
         let slots = std::iter::once("bench_recv".to_owned()).chain(targets.iter().flat_map(|t| {
-            std::iter::once(t.slot.clone()).chain(t.transactions.then(|| eos_slot(t)))
+            std::iter::once(t.slot.clone())
+                .chain(t.transactions.then(|| eos_slot(t)))
+                .chain(a.baseline.is_some().then(|| baseline_slot(t)))
         }));
         for slot in slots {
             db.execute(
@@ -360,13 +413,24 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             "  pg_recvlogical {:.0}/s",
             report.pg_recvlogical[run].events_per_second
         );
+        // The baseline goes first in every other run: neither build always gets the
+        // second, warmer drain.
+        let baseline_first = run % 2 == 1;
         for (t, b) in targets.iter().zip(&mut report.brokers) {
+            if let (Some(bin), true) = (&a.baseline, baseline_first) {
+                b.baseline_log
+                    .push(baseline_log(bin, &db, &url, t, &end, a.rows).await);
+            }
             b.relay_log
                 .push(relay_log(&db, &url, &t.brokers, &t.slot, &end, a.rows, None, None).await);
             eprintln!(
                 "  {}: relay log mode {:.0}/s",
                 t.name, b.relay_log[run].events_per_second
             );
+            if let (Some(bin), false) = (&a.baseline, baseline_first) {
+                b.baseline_log
+                    .push(baseline_log(bin, &db, &url, t, &end, a.rows).await);
+            }
             if let Some(eos) = &mut b.exactly_once {
                 let slot = eos_slot(t);
                 eos.relay_log.push(
@@ -389,6 +453,10 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             }
         }
         for (t, b) in targets.iter().zip(&mut report.brokers) {
+            if let (Some(bin), true) = (&a.baseline, baseline_first) {
+                b.baseline_polling
+                    .push(baseline_polling(bin, &db, &url, t, a.rows).await);
+            }
             reset(&db).await;
             load(&db, a.rows).await;
             b.relay_polling
@@ -397,6 +465,10 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 "  {}: relay polling {:.0}/s",
                 t.name, b.relay_polling[run].events_per_second
             );
+            if let (Some(bin), false) = (&a.baseline, baseline_first) {
+                b.baseline_polling
+                    .push(baseline_polling(bin, &db, &url, t, a.rows).await);
+            }
             if let Some(eos) = &mut b.exactly_once {
                 reset(&db).await;
                 load(&db, a.rows).await;
@@ -1061,7 +1133,25 @@ fn write_config(text: String) -> ConfigFile {
 }
 
 fn spawn_relay(config: &Path) -> RelayProcess {
-    RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay"), config)
+    let baseline = BINARY.with(|b| b.borrow().clone());
+    match baseline {
+        Some(bin) => RelayProcess::spawn(bin.to_str().expect("a UTF-8 path"), config),
+        None => RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay"), config),
+    }
+}
+
+thread_local! {
+    /// The binary `spawn_relay` starts instead of this build's, while [`with_binary`]
+    /// runs (the drains run on the benchmark's one runtime thread).
+    static BINARY: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `drain` with `bin` as the relay binary.
+async fn with_binary<T>(bin: &Path, drain: impl std::future::Future<Output = T>) -> T {
+    BINARY.with(|b| *b.borrow_mut() = Some(bin.to_owned()));
+    let out = drain.await;
+    BINARY.with(|b| *b.borrow_mut() = None);
+    out
 }
 
 /// Peak RSS (MB) and CPU seconds of a running relay, then SIGTERM and wait.
@@ -1227,6 +1317,28 @@ fn print_table(r: &Report) {
              ({plo:.2}–{phi:.2})",
             m.log_cpu_us_per_event, m.polling_cpu_us_per_event
         );
+        if !b.baseline_log.is_empty() {
+            let cpu = |d: &[Drain]| median(d.iter().map(|x| x.cpu_seconds).collect());
+            // Run by run, this build's CPU over the baseline's beside it.
+            let pairs = |mine: &[Drain], base: &[Drain]| {
+                let r: Vec<f64> = mine
+                    .iter()
+                    .zip(base)
+                    .map(|(m, b)| m.cpu_seconds / b.cpu_seconds)
+                    .collect();
+                let (lo, hi) = spread(r.iter().copied());
+                (median(r), lo, hi)
+            };
+            let (l, llo, lhi) = pairs(&b.relay_log, &b.baseline_log);
+            let (p, plo, phi) = pairs(&b.relay_polling, &b.baseline_polling);
+            println!(
+                "  baseline binary: CPU per event log mode {:.2} µs, polling {:.2} µs; this \
+                 build's CPU / the baseline's, run by run: log {l:.2}x ({llo:.2}–{lhi:.2}), \
+                 polling {p:.2}x ({plo:.2}–{phi:.2})",
+                cpu(&b.baseline_log) / r.rows as f64 * 1e6,
+                cpu(&b.baseline_polling) / r.rows as f64 * 1e6,
+            );
+        }
         if let Some(e) = &b.exactly_once {
             let s = &e.steady;
             println!(
