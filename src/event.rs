@@ -3,6 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use bytes::Bytes;
+use bytestring::ByteString;
+
 /// A position in PostgreSQL's write-ahead log, written as PostgreSQL writes it
 /// (`16/B374D848`: the high and low 32 bits in hex).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,8 +88,8 @@ impl OutboxEvent {
 
     /// Roughly the memory the event holds: what byte budgets count.
     pub fn approx_bytes(&self) -> usize {
-        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        let bytes = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        let text = |s: &Option<ByteString>| s.as_ref().map_or(0, |s| s.len());
+        let bytes = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
         std::mem::size_of::<OutboxEvent>()
             + bytes(&self.payload)
             + bytes(&self.original)
@@ -96,7 +99,7 @@ impl OutboxEvent {
             + text(&self.event_type)
             + text(&self.headers)
             + text(&self.topic)
-            + text(&self.invalid)
+            + self.invalid.as_ref().map_or(0, String::len)
     }
 }
 
@@ -105,23 +108,28 @@ impl OutboxEvent {
 /// Fields are optional because a malformed row must still travel: the sink maps a
 /// complete event to its Kafka message, and an incomplete one to the dead-letter topic
 /// with whatever it has. Nothing is dropped on the way.
+///
+/// Text and bytes are [`ByteString`] and [`Bytes`]: in log mode they are slices of the
+/// buffer the replication stream was read into, so decoding a row copies none of its
+/// columns (a slice keeps its part of that buffer alive until the event is dropped,
+/// which happens once Kafka acknowledged it: memory stays bounded by what is in flight).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
     pub position: Position,
     /// The event id (`id` header, the consumers' dedupe key).
-    pub id: Option<String>,
-    pub aggregate_type: Option<String>,
+    pub id: Option<ByteString>,
+    pub aggregate_type: Option<ByteString>,
     /// The Kafka key: one aggregate, one partition, one order.
-    pub aggregate_id: Option<String>,
-    pub event_type: Option<String>,
+    pub aggregate_id: Option<ByteString>,
+    pub event_type: Option<ByteString>,
     /// The message value, byte for byte as stored (jsonb text, or raw `bytea`).
-    pub payload: Option<Vec<u8>>,
+    pub payload: Option<Bytes>,
     /// Whether `payload` is JSON text (jsonb/json) rather than opaque bytes.
     pub payload_is_json: bool,
     /// The `headers` column's JSON text: an object whose keys become Kafka headers.
-    pub headers: Option<String>,
+    pub headers: Option<ByteString>,
     /// Per-row topic override, from the optional topic column.
-    pub topic: Option<String>,
+    pub topic: Option<ByteString>,
     /// Milliseconds since the Unix epoch: `created_at` or the commit time.
     pub timestamp_ms: Option<i64>,
     /// Set when the source already knows the event is poison (e.g. a logical message
@@ -129,7 +137,7 @@ pub struct OutboxEvent {
     pub invalid: Option<String>,
     /// The event's bytes as the source received them, when they differ from `payload`
     /// (a logical message's whole envelope): what the dead-letter topic gets.
-    pub original: Option<Vec<u8>>,
+    pub original: Option<Bytes>,
 }
 
 #[cfg(test)]

@@ -19,11 +19,11 @@ use crate::source::{Source, SourceError};
 fn event(seq: i64) -> OutboxEvent {
     OutboxEvent {
         position: Position::Seq(seq),
-        id: Some(format!("id-{seq}")),
+        id: Some(format!("id-{seq}").into()),
         aggregate_type: Some("order".into()),
-        aggregate_id: Some(format!("agg-{}", seq % 3)),
+        aggregate_id: Some(format!("agg-{}", seq % 3).into()),
         event_type: Some("E".into()),
-        payload: Some(b"{}".to_vec()),
+        payload: Some(b"{}".to_vec().into()),
         ..OutboxEvent::blank(Position::Seq(seq))
     }
 }

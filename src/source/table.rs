@@ -1,6 +1,8 @@
 //! The outbox table as both capture modes read it: connection, shape checks, and the
 //! one SELECT list that turns a row into an [`OutboxEvent`] the same way everywhere.
 
+use bytes::Bytes;
+use bytestring::ByteString;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Row};
 
@@ -341,17 +343,17 @@ pub async fn keep_dead_letters(
         table.quoted()
     );
     for (event, error) in events {
-        let body = event.original.as_ref().or(event.payload.as_ref());
+        let body = event.original.as_deref().or(event.payload.as_deref());
         client
             .execute(
                 &insert,
                 &[
                     &event.position.to_string(),
-                    &event.id,
-                    &event.aggregate_type,
-                    &event.aggregate_id,
-                    &event.event_type,
-                    &event.headers,
+                    &event.id.as_deref(),
+                    &event.aggregate_type.as_deref(),
+                    &event.aggregate_id.as_deref(),
+                    &event.event_type.as_deref(),
+                    &event.headers.as_deref(),
                     error,
                     &body,
                 ],
@@ -414,7 +416,8 @@ const RAW_SELECTED: [&str; 8] = [
 /// Reads a row selected with [`raw_select_sql`]: an invalid event that carries `why` and
 /// whatever the row holds, for the dead-letter topic.
 pub fn raw_row_to_event(row: &Row, why: &tokio_postgres::Error) -> OutboxEvent {
-    let text = |i: usize| raw(row, i).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let text =
+        |i: usize| raw(row, i).map(|b| ByteString::from(String::from_utf8_lossy(&b).into_owned()));
     let seq = row.try_get::<_, Option<i64>>(0).ok().flatten();
     let position = Position::Seq(seq.unwrap_or(i64::MAX));
     let reason = why
@@ -430,7 +433,7 @@ pub fn raw_row_to_event(row: &Row, why: &tokio_postgres::Error) -> OutboxEvent {
         aggregate_type: text(2),
         aggregate_id: text(3),
         event_type: text(4),
-        payload: raw(row, 5),
+        payload: raw(row, 5).map(Bytes::from),
         payload_is_json: false,
         headers: text(6),
         timestamp_ms: None,
@@ -486,12 +489,13 @@ const SELECTED: [&str; 9] = [
 /// log mode's first-start snapshot, which orders by it) sorts last.
 pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
     let mut unreadable: Vec<&str> = Vec::new();
-    let mut text = |i: usize| -> Option<String> {
-        match row.try_get::<_, Option<String>>(i) {
-            Ok(v) => v,
+    // tokio-postgres lends a column only as a borrow of its row: one copy each.
+    let mut text = |i: usize| -> Option<ByteString> {
+        match row.try_get::<_, Option<&str>>(i) {
+            Ok(v) => v.map(ByteString::from),
             Err(_) => {
                 unreadable.push(SELECTED[i]);
-                raw(row, i).map(|b| String::from_utf8_lossy(&b).into_owned())
+                raw(row, i).map(|b| ByteString::from(String::from_utf8_lossy(&b).into_owned()))
             }
         }
     };
@@ -502,16 +506,17 @@ pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
     let headers = text(6);
     let topic = text(8);
     let payload = if payload_is_json {
-        match row.try_get::<_, Option<String>>(5) {
-            Ok(v) => v.map(String::into_bytes),
+        match row.try_get::<_, Option<&str>>(5) {
+            Ok(v) => v.map(|s| Bytes::copy_from_slice(s.as_bytes())),
             Err(_) => {
                 unreadable.push(SELECTED[5]);
-                raw(row, 5)
+                raw(row, 5).map(Bytes::from)
             }
         }
     } else {
-        row.try_get::<_, Option<Vec<u8>>>(5)
-            .unwrap_or_else(|_| raw(row, 5))
+        row.try_get::<_, Option<&[u8]>>(5)
+            .map(|v| v.map(Bytes::copy_from_slice))
+            .unwrap_or_else(|_| raw(row, 5).map(Bytes::from))
     };
     let seq = row.try_get::<_, Option<i64>>(0).ok().flatten();
     let position = Position::Seq(seq.unwrap_or(i64::MAX));

@@ -34,11 +34,11 @@ fn sink_config(brokers: &str, librdkafka: &str) -> KafkaSinkConfig {
 fn event(seq: i64, aggregate_id: &str) -> OutboxEvent {
     OutboxEvent {
         position: Position::Seq(seq),
-        id: Some(format!("id-{seq}")),
+        id: Some(format!("id-{seq}").into()),
         aggregate_type: Some("order".into()),
         aggregate_id: Some(aggregate_id.into()),
         event_type: Some("E".into()),
-        payload: Some(format!("{{\"seq\": {seq}}}").into_bytes()),
+        payload: Some(format!("{{\"seq\": {seq}}}").into_bytes().into()),
         payload_is_json: true,
         headers: Some("{}".into()),
         topic: None,
@@ -122,7 +122,7 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_flows() {
     .unwrap();
 
     let mut empty_key = event(2, "");
-    empty_key.payload = Some(b"{\"original\": true}".to_vec());
+    empty_key.payload = Some(b"{\"original\": true}".to_vec().into());
     let mut bad_headers = event(3, "a");
     bad_headers.headers = Some("[\"not\", \"an object\"]".into());
     let mut bad_topic = event(4, "a");
@@ -194,7 +194,7 @@ async fn an_event_too_large_even_for_the_dead_letter_topic_is_dead_lettered_as_m
     let config = sink_config(&brokers, "\"message.max.bytes\" = 4000");
     let sink = KafkaSink::new(&config, Default::default()).unwrap();
     let mut too_large = event(2, "a");
-    too_large.payload = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes());
+    too_large.payload = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes().into());
     let outcomes = sink
         .publish(&[event(1, "a"), too_large, event(3, "a")])
         .await;
@@ -380,7 +380,7 @@ async fn an_event_the_broker_refuses_as_too_large_is_dead_lettered() {
         ],
     );
     let mut big = event(2, "a");
-    big.payload = Some(format!("\"{}\"", "y".repeat(5000)).into_bytes());
+    big.payload = Some(format!("\"{}\"", "y".repeat(5000)).into_bytes().into());
     let outcomes = sink.publish(&[big]).await;
     assert!(
         matches!(outcomes[0], Delivery::DeadLettered { .. }),
@@ -445,7 +445,7 @@ async fn without_a_dead_letter_table_an_event_too_large_for_every_topic_stops_pr
     config.metadata_dead_letters = false;
     let sink = KafkaSink::new(&config, Default::default()).unwrap();
     let mut too_large = event(2, "a");
-    too_large.payload = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes());
+    too_large.payload = Some(format!("\"{}\"", "x".repeat(10_000)).into_bytes().into());
     let outcomes = sink.publish(&[event(1, "a"), too_large]).await;
     assert!(outcomes[0].is_durable());
     assert!(!outcomes[1].is_durable(), "{:?}", outcomes[1]);

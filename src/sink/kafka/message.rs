@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::prelude::{Engine as _, BASE64_STANDARD};
+use bytestring::ByteString;
 use serde_json::value::RawValue;
 
 use super::config::{Format, KafkaSinkConfig};
@@ -108,7 +109,7 @@ pub fn to_message_with<'a>(
     let event_type = required(&event.event_type, "event_type")?;
     let payload = event
         .payload
-        .as_ref()
+        .as_deref()
         .ok_or_else(|| Poison("payload is missing (NULL)".into()))?;
     let topic = match &event.topic {
         Some(topic) if !topic.is_empty() => {
@@ -124,7 +125,7 @@ pub fn to_message_with<'a>(
                     config.row_topics.join(", ")
                 )));
             }
-            Arc::from(topic.as_str())
+            Arc::from(&topic[..])
         }
         _ => topics.get(config, aggregate_type, event_type)?,
     };
@@ -152,7 +153,7 @@ pub fn to_message_with<'a>(
     );
 
     let value = match config.format {
-        Format::Raw => Cow::Borrowed(payload.as_slice()),
+        Format::Raw => Cow::Borrowed(payload),
         Format::CloudEvents => Cow::Owned(cloudevent(
             event,
             id,
@@ -185,7 +186,7 @@ pub fn to_dead_letter<'a>(
         ("aggregate_type", &event.aggregate_type),
     ] {
         if let Some(v) = value {
-            headers.push((Cow::Borrowed(name), Cow::Borrowed(v.as_bytes())));
+            headers.push((Cow::Borrowed(name), Cow::Borrowed(str::as_bytes(v))));
         }
     }
     match event.headers.as_deref().map(extra_headers) {
@@ -215,7 +216,7 @@ pub fn to_dead_letter<'a>(
             .aggregate_id
             .as_ref()
             .filter(|k| !k.is_empty())
-            .map(|k| Cow::Borrowed(k.as_bytes())),
+            .map(|k| Cow::Borrowed(str::as_bytes(k))),
         value: Cow::Borrowed(
             event
                 .original
@@ -251,7 +252,7 @@ pub fn to_dead_letter_metadata<'a>(
     msg
 }
 
-fn required<'a>(value: &'a Option<String>, name: &str) -> Result<&'a str, Poison> {
+fn required<'a>(value: &'a Option<ByteString>, name: &str) -> Result<&'a str, Poison> {
     match value.as_deref() {
         Some(v) if !v.is_empty() => Ok(v),
         Some(_) => Err(Poison(format!("{name} is empty"))),

@@ -78,7 +78,7 @@ impl<'a> Plan<'a> {
 
 /// Events are told apart across attempts by position and id (several share a position
 /// in log mode).
-type EventKey = (Position, Option<String>);
+type EventKey = (Position, Option<bytestring::ByteString>);
 
 fn key_of(event: &OutboxEvent) -> EventKey {
     (event.position, event.id.clone())

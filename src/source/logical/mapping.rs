@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -131,15 +132,17 @@ impl Mapper {
                  past it"
             )));
         };
+        // Slices of the stream's buffer, not copies. pgoutput sends text in the
+        // database's encoding, which the relay requires to be UTF-8 (setup checks it).
         let text = |i: usize| match tuple.get(i) {
-            Some(Value::Text(b)) => String::from_utf8(b.to_vec()).ok(),
+            Some(Value::Text(b)) => ByteString::try_from(b.clone()).ok(),
             _ => None,
         };
         let (payload, payload_is_json) = match tuple.get(layout.payload) {
             Some(Value::Text(b)) => match layout.payload_oid {
-                JSON_OID | JSONB_OID => (Some(b.to_vec()), true),
-                BYTEA_OID => (decode_bytea(b), false),
-                _ => (Some(b.to_vec()), false),
+                JSON_OID | JSONB_OID => (Some(b.clone()), true),
+                BYTEA_OID => (decode_bytea(b).map(Bytes::from), false),
+                _ => (Some(b.clone()), false),
             },
             _ => (None, false),
         };
@@ -191,7 +194,7 @@ impl Mapper {
         }
         event.position = position;
         event.timestamp_ms = timestamp_ms;
-        event.original = Some(content.to_vec());
+        event.original = Some(content.clone());
         Some(event)
     }
 }
@@ -215,17 +218,20 @@ struct Envelope<'a> {
     topic: Option<String>,
 }
 
-fn parse_envelope(content: &[u8]) -> Result<OutboxEvent, String> {
+fn parse_envelope(content: &Bytes) -> Result<OutboxEvent, String> {
     let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
     let env: Envelope = serde_json::from_str(text).map_err(|e| e.to_string())?;
     Ok(OutboxEvent {
-        id: env.id,
-        aggregate_type: env.aggregate_type,
-        aggregate_id: env.aggregate_id,
-        event_type: env.event_type,
-        payload: env.payload.map(|p| p.get().as_bytes().to_vec()),
-        headers: env.headers.map(|h| h.get().to_owned()),
-        topic: env.topic,
+        id: env.id.map(ByteString::from),
+        aggregate_type: env.aggregate_type.map(ByteString::from),
+        aggregate_id: env.aggregate_id.map(ByteString::from),
+        event_type: env.event_type.map(ByteString::from),
+        // Borrowed raw values point into `content`: slices of it, not copies.
+        payload: env.payload.map(|p| content.slice_ref(p.get().as_bytes())),
+        headers: env
+            .headers
+            .and_then(|h| ByteString::try_from(content.slice_ref(h.get().as_bytes())).ok()),
+        topic: env.topic.map(ByteString::from),
         ..empty_event()
     })
 }

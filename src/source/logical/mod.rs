@@ -386,7 +386,10 @@ impl crate::source::Source for LogicalSource {
             // Table rows only: a logical message (its envelope kept in `original`) has
             // no row to delete.
             let rows = events.iter().filter(|e| e.original.is_none());
-            cleanup.ids.extend(rows.filter_map(|e| e.id.clone()));
+            // Copies: a slice would keep its read buffer alive until the cleanup runs.
+            cleanup
+                .ids
+                .extend(rows.filter_map(|e| e.id.as_deref().map(str::to_owned)));
         }
         self.report_flushable();
         self.clean_up(false).await

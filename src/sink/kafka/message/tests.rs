@@ -28,7 +28,7 @@ fn event() -> OutboxEvent {
         aggregate_type: Some("order".into()),
         aggregate_id: Some("o-42".into()),
         event_type: Some("OrderPlaced".into()),
-        payload: Some(br#"{"total": 42}"#.to_vec()),
+        payload: Some(br#"{"total": 42}"#.to_vec().into()),
         payload_is_json: true,
         headers: Some(r#"{"traceparent": "00-aa-bb-01", "retry": 2, "tags": ["a"]}"#.into()),
         topic: None,
@@ -85,7 +85,7 @@ fn poison_events_say_what_is_wrong() {
     type Break = fn(&mut OutboxEvent);
     let cases: Vec<(Break, &str)> = vec![
         (
-            |e| e.aggregate_id = Some(String::new()),
+            |e| e.aggregate_id = Some(String::new().into()),
             "aggregate_id is empty",
         ),
         (|e| e.aggregate_id = None, "aggregate_id is missing"),
@@ -100,7 +100,10 @@ fn poison_events_say_what_is_wrong() {
             "headers is not valid JSON",
         ),
         (|e| e.aggregate_type = Some("a b".into()), "contains ' '"),
-        (|e| e.topic = Some("x".repeat(300)), "Kafka allows 249"),
+        (
+            |e| e.topic = Some("x".repeat(300).into()),
+            "Kafka allows 249",
+        ),
     ];
     for (break_it, expected) in cases {
         let mut e = event();
@@ -156,7 +159,7 @@ fn cloudevents_wraps_the_payload_verbatim() {
     );
 
     let mut bytes = event();
-    bytes.payload = Some(vec![0, 159, 255]);
+    bytes.payload = Some(vec![0, 159, 255].into());
     bytes.payload_is_json = false;
     let m = to_message(&bytes, &config("format = \"cloudevents\"")).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
