@@ -56,6 +56,10 @@ struct Args {
     /// (`--baseline PATH`): an A/B comparison that the machine's drift between
     /// commands cannot blur.
     baseline: Option<PathBuf>,
+    /// Count the relay's system calls and context switches per event in every drain
+    /// (`--syscalls`, with `perf stat` on tracepoints): counts, where CPU seconds are
+    /// noise on a shared machine.
+    syscalls: bool,
 }
 
 fn args() -> Args {
@@ -71,6 +75,7 @@ fn args() -> Args {
         perf: None,
         librdkafka: Vec::new(),
         baseline: None,
+        syscalls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,6 +89,7 @@ fn args() -> Args {
             "--eos-batch-size" => a.eos_batch_size = value().parse().expect("--eos-batch-size N"),
             "--perf" => a.perf = Some(PathBuf::from(value())),
             "--baseline" => a.baseline = Some(PathBuf::from(value())),
+            "--syscalls" => a.syscalls = true,
             "--librdkafka" => {
                 let kv = value();
                 let (k, v) = kv.split_once('=').expect("--librdkafka key=value");
@@ -98,7 +104,7 @@ fn args() -> Args {
                 }
             }
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf, --librdkafka, --baseline"),
+            other => panic!("unknown argument {other}: use --rows, --runs, --steady-secs, --steady-rate, --json, --broker, --eos-batch-size, --perf, --librdkafka, --baseline, --syscalls"),
         }
     }
     a
@@ -111,6 +117,83 @@ struct Drain {
     events_per_second: f64,
     peak_rss_mb: f64,
     cpu_seconds: f64,
+    /// With `--syscalls`: the relay's system calls and context switches per event.
+    calls: Option<Calls>,
+}
+
+/// System calls and context switches of one relay drain, per event.
+#[derive(Serialize, Clone, Copy, Default)]
+struct Calls {
+    recvfrom: f64,
+    /// sendto and sendmsg.
+    send: f64,
+    epoll_wait: f64,
+    /// poll (librdkafka's threads wait in it).
+    poll: f64,
+    futex: f64,
+    context_switches: f64,
+}
+
+/// The tracepoints `--syscalls` counts, in [`Calls`]' order.
+const TRACEPOINTS: [&str; 7] = [
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_sendmsg",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_poll",
+    "syscalls:sys_enter_futex",
+    "sched:sched_switch",
+];
+
+/// Whether drains count system calls (`--syscalls`), set once.
+static COUNT_CALLS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// `perf stat` on a relay's tracepoints, attached right after it started (the threads it
+/// creates later inherit the counters).
+struct CallCounter(Child, tempfile::NamedTempFile);
+
+impl CallCounter {
+    fn attach(pid: u32) -> Option<CallCounter> {
+        if !COUNT_CALLS.get().copied().unwrap_or(false) {
+            return None;
+        }
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", &TRACEPOINTS.join(","), "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(out.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf (Debian's linux-perf) for --syscalls");
+        Some(CallCounter(child, out))
+    }
+
+    fn finish(mut self, rows: usize) -> Calls {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.0.wait();
+        let text = std::fs::read_to_string(self.1.path()).unwrap_or_default();
+        // CSV lines: count,unit,event,…
+        let count = |event: &str| {
+            text.lines()
+                .find(|l| l.split(',').nth(2) == Some(event))
+                .and_then(|l| l.split(',').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / rows as f64
+        };
+        Calls {
+            recvfrom: count(TRACEPOINTS[0]),
+            send: count(TRACEPOINTS[1]) + count(TRACEPOINTS[2]),
+            epoll_wait: count(TRACEPOINTS[3]),
+            poll: count(TRACEPOINTS[4]),
+            futex: count(TRACEPOINTS[5]),
+            context_switches: count(TRACEPOINTS[6]),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -298,6 +381,7 @@ fn main() {
             .set(format!("[sink.kafka.librdkafka]\n{lines}"))
             .unwrap();
     }
+    COUNT_CALLS.set(a.syscalls).unwrap();
     eprintln!("bench: starting PostgreSQL and the brokers…");
     // synchronous_commit=on: the walsender only sends flushed WAL, so the testkit's "off"
     // would add up to wal_writer_delay to every commit→ack latency.
@@ -857,6 +941,7 @@ async fn relay_log(
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     let profile = perf.map(|out| Profile::attach(relay.id(), out));
+    let counter = CallCounter::attach(relay.id());
     loop {
         let done: bool = db
             .query_one(
@@ -876,8 +961,12 @@ async fn relay_log(
     if let Some(p) = profile {
         p.finish();
     }
+    let calls = counter.map(|c| c.finish(rows));
     let (rss, cpu) = stop_measured(relay);
-    drain(elapsed, rows, rss, cpu)
+    Drain {
+        calls,
+        ..drain(elapsed, rows, rss, cpu)
+    }
 }
 
 async fn relay_polling(
@@ -899,13 +988,18 @@ async fn relay_polling(
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     let profile = perf.map(|out| Profile::attach(relay.id(), out));
+    let counter = CallCounter::attach(relay.id());
     wait_empty(db, Duration::from_millis(10)).await;
     let elapsed = started.elapsed();
     if let Some(p) = profile {
         p.finish();
     }
+    let calls = counter.map(|c| c.finish(rows));
     let (rss, cpu) = stop_measured(relay);
-    drain(elapsed, rows, rss, cpu)
+    Drain {
+        calls,
+        ..drain(elapsed, rows, rss, cpu)
+    }
 }
 
 /// Process start to the first event acknowledged (its row deleted), polling mode.
@@ -1189,6 +1283,7 @@ fn drain(elapsed: Duration, rows: usize, rss: f64, cpu: f64) -> Drain {
         events_per_second: rows as f64 / elapsed.as_secs_f64(),
         peak_rss_mb: rss,
         cpu_seconds: cpu,
+        calls: None,
     }
 }
 
@@ -1339,6 +1434,27 @@ fn print_table(r: &Report) {
                 cpu(&b.baseline_polling) / r.rows as f64 * 1e6,
             );
         }
+        let calls = |what: &str, d: &[Drain]| {
+            let c: Vec<Calls> = d.iter().filter_map(|x| x.calls).collect();
+            if c.is_empty() {
+                return;
+            }
+            let m = |f: fn(&Calls) -> f64| median(c.iter().map(f).collect());
+            println!(
+                "  {what}, per event (medians): recvfrom {:.3}, send {:.3}, epoll_wait {:.3}, \
+                 poll {:.3}, futex {:.3}, context switches {:.3}",
+                m(|c| c.recvfrom),
+                m(|c| c.send),
+                m(|c| c.epoll_wait),
+                m(|c| c.poll),
+                m(|c| c.futex),
+                m(|c| c.context_switches),
+            );
+        };
+        calls("system calls, log mode", &b.relay_log);
+        calls("system calls, polling", &b.relay_polling);
+        calls("system calls, baseline log mode", &b.baseline_log);
+        calls("system calls, baseline polling", &b.baseline_polling);
         if let Some(e) = &b.exactly_once {
             let s = &e.steady;
             println!(
