@@ -133,7 +133,8 @@ impl Mapper {
             )));
         };
         // Slices of the stream's buffer, not copies. pgoutput sends text in the
-        // database's encoding, which the relay requires to be UTF-8 (setup checks it).
+        // database's encoding: a column that is not UTF-8 reads as missing, and the
+        // event goes to the dead-letter topic with its other columns.
         let text = |i: usize| match tuple.get(i) {
             Some(Value::Text(b)) => ByteString::try_from(b.clone()).ok(),
             _ => None,
