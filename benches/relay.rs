@@ -52,9 +52,9 @@ struct Args {
     /// `[sink.kafka.librdkafka]` lines for every relay run (`--librdkafka key=value`,
     /// repeatable): to compare producer settings in one command.
     librdkafka: Vec<(String, String)>,
-    /// Another relay binary, drained right after this build's in every run and mode
-    /// (`--baseline PATH`): an A/B comparison that the machine's drift between
-    /// commands cannot blur.
+    /// Another relay binary, drained beside this build's in every run and mode, first
+    /// in every other run (`--baseline PATH`): an A/B comparison that the machine's
+    /// drift between commands cannot blur.
     baseline: Option<PathBuf>,
     /// Count the relay's system calls and context switches per event in every drain
     /// (`--syscalls`, with `perf stat` on tracepoints): counts, where CPU seconds are
@@ -171,11 +171,7 @@ impl CallCounter {
     }
 
     fn finish(mut self, rows: usize) -> Calls {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.0.wait();
+        stop_perf(&mut self.0);
         let text = std::fs::read_to_string(self.1.path()).unwrap_or_default();
         // CSV lines: count,unit,event,…
         let count = |event: &str| {
@@ -843,12 +839,17 @@ impl Profile {
     }
 
     fn finish(mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.0.wait();
+        stop_perf(&mut self.0);
     }
+}
+
+/// Stops a `perf` child as Ctrl-C would (it writes its output on SIGINT) and waits.
+fn stop_perf(perf: &mut Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(perf.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = perf.wait();
 }
 
 /// Empties the outbox and drops the benchmark's slots.
