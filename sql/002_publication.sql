@@ -1,5 +1,8 @@
--- Log mode only: the publication the relay's replication slot reads. Inserts only, so
--- the relay's own cleanup DELETEs need no REPLICA IDENTITY and are not streamed back.
+-- Log mode only: the publication the relay's replication slot reads. Inserts are the
+-- events; updates and deletes are there so that a change of a written row (rows are
+-- immutable) is seen and never passes silently (source.on_row_change). They need the
+-- table's REPLICA IDENTITY (its primary key here): on a table without one, publish
+-- 'insert' only, or PostgreSQL refuses its UPDATEs and DELETEs.
 -- Via the partition root, so a partitioned outbox's rows arrive as the outbox's own.
 -- It must publish the outbox and nothing else: the relay refuses to skip rows.
 -- (Logical messages from pg_logical_emit_message need no publication entry: the relay
@@ -8,7 +11,7 @@ DO $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_relay') THEN
     CREATE PUBLICATION outbox_relay FOR TABLE public.outbox
-      WITH (publish = 'insert', publish_via_partition_root = true);
+      WITH (publish = 'insert, update, delete', publish_via_partition_root = true);
   END IF;
 END
 $$;

@@ -21,6 +21,7 @@
 mod backoff;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod event;
 pub mod http;
@@ -34,7 +35,7 @@ pub mod testkit;
 pub use daemon::run;
 
 /// The SQL the project ships in `sql/`, in the order to apply it.
-pub const SETUP_SQL: [(&str, &str); 4] = [
+pub const SETUP_SQL: [(&str, &str); 5] = [
     ("sql/001_outbox.sql", include_str!("../sql/001_outbox.sql")),
     (
         "sql/002_publication.sql",
@@ -47,5 +48,9 @@ pub const SETUP_SQL: [(&str, &str); 4] = [
     (
         "sql/004_dead_letter.sql",
         include_str!("../sql/004_dead_letter.sql"),
+    ),
+    (
+        "sql/005_relay_state.sql",
+        include_str!("../sql/005_relay_state.sql"),
     ),
 ];

@@ -146,12 +146,13 @@ async fn check_kafka(config: &Config) -> anyhow::Result<usize> {
         })
 }
 
-/// Applies the shipped SQL, in order, with the configured connection.
+/// Applies the shipped SQL, in order, with the configured connection and names.
 pub async fn apply_setup(config: &Config) -> anyhow::Result<()> {
     let client = table::connect(&config.source).await?;
+    let names = super::setup::Names::of(&config.source);
     for (name, sql) in crate::SETUP_SQL {
         client
-            .batch_execute(sql)
+            .batch_execute(&super::setup::render(sql, &names))
             .await
             .with_context(|| format!("applying {name}"))?;
         println!("applied {name}");

@@ -1,8 +1,14 @@
 //! The command line: `run`, `check`, `status`, `setup`, `--version`.
 //!
-//! Exit codes: 0 ok, 2 bad configuration or usage, 1 anything that failed at run time.
+//! Exit codes: 0 ok, 2 bad configuration or usage (an `http.listen` that cannot be bound
+//! included: a restart cannot fix it), 1 anything that failed at run time.
+//!
+//! Everything the process writes to stderr goes through `tracing` in the chosen log
+//! format (the fatal error too), so with `--log-format json` every line is a JSON
+//! object; colours only when stderr is a terminal.
 
 mod check;
+mod setup;
 mod status;
 
 use std::path::PathBuf;
@@ -56,12 +62,28 @@ enum Command {
         max_lag: std::time::Duration,
     },
     /// Print the SQL for the outbox table, publication and relay role; `--apply` runs it
-    /// against `source.database_url`.
+    /// against `source.database_url`. With `--config`, under the configured names
+    /// (`source.table`, `source.logical.publication`, `source.dead_letter_table`).
     Setup {
         #[arg(long, short, required_if_eq("apply", "true"))]
         config: Option<PathBuf>,
         #[arg(long)]
         apply: bool,
+    },
+    /// Operator commands on the replication slot (log mode).
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotAction {
+    /// Say that the slot was dropped on purpose: the next start is a first start (the
+    /// rows still in the outbox are published again) instead of a lost slot.
+    Forget {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -69,6 +91,11 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() && json_requested(std::env::args_os()) => {
+            init_tracing(LogFormat::Json);
+            tracing::error!(exit_code = 2, "{}", e.render().to_string().trim_end());
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -78,18 +105,64 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    init_tracing(cli.log_format);
+    let format = cli.log_format;
+    init_tracing(format);
     match try_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("outbox-relay: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
+            let code = exit_code(&e);
+            match format {
+                LogFormat::Human => eprintln!("outbox-relay: {e:#}"),
+                LogFormat::Json => tracing::error!(exit_code = code, "{e:#}"),
             }
+            ExitCode::from(code)
         }
     }
+}
+
+/// The exit code of a fatal error.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let listen = matches!(
+        e.downcast_ref::<crate::relay::RelayError>(),
+        Some(crate::relay::RelayError::Listen { .. })
+    );
+    if e.downcast_ref::<ConfigError>().is_some() || listen {
+        // A supervisor restarting the relay would fail the same way: both need an
+        // operator (a listen address in use is a configuration to change).
+        2
+    } else if is_slot_lost(e) {
+        SLOT_LOST_EXIT_CODE
+    } else {
+        1
+    }
+}
+
+/// Whether the command line asks for JSON logs, read before clap could parse it (for
+/// a usage error's message).
+fn json_requested(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    let mut previous_was_flag = false;
+    for arg in args {
+        let arg = arg.to_string_lossy();
+        if arg == "--log-format=json" || (previous_was_flag && arg == "json") {
+            return true;
+        }
+        previous_was_flag = arg == "--log-format";
+    }
+    false
+}
+
+/// The exit code of "the replication slot is lost and `on_slot_lost = \"fail\"`": a
+/// supervisor must not restart the relay, since a restart cannot bring the slot back
+/// (the systemd unit lists it in `RestartPreventExitStatus`).
+pub const SLOT_LOST_EXIT_CODE: u8 = 3;
+
+fn is_slot_lost(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::relay::RelayError>(),
+        Some(crate::relay::RelayError::Source(
+            crate::source::SourceError::SlotLost(_)
+        ))
+    )
 }
 
 fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -99,7 +172,9 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config::load(&config)?;
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(forward_signals(shutdown.clone()));
+                // Installed before the relay starts: from here on no signal it answers
+                // takes its default action (SIGHUP's is to end the process).
+                tokio::spawn(forward_signals(Signals::install(), shutdown.clone()));
                 // On a worker thread, beside the tasks it talks to all the time (database
                 // connections, the replication stream, delivery collectors): from the
                 // main thread, every one of those wake-ups would cross threads.
@@ -132,13 +207,28 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Setup { config, apply } => {
             if !apply {
+                let names = match config {
+                    Some(path) => Some(setup::Names::of(&config::load(&path)?.source)),
+                    None => None,
+                };
                 for (name, sql) in crate::SETUP_SQL {
-                    println!("-- {name}\n{sql}");
+                    match &names {
+                        Some(names) => println!("-- {name}\n{}", setup::render(sql, names)),
+                        None => println!("-- {name}\n{sql}"),
+                    }
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             let config = config::load(&config.expect("clap requires --config with --apply"))?;
             runtime()?.block_on(check::apply_setup(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Slot {
+            action: SlotAction::Forget { config },
+        } => {
+            let config = config::load(&config)?;
+            let said = runtime()?.block_on(crate::control::forget_slot(&config))?;
+            println!("{said}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -150,32 +240,105 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The signals `run` answers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// `None` (logged) when the handlers cannot be installed.
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some(Signals { term, int, hup }),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
+                None
+            }
+        }
+    }
+}
+
 /// Turns SIGTERM and SIGINT (Ctrl-C) into one cancellation: the relay stops reading,
-/// finishes its in-flight batch and acknowledges it.
-async fn forward_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
+/// finishes its in-flight batch and acknowledges it. SIGHUP, which supervisors and
+/// tools send to mean "reload", is answered with a warning: the relay goes on with the
+/// configuration it started with.
+async fn forward_signals(signals: Option<Signals>, shutdown: CancellationToken) {
+    let Some(Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }) = signals
+    else {
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight events, then stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight events, then stopping"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: finishing in-flight events, then stopping");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: finishing in-flight events, then stopping");
+                break;
+            }
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP: configuration reload is not supported; restart the relay to apply \
+                 a changed configuration"
+            ),
+        }
     }
     shutdown.cancel();
 }
 
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // Colours for a person at a terminal, never in a file, pipe or journal.
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => {
+            builder.json().with_ansi(false).init();
+            // A panic's message is one JSON line too.
+            std::panic::set_hook(Box::new(|info| {
+                let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+                let message = info
+                    .payload()
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                let backtrace = std::backtrace::Backtrace::capture();
+                if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+                    tracing::error!(%location, %backtrace, "panic: {message}");
+                } else {
+                    tracing::error!(%location, "panic: {message}");
+                }
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_seen_in_either_spelling_of_the_flag() {
+        let json = |a: &[&str]| json_requested(a.iter().map(std::ffi::OsString::from));
+        assert!(json(&["x", "--log-format", "json", "bogus"]));
+        assert!(json(&["x", "bogus", "--log-format=json"]));
+        assert!(!json(&["x", "--log-format", "human", "json"]));
+        assert!(!json(&["x", "json"]));
     }
 }

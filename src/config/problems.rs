@@ -9,6 +9,9 @@ pub struct Problem {
     /// Dotted key as written in the TOML file, e.g. `source.polling.interval`.
     pub key: String,
     pub message: String,
+    /// The environment variable that set the key, when one did: `NAME="value"`, or just
+    /// `NAME` for a key that may hold a secret.
+    pub from_env: Option<String>,
 }
 
 /// Every problem found while validating, in the order found.
@@ -20,7 +23,31 @@ impl Problems {
         self.0.push(Problem {
             key: key.into(),
             message: message.into(),
+            from_env: None,
         });
+    }
+
+    /// A problem with a key an environment variable set (`var`: how to show it).
+    pub fn push_from_env(
+        &mut self,
+        key: impl Into<String>,
+        var: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+            from_env: Some(var.into()),
+        });
+    }
+
+    /// Whether an environment variable caused any of the problems.
+    pub fn any_from_env(&self) -> bool {
+        self.0.iter().any(|p| p.from_env.is_some())
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Problem> {
+        self.0.iter_mut()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -70,7 +97,11 @@ impl fmt::Display for Problems {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "  - {}: {}", p.key, p.message)?;
+            match &p.from_env {
+                Some(var) if p.key.is_empty() => write!(f, "  - {var}: {}", p.message)?,
+                Some(var) => write!(f, "  - {var}: {}: {}", p.key, p.message)?,
+                None => write!(f, "  - {}: {}", p.key, p.message)?,
+            }
         }
         Ok(())
     }

@@ -32,6 +32,9 @@ pub const SLOTS_RECREATED: &str = "outbox_relay_slots_recreated_total";
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 pub const TRANSACTIONS: &str = "outbox_relay_kafka_transactions_total";
 pub const EVENTS_RECONCILED: &str = "outbox_relay_events_reconciled_total";
+pub const FIRST_STARTS_WITH_HISTORY: &str = "outbox_relay_first_starts_with_history_total";
+pub const PUBLICATION_GAP_ROWS: &str = "outbox_relay_publication_gap_rows_total";
+pub const ROW_CHANGES: &str = "outbox_relay_row_changes_total";
 
 /// The `reason` label values of [`FAILURES`].
 pub const FAILURE_REASONS: [&str; 9] = [
@@ -47,7 +50,7 @@ pub const FAILURE_REASONS: [&str; 9] = [
 ];
 
 /// Every metric this crate exports (the process_* metrics come on top).
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 20] = [
     EVENTS_PUBLISHED,
     EVENTS_DEAD_LETTERED,
     FAILURES,
@@ -65,7 +68,13 @@ pub const NAMES: [&str; 17] = [
     BUILD_INFO,
     TRANSACTIONS,
     EVENTS_RECONCILED,
+    FIRST_STARTS_WITH_HISTORY,
+    PUBLICATION_GAP_ROWS,
+    ROW_CHANGES,
 ];
+
+/// The `kind` label values of [`ROW_CHANGES`].
+pub const ROW_CHANGE_KINDS: [&str; 2] = ["update", "delete"];
 
 /// The `outcome` label values of [`TRANSACTIONS`].
 pub const TRANSACTION_OUTCOMES: [&str; 2] = ["committed", "aborted"];
@@ -89,6 +98,9 @@ pub struct Metrics {
     pub slots_recreated: IntCounter,
     pub transactions: IntCounterVec,
     pub events_reconciled: IntCounter,
+    pub first_starts_with_history: IntCounter,
+    pub publication_gap_rows: IntCounter,
+    pub row_changes: IntCounterVec,
 }
 
 impl Metrics {
@@ -173,6 +185,24 @@ impl Metrics {
                 "Events found already committed to Kafka by an earlier run, acknowledged without publishing them again (exactly-once delivery).",
             )
             .unwrap(),
+            first_starts_with_history: IntCounter::new(
+                FIRST_STARTS_WITH_HISTORY,
+                "First starts (a new slot, the outbox's rows published again) on an outbox whose slot the relay had had before: slot recreated after a loss, or forgotten by an operator.",
+            )
+            .unwrap(),
+            publication_gap_rows: IntCounter::new(
+                PUBLICATION_GAP_ROWS,
+                "Outbox rows republished from the table because the publication stopped carrying the outbox for a while (log mode).",
+            )
+            .unwrap(),
+            row_changes: IntCounterVec::new(
+                Opts::new(
+                    ROW_CHANGES,
+                    "UPDATEs and DELETEs of outbox rows seen in the log (rows are immutable once written), by kind: update, delete. The relay's own cleanup is not counted.",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -187,6 +217,9 @@ impl Metrics {
         }
         for outcome in TRANSACTION_OUTCOMES {
             metrics.transactions.with_label_values(&[outcome]);
+        }
+        for kind in ROW_CHANGE_KINDS {
+            metrics.row_changes.with_label_values(&[kind]);
         }
         let r = &metrics.registry;
         for c in [
@@ -206,6 +239,9 @@ impl Metrics {
             Box::new(metrics.slots_recreated.clone()),
             Box::new(metrics.transactions.clone()),
             Box::new(metrics.events_reconciled.clone()),
+            Box::new(metrics.first_starts_with_history.clone()),
+            Box::new(metrics.publication_gap_rows.clone()),
+            Box::new(metrics.row_changes.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {

@@ -12,6 +12,7 @@ use crate::config::Problems;
 const DEFAULT_TABLE: &str = "public.outbox";
 const DEFAULT_STANDBY_RETRY: &str = "1s";
 const DEFAULT_DEAD_LETTER_TABLE: &str = "public.outbox_relay_dead_letter";
+const DEFAULT_STATE_SCHEMA: &str = "public";
 /// 8 MiB: large enough for a thousand ordinary events per batch, small enough that a
 /// few batches of 1 MB events stay a few tens of MB.
 const DEFAULT_MAX_BATCH_BYTES: u64 = 8 << 20;
@@ -31,6 +32,8 @@ pub struct RawSourceConfig {
     columns: RawColumns,
     standby_retry: Option<String>,
     dead_letter_table: Option<String>,
+    state_schema: Option<String>,
+    on_row_change: Option<String>,
     max_batch_bytes: Option<u64>,
     #[serde(default)]
     polling: RawPollingConfig,
@@ -49,6 +52,29 @@ pub enum Mode {
     Polling,
     /// Tail the write-ahead log through a logical replication slot.
     Logical,
+}
+
+/// What an UPDATE or DELETE of an outbox row does (rows are immutable once written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRowChange {
+    /// A WARN naming the row (once per row) and the `outbox_relay_row_changes_total`
+    /// counter; the change is not published.
+    Warn,
+    /// The new image (or, for a DELETE, the row's key) goes to the dead-letter topic with
+    /// the reason.
+    DeadLetter,
+    /// The relay stops before acknowledging the change's transaction.
+    Stop,
+}
+
+impl std::fmt::Display for OnRowChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnRowChange::Warn => "warn",
+            OnRowChange::DeadLetter => "dead_letter",
+            OnRowChange::Stop => "stop",
+        })
+    }
 }
 
 /// Validated `[source]` section.
@@ -70,6 +96,11 @@ pub struct SourceConfig {
     /// Event bytes per batch, at most (at least one event per batch): with two batches
     /// in flight and one buffered, what bounds the relay's memory for large events.
     pub max_batch_bytes: usize,
+    /// The schema of the relay's own tables (`outbox_relay_schema`,
+    /// `outbox_relay_slots`): what it remembers next to the data.
+    pub state_schema: String,
+    /// An UPDATE or DELETE of an outbox row, seen in the log.
+    pub on_row_change: OnRowChange,
     pub polling: PollingConfig,
     pub logical: LogicalConfig,
 }
@@ -233,6 +264,35 @@ impl RawSourceConfig {
                 None
             }
         };
+        let state_schema = match self.state_schema.as_deref().unwrap_or(DEFAULT_STATE_SCHEMA) {
+            "" => {
+                problems.push(
+                    "source.state_schema",
+                    "is empty: name the schema of the relay's own tables (default \"public\")",
+                );
+                None
+            }
+            s if s.contains('"') || s.contains('\0') => {
+                problems.push(
+                    "source.state_schema",
+                    format!("{s:?} is not a schema name the relay accepts (no double quotes)"),
+                );
+                None
+            }
+            s => Some(s.to_owned()),
+        };
+        let on_row_change = match self.on_row_change.as_deref().unwrap_or("warn") {
+            "warn" => Some(OnRowChange::Warn),
+            "dead_letter" => Some(OnRowChange::DeadLetter),
+            "stop" => Some(OnRowChange::Stop),
+            other => {
+                problems.push(
+                    "source.on_row_change",
+                    format!("unknown value {other:?}: use \"warn\", \"dead_letter\" or \"stop\""),
+                );
+                None
+            }
+        };
         let polling = self.polling.validate(problems);
         let logical = self.logical.validate(problems);
         Some(SourceConfig {
@@ -244,6 +304,8 @@ impl RawSourceConfig {
             standby_retry: standby_retry?,
             dead_letter_table: dead_letter_table?,
             max_batch_bytes: max_batch_bytes?,
+            state_schema: state_schema?,
+            on_row_change: on_row_change?,
             polling: polling?,
             logical: logical?,
         })

@@ -14,6 +14,14 @@ pub enum SourceError {
         #[source]
         source: crate::source::logical::ReplicationError,
     },
+    /// The replication slot is lost and `on_slot_lost = "fail"`: the process exits with
+    /// its own code, which supervisors are told not to restart.
+    #[error("{0}")]
+    SlotLost(String),
+    /// The publication changed under the running relay but carries the outbox again:
+    /// reconnecting republishes what the server may have skipped.
+    #[error("{0}")]
+    PublicationChanged(String),
     /// Another relay streams from the slot: this one is a standby.
     #[error("replication slot {slot} is in use by another relay ({detail})")]
     SlotBusy { slot: String, detail: String },
@@ -42,7 +50,8 @@ impl SourceError {
     /// privilege, bad password).
     pub fn is_retryable(&self) -> bool {
         match self {
-            SourceError::Setup(_) => false,
+            SourceError::Setup(_) | SourceError::SlotLost(_) => false,
+            SourceError::PublicationChanged(_) => true,
             SourceError::SlotBusy { .. } => true,
             SourceError::Replication { source, .. } => source.is_retryable(),
             SourceError::Postgres { source, .. } => match source.code() {

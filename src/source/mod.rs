@@ -10,13 +10,15 @@ mod error;
 pub mod logical;
 pub mod polling;
 pub mod standby;
+pub mod state;
 pub mod table;
 pub mod tls;
 
 use std::future::Future;
 
 pub use config::{
-    quote_ident, quote_ident_opt, Columns, Mode, RawSourceConfig, SourceConfig, TableName,
+    quote_ident, quote_ident_opt, Columns, Mode, OnRowChange, RawSourceConfig, SourceConfig,
+    TableName,
 };
 pub use error::{retryable_sqlstate, SourceError};
 

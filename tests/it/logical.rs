@@ -374,7 +374,8 @@ async fn setup_problems_are_named_with_their_fix() {
     let db = env.client().await;
     db.batch_execute(
         "CREATE ROLE plain LOGIN; GRANT SELECT ON outbox TO plain; \
-         CREATE ROLE replicator LOGIN REPLICATION; GRANT SELECT ON outbox TO replicator",
+         CREATE ROLE replicator LOGIN REPLICATION; GRANT SELECT ON outbox TO replicator; \
+         GRANT SELECT, INSERT, UPDATE ON outbox_relay_schema, outbox_relay_slots TO plain, replicator",
     )
     .await
     .unwrap();
@@ -384,6 +385,20 @@ async fn setup_problems_are_named_with_their_fix() {
     let e = run_error(load_toml(&no_replication)).await;
     assert!(
         e.contains("may not open a replication connection: ALTER ROLE plain REPLICATION"),
+        "{e}"
+    );
+
+    db.batch_execute(
+        "CREATE ROLE nostate LOGIN REPLICATION; GRANT SELECT ON outbox TO nostate; \
+         GRANT INSERT ON outbox_relay_dead_letter TO nostate",
+    )
+    .await
+    .unwrap();
+    let no_state = base.replace("postgres://postgres@", "postgres://nostate@");
+    let e = run_error(load_toml(&no_state)).await;
+    assert!(
+        e.contains("may not use the relay's own tables in schema public")
+            && e.contains("GRANT SELECT, INSERT, UPDATE ON \"public\".outbox_relay_schema"),
         "{e}"
     );
 
@@ -446,7 +461,8 @@ async fn md5_and_scram_authentication() {
         "SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5-pw'; \
          SET password_encryption = 'scram-sha-256'; CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-pw'; \
          GRANT SELECT ON outbox TO md5_user, scram_user; \
-         GRANT INSERT ON outbox_relay_dead_letter TO md5_user, scram_user;",
+         GRANT INSERT ON outbox_relay_dead_letter TO md5_user, scram_user; \
+         GRANT SELECT, INSERT, UPDATE ON outbox_relay_schema, outbox_relay_slots TO md5_user, scram_user;",
     )
     .await
     .unwrap();

@@ -16,6 +16,8 @@ mod kafka_sink;
 mod logical;
 mod logical_process;
 mod observability;
+mod operator_changes;
+mod operator_edges;
 mod packaging;
 mod partitioned;
 mod polling;

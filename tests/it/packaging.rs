@@ -222,7 +222,11 @@ fn the_systemd_unit_is_hardened_and_runs_the_relay() {
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "Restart=on-failure",
-        "RestartPreventExitStatus=2",
+        // A configuration error and a lost slot (on_slot_lost = "fail"): no restart fixes them.
+        &format!(
+            "RestartPreventExitStatus=2 {}",
+            outbox_relay::cli::SLOT_LOST_EXIT_CODE
+        ),
         "Environment=OUTBOX_RELAY__SOURCE__PASSWORD_FILE=%d/pg-password",
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks {line}");

@@ -170,12 +170,23 @@ async fn a_slot_dropped_under_the_relay_is_a_loss_it_reports_or_recreates() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(telemetry.metrics.last_acked_lsn.get() > 0);
+        // The slot the fail round lost is remembered: this round's start recreated it.
+        let recreated_at_start = telemetry.metrics.slots_recreated.get();
+        assert_eq!(recreated_at_start, u64::from(expect_recreate));
         drop_under_the_relay(&db, "outbox_relay").await;
         if expect_recreate {
             insert_event(&db, "order", "o-1", "AfterRecreate", "{}").await;
             let got = env.consume(&["outbox.order"], 1000, 5).await;
             assert!(types(&got).contains(&"AfterRecreate".to_owned()));
-            assert_eq!(telemetry.metrics.slots_recreated.get(), 1);
+            assert_eq!(
+                telemetry.metrics.slots_recreated.get(),
+                recreated_at_start + 1
+            );
+            assert_eq!(
+                telemetry.metrics.first_starts_with_history.get(),
+                recreated_at_start + 1,
+                "each recreation is a first start on an outbox with history"
+            );
             relay.stop().await;
         } else {
             let err = tokio::time::timeout(Duration::from_secs(30), relay.task)

@@ -28,7 +28,15 @@ impl BatchContext {
     }
 }
 
-impl ClientContext for BatchContext {}
+impl ClientContext for BatchContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::log::log("producer", level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::log::error("producer", tracing::Level::ERROR, &error, reason);
+    }
+}
 
 impl ProducerContext for BatchContext {
     /// The message's number ([`Ledger::open`]).

@@ -126,10 +126,15 @@ impl Resume {
 }
 
 /// The reader's context: the end of a partition is how the reader knows it is done,
-/// not an error worth a log line (librdkafka reports it as one).
+/// not an error worth a log line (librdkafka reports it as one). Other reports go
+/// through the relay's rate limit ([`super::log`]).
 struct Reader;
 
 impl ClientContext for Reader {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::log::log("checkpoint reader", level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         // The end of a partition is what the reader looks for, not a problem; librdkafka
         // reports it through this callback as a global error as well.
@@ -139,7 +144,7 @@ impl ClientContext for Reader {
                 | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
         );
         if !end {
-            tracing::warn!(%error, reason, "checkpoint reader");
+            super::log::error("checkpoint reader", tracing::Level::WARN, &error, reason);
         }
     }
 }
@@ -179,7 +184,9 @@ pub async fn ensure_topic(config: &KafkaSinkConfig, timeout: Duration) -> Result
              cleanup.policy=compact, or allow the relay's principal to create topics)"
         ),
     };
-    let admin: AdminClient<_> = client(config).create().map_err(failed)?;
+    let admin: AdminClient<_> = client(config)
+        .create_with_context(super::log::LogContext::new("checkpoint admin"))
+        .map_err(failed)?;
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
     let options = AdminOptions::new().operation_timeout(Some(timeout));
     let results = admin

@@ -21,6 +21,7 @@ mod acks;
 pub mod checkpoint;
 mod config;
 mod error;
+mod log;
 pub mod message;
 mod probe;
 mod producer;
@@ -39,6 +40,7 @@ use rdkafka::producer::{
 use rdkafka::ClientConfig;
 
 use acks::{BatchContext, Ledger};
+use log::LogContext;
 pub(crate) use probe::{probe, spawn_health_probe};
 pub use producer::producer_config;
 use producer::{enqueue, headers_of, offer};
@@ -80,7 +82,7 @@ pub struct KafkaSink {
     producer: Arc<ThreadedProducer<BatchContext>>,
     ledger: Arc<Ledger>,
     /// One message per produce request (see the module docs), created when first needed.
-    alone: OnceLock<Result<FutureProducer, KafkaError>>,
+    alone: OnceLock<Result<FutureProducer<LogContext>, KafkaError>>,
     /// Topics that refused a batch for its size: their events go through `alone`.
     one_at_a_time: Mutex<HashSet<String>>,
     /// Whether `one_at_a_time` holds any topic: until one is refused, which is the
@@ -333,7 +335,7 @@ impl KafkaSink {
     }
 
     /// The producer that sends one message per request.
-    fn alone(&self) -> Result<&FutureProducer, KafkaError> {
+    fn alone(&self) -> Result<&FutureProducer<LogContext>, KafkaError> {
         self.alone
             .get_or_init(|| {
                 let mut client = self.client.clone();
@@ -346,7 +348,7 @@ impl KafkaSink {
                     .get("client.id")
                     .map_or("outbox-relay".to_owned(), |v| v.to_string());
                 client.set("client.id", format!("{id}-single"));
-                client.create()
+                client.create_with_context(LogContext::new("producer (one message per request)"))
             })
             .as_ref()
             .map_err(Clone::clone)

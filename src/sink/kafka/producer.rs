@@ -7,6 +7,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
+use super::log::LogContext;
 use super::{KafkaMessage, KafkaSinkConfig};
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
@@ -51,7 +52,7 @@ pub fn producer_config(config: &KafkaSinkConfig) -> ClientConfig {
 // rdkafka's send hands the (large) record back with its error, by design.
 #[allow(clippy::result_large_err)]
 pub(crate) async fn enqueue(
-    producer: &FutureProducer,
+    producer: &FutureProducer<LogContext>,
     msg: &KafkaMessage<'_>,
 ) -> Result<DeliveryFuture, KafkaError> {
     let record = FutureRecord {

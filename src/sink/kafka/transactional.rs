@@ -31,6 +31,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 
 use super::checkpoint::{self, Checkpoint};
+use super::log::LogContext;
 use super::message::{self, KafkaMessage, Poison};
 use super::{
     account, enqueue, is_fenced, is_poison, is_too_large, Delivery, KafkaSinkConfig, SinkError,
@@ -85,7 +86,7 @@ fn key_of(event: &OutboxEvent) -> EventKey {
 }
 
 pub struct TransactionalSink {
-    producer: FutureProducer,
+    producer: FutureProducer<LogContext>,
     config: KafkaSinkConfig,
     telemetry: Telemetry,
     transactional_id: String,
@@ -127,7 +128,9 @@ impl TransactionalSink {
             .get("transaction.timeout.ms")
             .map_or(DEFAULT_TRANSACTION_TIMEOUT_MS, String::as_str);
         client.set("message.timeout.ms", timeout);
-        let producer: FutureProducer = client.create().map_err(SinkError::Create)?;
+        let producer: FutureProducer<LogContext> = client
+            .create_with_context(LogContext::new("transactional producer"))
+            .map_err(SinkError::Create)?;
         checkpoint::ensure_topic(config, CALL_TIMEOUT).await?;
         let p = producer.clone();
         blocking(move || p.init_transactions(CALL_TIMEOUT))

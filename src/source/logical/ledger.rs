@@ -31,6 +31,10 @@ pub enum Item<E = OutboxEvent> {
     TxnEnd { end_lsn: Lsn },
     /// The server's WAL end, sent while no transaction was being read.
     Keepalive { wal_end: Lsn },
+    /// The stream described an outbox relation (again): pgoutput does so after the
+    /// publication changed, so the source checks the publication before taking anything
+    /// after this (see `carriage`).
+    Recheck,
 }
 
 /// The log source's bookkeeping between "taken from the stream" and "flushed".
@@ -84,6 +88,7 @@ impl<E> Ledger<E> {
                 }
                 None
             }
+            Item::Recheck => None,
         }
     }
 

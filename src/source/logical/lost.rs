@@ -10,9 +10,16 @@
 //! decoding messages (`pg_logical_emit_message`) live only in the WAL: those written
 //! while the slot was lost are gone either way.
 //!
-//! A slot missing at a process's first connection is a first start, not a loss: the
-//! relay cannot tell "never made" from "dropped while it was stopped". A slot that
-//! vanishes while this process has acknowledged through it is a loss.
+//! The relay remembers every slot it has had, in PostgreSQL next to the data
+//! (`source::state`), written once a first start has made the real slot: a slot missing
+//! while the memory has it is a loss, on every start, in every pod, however often a
+//! supervisor restarts the relay. `fail` exits with its own code
+//! ([`SLOT_LOST_EXIT_CODE`](crate::cli::SLOT_LOST_EXIT_CODE)), which the systemd unit and
+//! the Kubernetes docs list as "do not restart". An operator who dropped the slot on
+//! purpose says so with `outbox-relay slot forget`; the next start is then a first start
+//! (logged as a WARN and counted, since the outbox has history). Without the memory (a
+//! hot standby whose primary has no relay tables) only a slot that vanishes while this
+//! process has acknowledged through it is known to be lost.
 
 use super::commands::ServerVersion;
 use super::config::OnSlotLost;
@@ -32,6 +39,9 @@ pub(super) enum Why {
     Invalidated(String),
     /// Gone while this process had acknowledged through it.
     Dropped,
+    /// Gone, though the relay's slot memory says it had it (dropped while the relay was
+    /// stopped, or by a restart loop's earlier run).
+    Remembered { since: String, checked: String },
 }
 
 impl Why {
@@ -54,6 +64,10 @@ impl Why {
                 format!("was invalidated ({reason}): {what}")
             }
             Why::Dropped => "was dropped while the relay was using it".into(),
+            Why::Remembered { since, checked } => format!(
+                "is gone: the relay has streamed from it since {since} (last acknowledged at \
+                 {checked}, as its slot memory in PostgreSQL records), so it was dropped"
+            ),
         }
     }
 }
@@ -83,9 +97,16 @@ impl LogicalSource {
             .query_opt(state_query(self.server), &[slot])
             .await
             .map_err(SourceError::pg("looking up the replication slot"))?;
+        let remembered = self.memory.as_ref().filter(|m| m.forgotten_at.is_none());
         Ok(match row {
             None if self.acknowledged_before() => SlotState::Lost(Why::Dropped),
-            None => SlotState::Missing,
+            None => match remembered {
+                Some(m) => SlotState::Lost(Why::Remembered {
+                    since: m.first_started_at.clone(),
+                    checked: m.vouched_at.clone(),
+                }),
+                None => SlotState::Missing,
+            },
             Some(r) if r.get::<_, bool>(0) => SlotState::Lost(Why::Invalidated(r.get(1))),
             Some(r) => SlotState::Usable { failover: r.get(2) },
         })
@@ -108,9 +129,13 @@ impl LogicalSource {
                     "drop it (SELECT pg_drop_replication_slot('{slot}')) and start the relay, \
                      which then does a first start"
                 ),
-                Why::Dropped => "restart the relay, which then does a first start".into(),
+                Why::Dropped | Why::Remembered { .. } => {
+                    "if it was dropped on purpose, say so: outbox-relay slot forget --config \
+                     <file> (the next start is then a first start)"
+                        .to_owned()
+                }
             };
-            return Err(SourceError::Setup(format!(
+            return Err(SourceError::SlotLost(format!(
                 "replication slot {slot} {what}. Events committed after its last \
                  acknowledgement may be gone from the WAL, so the relay stops rather than \
                  skip them. To go on: set source.logical.on_slot_lost = \"recreate\" (a new \
@@ -142,6 +167,7 @@ impl LogicalSource {
             }
         }
         self.telemetry.metrics.slots_recreated.inc();
+        self.telemetry.metrics.first_starts_with_history.inc();
         tracing::error!(
             %slot,
             "replication slot {slot} {what}; on_slot_lost = \"recreate\": making a new slot and \

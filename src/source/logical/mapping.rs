@@ -64,8 +64,8 @@ impl Mapper {
     }
 
     /// Learns a relation's columns (pgoutput sends one before its first row, and again
-    /// after a schema change).
-    pub fn relation(&mut self, rel: &Relation) -> Result<(), SourceError> {
+    /// after a schema or publication change); true when it is an outbox relation.
+    pub fn relation(&mut self, rel: &Relation) -> Result<bool, SourceError> {
         let ours = self
             .relations
             .iter()
@@ -74,7 +74,7 @@ impl Mapper {
             self.layouts.remove(&rel.id);
             self.others
                 .insert(rel.id, format!("{}.{}", rel.namespace, rel.name));
-            return Ok(());
+            return Ok(false);
         }
         let find = |key: &str, name: &str| {
             rel.columns.iter().position(|c| c.name == name).ok_or_else(|| {
@@ -101,7 +101,7 @@ impl Mapper {
             topic: c.topic.as_deref().map(|t| find("topic", t)).transpose()?,
         };
         self.layouts.insert(rel.id, layout);
-        Ok(())
+        Ok(true)
     }
 
     /// The event of an inserted outbox row.

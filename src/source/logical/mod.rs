@@ -23,6 +23,7 @@
 //! the rows that existed before the slot, on the first start; this file is the
 //! [`Source`](crate::source::Source) the relay drives.
 
+mod carriage;
 mod commands;
 mod config;
 mod hosts;
@@ -31,7 +32,9 @@ mod lost;
 pub mod mapping;
 pub mod pgoutput;
 mod protocol;
+mod repair;
 pub mod report;
+mod row_change;
 mod setup;
 mod slot;
 mod snapshot;
@@ -56,6 +59,7 @@ pub use setup::{
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
 use crate::source::standby::Attempt;
+use crate::source::state::{self, SlotMemory, State};
 use crate::source::table::{self, Checks};
 use crate::source::{quote_ident, SourceConfig, SourceError};
 use ledger::{Item, Ledger};
@@ -87,6 +91,23 @@ pub struct LogicalSource {
     partitions: Vec<(String, String)>,
     payload_is_json: bool,
     select_sql: Option<String>,
+    /// `select_sql` without its ORDER BY, for the repair's WHERE.
+    select_base: Option<String>,
+    /// The relay's own tables, and what they say of this slot.
+    state: State,
+    memory: Option<SlotMemory>,
+    /// What carries the outbox in the publication ([`carriage`]), as this process vouches.
+    carried_by: String,
+    /// The carriage differs from the slot memory's: (the memory's vouched xmin, whether
+    /// the publication itself was made anew) — rows to republish before streaming.
+    repair_from: Option<(i64, bool)>,
+    /// When the slot's flushed position last moved (each move is checked first).
+    vouched_at: Option<std::time::Instant>,
+    /// The slot memory's vouched point is behind: events were acknowledged, or the
+    /// carriage was repaired, since it was written.
+    memory_stale: bool,
+    /// The stream described an outbox relation: check the carriage before taking more.
+    recheck: bool,
     lag_measured: Option<std::time::Instant>,
     /// Decides the replication commands' syntax and options.
     server: ServerVersion,
@@ -101,6 +122,8 @@ enum Phase {
     Idle,
     /// Publishing the rows that existed when the slot was created.
     Snapshot(Box<Snapshot>),
+    /// Publishing the rows a publication change may have made the server skip.
+    Repair(Box<repair::Repair>),
     Streaming(Streaming),
 }
 
@@ -141,17 +164,19 @@ impl LogicalSource {
         let standby = setup::require_standby_ready(&sql, server, config).await?;
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
+        let mut select_base = None;
         let mut partitions = Vec::new();
         if let Some(t) = &config.table {
             let checks = Checks::logical(logical.cleanup);
             let shape = table::describe(&sql, t, &config.columns, checks).await?;
             partitions = setup::outbox_relations(&sql, t).await?;
             payload_is_json = shape.payload_is_json;
+            let base = table::select_sql(t, &config.columns, &shape);
             select_sql = Some(format!(
-                "{} ORDER BY {}",
-                table::select_sql(t, &config.columns, &shape),
+                "{base} ORDER BY {}",
                 table::order_key(&config.columns)
             ));
+            select_base = Some(base);
             if logical.cleanup {
                 cleanup = Some(Cleanup {
                     delete: format!(
@@ -164,7 +189,44 @@ impl LogicalSource {
                 });
             }
         }
-        setup::ensure_publication(&sql, config, &partitions).await?;
+        let state = state::prepare(&sql, &config.state_schema, !standby).await?;
+        let memory = state.recall(&sql, &logical.slot).await?;
+        // A slot with history never gets a publication made anew: rows committed while
+        // it was missing were skipped, and re-creating it would hide that.
+        let history = memory.as_ref().filter(|m| m.forgotten_at.is_none());
+        setup::ensure_publication(&sql, config, &partitions, server, history).await?;
+        let carried_by = match carriage::read(&sql, config, server).await? {
+            carriage::Carriage::Carried(identity) => identity,
+            carriage::Carriage::NotCarried(why) => return Err(SourceError::Setup(why)),
+            carriage::Carriage::NoPublication => {
+                return Err(missing_publication(&logical.publication))
+            }
+        };
+        let repair_from = history
+            .filter(|m| m.carried_by != carried_by)
+            .and_then(|m| {
+                if config.table.is_none() {
+                    // Logical messages are decoded whatever the publication carries.
+                    tracing::info!(
+                        publication = %logical.publication,
+                        "the publication was made anew since the last run; a table-less outbox \
+                         loses nothing by it"
+                    );
+                    return None;
+                }
+                let remade = carriage::Carriage::publication_oid(&m.carried_by)
+                    != carriage::Carriage::publication_oid(&carried_by);
+                tracing::warn!(
+                    publication = %logical.publication,
+                    last_checked = %m.vouched_at,
+                    "the publication changed since the relay last checked it (the outbox left it \
+                     and came back, or it was dropped and created again)"
+                );
+                // Before 18 the server cannot decode the WAL of a missing publication.
+                Some((m.vouched_xmin, remade && server.major() < 18))
+            });
+        let memory_stale =
+            repair_from.is_none() && history.is_some_and(|m| m.carried_by != carried_by);
         Ok(LogicalSource {
             config: config.clone(),
             sql,
@@ -175,6 +237,14 @@ impl LogicalSource {
             partitions,
             payload_is_json,
             select_sql,
+            select_base,
+            state,
+            memory,
+            carried_by,
+            repair_from,
+            vouched_at: None,
+            memory_stale,
+            recheck: false,
             lag_measured: None,
             server,
             slot_is_failover: false,
@@ -221,10 +291,32 @@ impl LogicalSource {
             return Ok(());
         }
         let ids = std::mem::take(&mut cleanup.ids);
-        self.sql
-            .execute(&cleanup.delete, &[&ids])
+        let failed = SourceError::pg("deleting delivered outbox rows (cleanup)");
+        if !self.server.has_messages() {
+            // 13 sends no logical messages, so its publication carries no deletes to
+            // tell apart (see `setup::ensure_publication`).
+            self.sql
+                .execute(&cleanup.delete, &[&ids])
+                .await
+                .map_err(failed)?;
+            return Ok(());
+        }
+        // Marked as the relay's own, so the stream does not take it for a row change.
+        let tx = self
+            .sql
+            .transaction()
             .await
-            .map_err(SourceError::pg("deleting delivered outbox rows (cleanup)"))?;
+            .map_err(SourceError::pg("starting cleanup"))?;
+        tx.execute(
+            "SELECT pg_logical_emit_message(true, $1, '')",
+            &[&row_change::CLEANUP_PREFIX],
+        )
+        .await
+        .map_err(SourceError::pg("marking the cleanup transaction"))?;
+        tx.execute(&cleanup.delete, &[&ids]).await.map_err(failed)?;
+        tx.commit()
+            .await
+            .map_err(SourceError::pg("committing cleanup"))?;
         Ok(())
     }
 
@@ -252,22 +344,6 @@ impl LogicalSource {
         Ok(())
     }
 
-    /// Tells the stream task how far the slot may forget, when that moved.
-    fn report_flushable(&mut self) {
-        let Phase::Streaming(s) = &self.phase else {
-            return;
-        };
-        let flushable = self.ledger.flushable();
-        let moved = s.feedback.send_if_modified(|f| {
-            let moved = flushable > f.flushed;
-            f.flushed = f.flushed.max(flushable);
-            moved
-        });
-        if moved {
-            self.telemetry.metrics.acked_now();
-        }
-    }
-
     async fn next_stream_batch(
         &mut self,
         max: usize,
@@ -279,7 +355,12 @@ impl LogicalSource {
         let mut batch = Vec::new();
         let mut bytes = 0;
         let budget = self.config.max_batch_bytes;
+        let mut recheck = false;
+        // False for a recheck: nothing after it is taken before the carriage is checked.
         let mut take = |item: Item, batch: &mut Vec<OutboxEvent>, bytes: &mut usize| {
+            if let Item::Recheck = item {
+                return false;
+            }
             if let Item::Event(event) = &item {
                 let size = event.approx_bytes();
                 s.queued
@@ -288,6 +369,7 @@ impl LogicalSource {
                 *bytes += size;
             }
             batch.extend(self.ledger.take(item));
+            true
         };
         if s.carry.len() == 0 {
             let first = if wait {
@@ -300,19 +382,23 @@ impl LogicalSource {
             };
             match first {
                 Some(chunk) => s.carry = chunk.into_iter(),
-                None if s.rx.is_closed() && s.rx.is_empty() => return Err(stream_ended(s).await),
+                None if s.rx.is_closed() && s.rx.is_empty() => {
+                    let e = stream_ended(s).await;
+                    return Err(self.explain_stream_end(e));
+                }
                 None => {}
             }
         }
-        while batch.len() < max && bytes < budget {
+        while batch.len() < max && bytes < budget && !recheck {
             match s.carry.next() {
-                Some(item) => take(item, &mut batch, &mut bytes),
+                Some(item) => recheck = !take(item, &mut batch, &mut bytes),
                 None => match s.rx.try_recv() {
                     Ok(chunk) => s.carry = chunk.into_iter(),
                     Err(_) => break,
                 },
             }
         }
+        self.recheck |= recheck;
         Ok(batch)
     }
 }
@@ -355,9 +441,24 @@ impl crate::source::Source for LogicalSource {
             }
             self.finish_snapshot().await?;
         }
+        if let Phase::Repair(repair) = &self.phase {
+            if !repair.exhausted {
+                let batch = self.next_repair_batch(max).await?;
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+            }
+            if self.ledger.unacknowledged() > 0 {
+                return Ok(Vec::new());
+            }
+            self.finish_repair().await?;
+        }
+        if std::mem::take(&mut self.recheck) {
+            self.check_carriage().await?;
+        }
         self.measure_lag().await?;
         let batch = self.next_stream_batch(max, wait).await?;
-        self.report_flushable();
+        self.advance(false).await?;
         if batch.is_empty() {
             self.clean_up(true).await?;
         }
@@ -382,6 +483,7 @@ impl crate::source::Source for LogicalSource {
 
     async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
         self.ledger.ack(events.len());
+        self.memory_stale |= !events.is_empty();
         if let Some(cleanup) = &mut self.cleanup {
             // Table rows only: a logical message (its envelope kept in `original`) has
             // no row to delete.
@@ -391,13 +493,15 @@ impl crate::source::Source for LogicalSource {
                 .ids
                 .extend(rows.filter_map(|e| e.id.as_deref().map(str::to_owned)));
         }
-        self.report_flushable();
+        self.advance(false).await?;
         self.clean_up(false).await
     }
 
     async fn finish(&mut self) -> Result<(), SourceError> {
         self.finish_snapshot_on_stop().await?;
         self.clean_up(true).await?;
+        // The final acknowledgement is checked like every other.
+        self.advance(true).await?;
         if let Phase::Streaming(s) = &mut self.phase {
             s.feedback.send_modify(|f| f.finishing = true);
             let _ = tokio::time::timeout(FINISH_TIMEOUT, &mut s.task).await;

@@ -60,6 +60,19 @@ pub enum Message {
         relation: u32,
         tuple: Vec<Value>,
     },
+    /// An UPDATE: the new row, and the old key or row when the replica identity sends it.
+    Update {
+        xid: Option<u32>,
+        relation: u32,
+        old: Option<Vec<Value>>,
+        new: Vec<Value>,
+    },
+    /// A DELETE: the old key (replica identity index) or the whole old row (`FULL`).
+    Delete {
+        xid: Option<u32>,
+        relation: u32,
+        old: Vec<Value>,
+    },
     Message {
         xid: Option<u32>,
         transactional: bool,
@@ -84,7 +97,7 @@ pub enum Message {
         xid: u32,
         subxid: u32,
     },
-    /// Origin, Type, Update, Delete, Truncate: decoded no further.
+    /// Origin, Type, Truncate: decoded no further.
     Other(u8),
 }
 
@@ -151,6 +164,52 @@ impl Decoder {
                     tuple: r.tuple()?,
                 }
             }
+            b'U' => {
+                let xid = self.stream_xid(&mut r)?;
+                let relation = r.u32("Update relation")?;
+                let (old, new) = match r.u8("Update tuple marker")? {
+                    b'K' | b'O' => {
+                        let old = r.tuple()?;
+                        match r.u8("Update new tuple marker")? {
+                            b'N' => (Some(old), r.tuple()?),
+                            other => {
+                                return Err(DecodeError(format!(
+                                    "Update: expected 'N' after the old tuple, got {other:#04x}"
+                                )))
+                            }
+                        }
+                    }
+                    b'N' => (None, r.tuple()?),
+                    other => {
+                        return Err(DecodeError(format!(
+                            "Update: expected 'K', 'O' or 'N', got {other:#04x}"
+                        )))
+                    }
+                };
+                Message::Update {
+                    xid,
+                    relation,
+                    old,
+                    new,
+                }
+            }
+            b'D' => {
+                let xid = self.stream_xid(&mut r)?;
+                let relation = r.u32("Delete relation")?;
+                match r.u8("Delete tuple marker")? {
+                    b'K' | b'O' => {}
+                    other => {
+                        return Err(DecodeError(format!(
+                            "Delete: expected 'K' or 'O', got {other:#04x}"
+                        )))
+                    }
+                }
+                Message::Delete {
+                    xid,
+                    relation,
+                    old: r.tuple()?,
+                }
+            }
             b'M' => {
                 let xid = self.stream_xid(&mut r)?;
                 let flags = r.u8("Message flags")?;
@@ -189,7 +248,7 @@ impl Decoder {
                 xid: r.u32("Stream Abort xid")?,
                 subxid: r.u32("Stream Abort subxid")?,
             },
-            b'O' | b'Y' | b'U' | b'D' | b'T' => Message::Other(tag),
+            b'O' | b'Y' | b'T' => Message::Other(tag),
             other => {
                 return Err(DecodeError(format!(
                 "unknown message tag {:?} (two-phase and protocol 4 messages are not requested)",

@@ -236,32 +236,58 @@ pub async fn outbox_relations(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Creates the publication when it is missing and allowed; checks it covers the table.
+/// Creates the publication when it is missing and allowed (never for a slot with
+/// history: see [`super::carriage`]); checks it covers the table, and says whether row
+/// changes can be seen.
 pub(super) async fn ensure_publication(
     sql: &Client,
     config: &SourceConfig,
     ours: &[(String, String)],
+    server: ServerVersion,
+    history: Option<&crate::source::state::SlotMemory>,
 ) -> Result<(), SourceError> {
     if publication_ready(sql, config, ours).await? {
-        return Ok(());
+        return check_row_changes(sql, config, server).await;
     }
     let name = &config.logical.publication;
+    if let Some(m) = history {
+        let table = config.table_label();
+        return Err(SourceError::Setup(format!(
+            "publication {name} does not exist, but replication slot {slot} has streamed from              it (since {first}; last checked {checked}): rows committed while it was missing              were skipped by the server, so the relay does not create it silently. Create it              again: CREATE PUBLICATION {name} FOR TABLE {table} WITH (publish = 'insert,              update, delete', publish_via_partition_root = true); the next start publishes the              rows written since {checked} from the table first (duplicates possible, none lost)",
+            slot = config.logical.slot,
+            first = m.first_started_at,
+            checked = m.vouched_at,
+        )));
+    }
     if !config.logical.create_if_missing {
         return Err(missing_publication(name));
     }
     // Via the root: a partitioned outbox's rows then arrive as the outbox's own.
     let target = table_clause(config.table.as_ref());
-    let options = if config.table.is_some() {
-        "publish = 'insert', publish_via_partition_root = true"
-    } else {
-        "publish = 'insert'"
+    let options = match &config.table {
+        Some(t) => format!(
+            "publish = '{}', publish_via_partition_root = true",
+            publish_for(sql, t, config, server).await?
+        ),
+        None => "publish = 'insert'".to_owned(),
     };
-    sql.batch_execute(&format!(
-        "CREATE PUBLICATION {} {target} WITH ({options})",
-        quote_ident(name)
-    ))
-    .await
-    .map_err(|e| match e.code().map(|c| c.code()) {
+    let created = sql
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} {target} WITH ({options})",
+            quote_ident(name)
+        ))
+        .await;
+    if let Err(e) = &created {
+        // Another relay starting at the same moment made it first (23505 on the catalog's
+        // unique index, or 42710): theirs is checked like one found at start.
+        if matches!(e.code().map(|c| c.code()), Some("23505" | "42710"))
+            && publication_ready(sql, config, ours).await?
+        {
+            tracing::info!(publication = %name, "another relay created the publication first");
+            return check_row_changes(sql, config, server).await;
+        }
+    }
+    created.map_err(|e| match e.code().map(|c| c.code()) {
         Some("25006") => SourceError::Setup(format!(
             "publication {name} does not exist, and this server is a standby, where nothing \
              can be created: create it on the primary (sql/002_publication.sql); it reaches \
@@ -276,7 +302,104 @@ pub(super) async fn ensure_publication(
             source: e,
         },
     })?;
-    tracing::info!(publication = %name, "created the publication");
+    tracing::info!(publication = %name, %options, "created the publication");
+    check_row_changes(sql, config, server).await
+}
+
+/// What a new publication publishes: inserts, and updates and deletes where the table's
+/// replica identity lets the server send them (without one, PostgreSQL would refuse the
+/// application's UPDATEs and DELETEs on a table whose publication publishes them). 13
+/// gets no deletes when cleanup is on: its pgoutput sends no logical messages, so the
+/// relay could not tell its own cleanup from a row change.
+async fn publish_for(
+    sql: &Client,
+    table: &TableName,
+    config: &SourceConfig,
+    server: ServerVersion,
+) -> Result<&'static str, SourceError> {
+    if !has_replica_identity(sql, table).await? {
+        tracing::warn!(
+            table = %table,
+            "the outbox has no replica identity (no primary key, REPLICA IDENTITY NOTHING): \
+             the publication carries inserts only, so an UPDATE or DELETE of an outbox row \
+             goes unseen; add a primary key or ALTER TABLE … REPLICA IDENTITY FULL"
+        );
+        return Ok("insert");
+    }
+    Ok(if config.logical.cleanup && !server.has_messages() {
+        "insert, update"
+    } else {
+        "insert, update, delete"
+    })
+}
+
+/// Whether the server can send the old key of an UPDATE or DELETE of `table`.
+async fn has_replica_identity(sql: &Client, table: &TableName) -> Result<bool, SourceError> {
+    let row = sql
+        .query_one(
+            "SELECT c.relreplident, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
+               AND (i.indisprimary OR i.indisreplident)) \
+             FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(SourceError::pg("reading the outbox's replica identity"))?;
+    let (identity, index): (i8, bool) = (row.get(0), row.get(1));
+    Ok(match identity as u8 {
+        b'f' => true,
+        b'd' | b'i' => index,
+        _ => false,
+    })
+}
+
+/// Says at start what the publication lets the relay see of row changes.
+async fn check_row_changes(
+    sql: &Client,
+    config: &SourceConfig,
+    server: ServerVersion,
+) -> Result<(), SourceError> {
+    let Some(table) = &config.table else {
+        return Ok(());
+    };
+    let name = &config.logical.publication;
+    let Some(row) = sql
+        .query_opt(
+            "SELECT pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+            &[name],
+        )
+        .await
+        .map_err(SourceError::pg("reading what the publication publishes"))?
+    else {
+        return Ok(());
+    };
+    let (updates, deletes): (bool, bool) = (row.get(0), row.get(1));
+    if deletes && config.logical.cleanup && !server.has_messages() {
+        tracing::warn!(
+            publication = %name,
+            "on PostgreSQL {server} the relay cannot tell its own cleanup deletes from other \
+             deletes (13 sends no logical messages): DELETEs of outbox rows are not checked \
+             (UPDATEs are)"
+        );
+    }
+    if !updates || (!deletes && (server.has_messages() || !config.logical.cleanup)) {
+        let publish = if has_replica_identity(sql, table).await? {
+            if config.logical.cleanup && !server.has_messages() {
+                "insert, update"
+            } else {
+                "insert, update, delete"
+            }
+        } else {
+            "insert (the table has no replica identity: add a primary key first)"
+        };
+        tracing::warn!(
+            publication = %name,
+            updates,
+            deletes,
+            "the publication does not carry every UPDATE and DELETE of outbox rows, so such a \
+             change goes unseen (rows are immutable once written; source.on_row_change applies \
+             to what is seen): ALTER PUBLICATION {name} SET (publish = '{publish}')"
+        );
+    }
     Ok(())
 }
 

@@ -14,6 +14,7 @@ use super::commands;
 use super::lost::SlotState;
 use super::mapping::Mapper;
 use super::protocol::{ReplicationClient, ReplicationError};
+use super::row_change::RowChanges;
 use super::stream::{self, Feedback, Queued};
 use super::{LogicalSource, Phase, Streaming, CHANNEL};
 use crate::event::Lsn;
@@ -28,14 +29,41 @@ impl LogicalSource {
         let recreating = match self.slot_state().await? {
             SlotState::Usable { failover } => {
                 self.slot_is_failover = failover;
+                if self
+                    .memory
+                    .as_ref()
+                    .is_none_or(|m| m.forgotten_at.is_some())
+                {
+                    // A slot made before the relay had a memory (an upgrade, or by hand):
+                    // adopted from here on.
+                    self.remember_slot(None).await?;
+                    tracing::info!(slot = %self.config.logical.slot, "recorded the slot in the relay's slot memory");
+                }
+                if let Some((xmin, remade)) = self.repair_from.take() {
+                    return self.begin_repair(xmin, remade).await;
+                }
                 return self.start_streaming(Lsn(0)).await;
             }
             SlotState::Lost(why) => {
                 self.slot_lost(why).await?;
                 true
             }
-            SlotState::Missing => false,
+            SlotState::Missing => {
+                if let Some(m) = self.memory.as_ref().filter(|m| m.forgotten_at.is_some()) {
+                    self.telemetry.metrics.first_starts_with_history.inc();
+                    tracing::warn!(
+                        slot = %self.config.logical.slot,
+                        forgotten_at = m.forgotten_at.as_deref().unwrap_or("?"),
+                        "first start on an outbox that had this slot before (an operator said it \
+                         was dropped on purpose): the rows still in the outbox are published \
+                         again, logical decoding messages written since it was dropped are lost"
+                    );
+                }
+                false
+            }
         };
+        // A first start publishes every row of the table: nothing is left to repair.
+        self.repair_from = None;
         let logical = &self.config.logical;
         if !logical.create_if_missing && !recreating {
             return Err(SourceError::Setup(format!(
@@ -75,9 +103,38 @@ impl LogicalSource {
             .map_err(slot_error(slot))?;
             tracing::info!(%slot, "created the replication slot");
             self.slot_is_failover = false;
+            self.remember_slot(None).await?;
             return self.start_streaming(Lsn(0)).await;
         }
         self.begin_snapshot().await
+    }
+
+    /// Writes the slot memory: this outbox has a slot now (`xmin`: the first start's
+    /// snapshot, whose rows were published).
+    pub(super) async fn remember_slot(&mut self, xmin: Option<i64>) -> Result<(), SourceError> {
+        let slot = &self.config.logical.slot;
+        let lsn: Option<String> = self
+            .sql
+            .query_opt(
+                "SELECT COALESCE(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[slot],
+            )
+            .await
+            .map_err(SourceError::pg("reading the slot's position"))?
+            .and_then(|r| r.get(0));
+        self.state
+            .remember(
+                &self.sql,
+                slot,
+                &self.config.logical.publication,
+                &self.carried_by,
+                lsn.as_deref().unwrap_or("0/0"),
+                xmin,
+            )
+            .await?;
+        self.memory = self.state.recall(&self.sql, slot).await?;
+        Ok(())
     }
 
     pub(super) async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
@@ -148,9 +205,12 @@ impl LogicalSource {
             bytes: AtomicUsize::new(0),
             budget: self.config.max_batch_bytes,
         });
+        let deletes = self.server.has_messages() || !logical.cleanup;
+        let changes = RowChanges::new(self.config.on_row_change, deletes, self.telemetry.clone());
         let task = tokio::spawn(stream::run(
             stream,
             mapper,
+            changes,
             tx,
             feedback_rx,
             queued.clone(),

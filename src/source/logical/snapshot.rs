@@ -39,6 +39,8 @@ pub(super) struct Snapshot {
     reader: Client,
     temp_slot: String,
     consistent_point: Lsn,
+    /// The exported snapshot's oldest running transaction: rows of older ones are in it.
+    xmin: i64,
     pub(super) exhausted: bool,
     /// A FETCH was sent and its rows not taken: a stop cancelled it. The server moved
     /// the cursor past rows nobody published, so where it stands says nothing.
@@ -85,6 +87,16 @@ impl LogicalSource {
             ))
             .await
             .map_err(SourceError::pg("opening the first-start snapshot"))?;
+        let xmin: i64 = reader
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8",
+                &[],
+            )
+            .await
+            .map_err(SourceError::pg(
+                "reading the first-start snapshot's horizon",
+            ))?
+            .get(0);
         tracing::info!(
             %slot,
             %consistent_point,
@@ -95,6 +107,7 @@ impl LogicalSource {
             reader,
             temp_slot,
             consistent_point,
+            xmin,
             exhausted: false,
             fetching: false,
         }));
@@ -189,9 +202,11 @@ impl LogicalSource {
         let Phase::Snapshot(snap) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!("the phase was the snapshot above");
         };
-        let point = snap.consistent_point;
+        let (point, xmin) = (snap.consistent_point, snap.xmin);
         self.slot_is_failover = false;
         drop(snap); // closes the holder: the temporary slot goes away
+                    // Only now: a crash during the snapshot left no slot, and no memory of one.
+        self.remember_slot(Some(xmin)).await?;
         Ok(Some(point))
     }
 

@@ -22,6 +22,7 @@ use super::ledger::Item;
 use super::mapping::Mapper;
 use super::pgoutput::{Decoder, Message};
 use super::protocol::{pg_ts_to_unix_ms, ReplicationStream, StreamMessage};
+use super::row_change::{Kind, RowChanges, CLEANUP_PREFIX};
 use crate::event::{Lsn, Position};
 use crate::metrics::Telemetry;
 use crate::source::SourceError;
@@ -59,9 +60,11 @@ pub type Chunk = Vec<Item>;
 
 /// Runs the stream until it fails, the server ends it, or the source finishes (or is
 /// dropped).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     stream: ReplicationStream,
     mut mapper: Mapper,
+    mut changes: RowChanges,
     tx: mpsc::Sender<Chunk>,
     mut feedback: watch::Receiver<Feedback>,
     queued: Arc<Queued>,
@@ -81,8 +84,8 @@ pub async fn run(
     let chunk_budget = (queued.budget / 8).max(1);
     let mut tick = tokio::time::interval(status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The current transaction: commit LSN and time, from its Begin.
-    let mut txn: Option<(Lsn, i64)> = None;
+    // The current transaction, from its Begin.
+    let mut txn: Option<Txn> = None;
     let repl = SourceError::repl;
 
     loop {
@@ -133,7 +136,7 @@ pub async fn run(
                             let decoded = decoder
                                 .decode(data)
                                 .map_err(|e| unexpected(&format!("decoding pgoutput: {e}")))?;
-                            chunk_bytes += handle(decoded, &mut mapper, &mut txn, &mut chunk)?;
+                            chunk_bytes += handle(decoded, &mut mapper, &mut changes, &mut txn, &mut chunk)?;
                         }
                         StreamMessage::Keepalive { wal_end, reply } => {
                             if reply {
@@ -170,12 +173,24 @@ pub async fn run(
     }
 }
 
+/// The transaction being read.
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    /// Its commit LSN, the position of its events.
+    lsn: Lsn,
+    /// Its commit time, Unix milliseconds.
+    ts: i64,
+    /// The relay's own cleanup: its deletes are not row changes.
+    cleanup: bool,
+}
+
 /// Turns one decoded message into items at the end of `chunk`; returns the event bytes
 /// it added.
 fn handle(
     msg: Message,
     mapper: &mut Mapper,
-    txn: &mut Option<(Lsn, i64)>,
+    changes: &mut RowChanges,
+    txn: &mut Option<Txn>,
     chunk: &mut Chunk,
 ) -> Result<usize, SourceError> {
     let mut bytes = 0;
@@ -185,7 +200,11 @@ fn handle(
             commit_ts,
             ..
         } => {
-            *txn = Some((Lsn(final_lsn), pg_ts_to_unix_ms(commit_ts)));
+            *txn = Some(Txn {
+                lsn: Lsn(final_lsn),
+                ts: pg_ts_to_unix_ms(commit_ts),
+                cleanup: false,
+            });
         }
         Message::Commit { end_lsn, .. } => {
             *txn = None;
@@ -193,14 +212,50 @@ fn handle(
                 end_lsn: Lsn(end_lsn),
             });
         }
-        Message::Relation(rel) => mapper.relation(&rel)?,
+        Message::Relation(rel) => {
+            if mapper.relation(&rel)? {
+                // Sent again after the publication changed: check it before what follows.
+                chunk.push(Item::Recheck);
+            }
+        }
         Message::Insert {
             relation, tuple, ..
         } => {
-            let (lsn, ts) = txn.ok_or_else(|| unexpected("Insert outside a transaction"))?;
-            let event = mapper.insert(relation, &tuple, Position::Lsn(lsn), ts)?;
+            let t = txn.ok_or_else(|| unexpected("Insert outside a transaction"))?;
+            let event = mapper.insert(relation, &tuple, Position::Lsn(t.lsn), t.ts)?;
             bytes += event.approx_bytes();
             chunk.push(Item::Event(event));
+        }
+        Message::Update { relation, new, .. } => {
+            let t = txn.ok_or_else(|| unexpected("Update outside a transaction"))?;
+            let position = Position::Lsn(t.lsn);
+            if let Some(event) =
+                changes.handle(Kind::Update, mapper, relation, &new, position, t.ts)?
+            {
+                bytes += event.approx_bytes();
+                chunk.push(Item::Event(event));
+            }
+        }
+        Message::Delete { relation, old, .. } => {
+            let t = txn.ok_or_else(|| unexpected("Delete outside a transaction"))?;
+            if !t.cleanup {
+                let position = Position::Lsn(t.lsn);
+                if let Some(event) =
+                    changes.handle(Kind::Delete, mapper, relation, &old, position, t.ts)?
+                {
+                    bytes += event.approx_bytes();
+                    chunk.push(Item::Event(event));
+                }
+            }
+        }
+        Message::Message {
+            transactional: true,
+            ref prefix,
+            ..
+        } if prefix == CLEANUP_PREFIX => {
+            if let Some(t) = txn {
+                t.cleanup = true;
+            }
         }
         Message::Message {
             transactional,
@@ -210,7 +265,7 @@ fn handle(
             ..
         } => {
             let (position, ts) = match txn {
-                Some((commit_lsn, ts)) if transactional => (Position::Lsn(*commit_lsn), Some(*ts)),
+                Some(t) if transactional => (Position::Lsn(t.lsn), Some(t.ts)),
                 _ => (Position::Lsn(Lsn(lsn)), None),
             };
             if let Some(event) = mapper.message(&prefix, transactional, &content, position, ts) {

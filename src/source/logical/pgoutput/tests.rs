@@ -260,3 +260,71 @@ fn binary_column_values_are_refused_because_never_requested() {
     let err = Decoder::default().decode(Bytes::from(m)).unwrap_err();
     assert!(err.to_string().contains("binary column value"), "{err}");
 }
+
+/// A tuple of one text column.
+fn tuple(b: &mut BytesMut, value: &[u8]) {
+    b.put_u16(1);
+    b.put_u8(b't');
+    b.put_u32(value.len() as u32);
+    b.put_slice(value);
+}
+
+#[test]
+fn updates_and_deletes_decode_with_each_old_tuple_form() {
+    let text = |v: &[u8]| vec![Value::Text(Bytes::copy_from_slice(v))];
+    // An UPDATE: no old tuple (default identity, key unchanged), the old key, the old row.
+    for (marker, old) in [
+        (None, None),
+        (Some(b'K'), Some(b"k")),
+        (Some(b'O'), Some(b"o")),
+    ] {
+        let mut b = BytesMut::new();
+        b.put_u8(b'U');
+        b.put_u32(16384);
+        if let (Some(m), Some(o)) = (marker, old) {
+            b.put_u8(m);
+            tuple(&mut b, o);
+        }
+        b.put_u8(b'N');
+        tuple(&mut b, b"new");
+        assert_eq!(
+            Decoder::default().decode(b.freeze()).unwrap(),
+            Message::Update {
+                xid: None,
+                relation: 16384,
+                old: old.map(|o| text(o)),
+                new: text(b"new"),
+            }
+        );
+    }
+    for marker in [b'K', b'O'] {
+        let mut b = BytesMut::new();
+        b.put_u8(b'D');
+        b.put_u32(16384);
+        b.put_u8(marker);
+        tuple(&mut b, b"key");
+        assert_eq!(
+            Decoder::default().decode(b.freeze()).unwrap(),
+            Message::Delete {
+                xid: None,
+                relation: 16384,
+                old: text(b"key"),
+            }
+        );
+    }
+    // A wrong marker is an error naming the message, never a panic.
+    let mut b = BytesMut::new();
+    b.put_u8(b'D');
+    b.put_u32(16384);
+    b.put_u8(b'N');
+    let err = Decoder::default().decode(b.freeze()).unwrap_err();
+    assert!(err.0.contains("Delete"), "{err}");
+    let mut b = BytesMut::new();
+    b.put_u8(b'U');
+    b.put_u32(16384);
+    b.put_u8(b'K');
+    tuple(&mut b, b"k");
+    b.put_u8(b'X');
+    let err = Decoder::default().decode(b.freeze()).unwrap_err();
+    assert!(err.0.contains("Update"), "{err}");
+}

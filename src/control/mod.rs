@@ -1,0 +1,40 @@
+//! Operator commands: what `outbox-relay slot …` does, through PostgreSQL with the
+//! configuration's connection (its role and grants are the authorisation).
+
+use crate::config::Config;
+use crate::source::{state, table, SourceError};
+
+/// `outbox-relay slot forget`: the operator dropped the slot on purpose, so the next start
+/// is a first start rather than a lost slot. Refused while the slot exists.
+pub async fn forget_slot(config: &Config) -> Result<String, SourceError> {
+    let source = &config.source;
+    let slot = &source.logical.slot;
+    let sql = table::connect(source).await?;
+    let exists: bool = sql
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[slot],
+        )
+        .await
+        .map_err(SourceError::pg("looking up the replication slot"))?
+        .get(0);
+    if exists {
+        return Err(SourceError::Setup(format!(
+            "replication slot {slot} exists: the relay streams from it, there is nothing to \
+             forget. To start over on purpose, stop every relay, drop it (SELECT \
+             pg_drop_replication_slot('{slot}')) and run this again"
+        )));
+    }
+    let state = state::prepare(&sql, &source.state_schema, true).await?;
+    Ok(if state.forget(&sql, slot).await? {
+        format!(
+            "forgot replication slot {slot}: the next start is a first start (the rows still in \
+             the outbox are published again; logical decoding messages written since the slot \
+             was dropped are gone)"
+        )
+    } else {
+        format!(
+            "the relay has no memory of replication slot {slot}: the next start is a first start"
+        )
+    })
+}
