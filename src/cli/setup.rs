@@ -12,6 +12,8 @@ use crate::source::{quote_ident, SourceConfig, TableName};
 const DEFAULT_TABLE: (&str, &str) = ("public", "outbox");
 const DEFAULT_PUBLICATION: &str = "outbox_relay";
 const DEFAULT_DEAD_LETTER: (&str, &str) = ("public", "outbox_relay_dead_letter");
+/// The relay's own tables (`sql/005_relay_state.sql`), in `source.state_schema`.
+const STATE_TABLES: [&str; 2] = ["outbox_relay_schema", "outbox_relay_slots"];
 
 /// The names the SQL is rendered with.
 #[derive(Debug, Clone)]
@@ -21,6 +23,8 @@ pub struct Names {
     pub publication: String,
     /// `None`: no dead-letter table; the SQL keeps the default one.
     pub dead_letter_table: Option<TableName>,
+    /// The schema of the relay's own tables (`source.state_schema`).
+    pub state_schema: String,
 }
 
 impl Names {
@@ -29,6 +33,7 @@ impl Names {
             table: source.table.clone(),
             publication: source.logical.publication.clone(),
             dead_letter_table: source.dead_letter_table.clone(),
+            state_schema: source.state_schema.clone(),
         }
     }
 }
@@ -76,6 +81,16 @@ pub fn render(sql: &str, names: &Names) -> String {
             After::Anything,
         ));
         schemas.push(t.schema.clone());
+    }
+    if names.state_schema != "public" {
+        for table in STATE_TABLES {
+            subs.push((
+                format!("public.{table}"),
+                format!("{}.{table}", quote_ident(&names.state_schema)),
+                After::Anything,
+            ));
+        }
+        schemas.push(names.state_schema.clone());
     }
     if names.publication != DEFAULT_PUBLICATION {
         let p = &names.publication;
@@ -161,6 +176,7 @@ mod tests {
             table: table("public.outbox"),
             publication: "outbox_relay".into(),
             dead_letter_table: table("public.outbox_relay_dead_letter"),
+            state_schema: "public".into(),
         }
     }
 
@@ -169,6 +185,7 @@ mod tests {
             table: table("app.Events"),
             publication: "events_pub".into(),
             dead_letter_table: table("audit.dead_letters"),
+            state_schema: "public".into(),
         }
     }
 
@@ -250,6 +267,7 @@ mod tests {
             table: table("we\"ird"),
             publication: "it's".into(),
             dead_letter_table: None,
+            state_schema: "public".into(),
         };
         let sql = "CREATE TABLE public.outbox (x int);\n\
                    SELECT 1 FROM pg_publication WHERE pubname = 'outbox_relay';\n\
@@ -261,6 +279,28 @@ mod tests {
              SELECT 1 FROM pg_publication WHERE pubname = 'it''s';\n\
              CREATE PUBLICATION \"it's\" FOR TABLE \"public\".\"we\"\"ird\";\n\
              GRANT USAGE ON SCHEMA public TO outbox_relay;"
+        );
+    }
+
+    #[test]
+    fn the_relay_tables_go_into_the_state_schema() {
+        let n = Names {
+            state_schema: "relay".into(),
+            ..defaults()
+        };
+        let state = render(file("005_relay_state.sql"), &n);
+        assert!(!names_whole(&state, "public.outbox_relay_slots"), "{state}");
+        assert!(
+            state.contains("CREATE TABLE IF NOT EXISTS \"relay\".outbox_relay_slots ("),
+            "{state}"
+        );
+        assert!(state.contains(
+            "GRANT SELECT, INSERT, UPDATE ON \"relay\".outbox_relay_schema, \"relay\".outbox_relay_slots TO outbox_relay;"
+        ));
+        let role = render(file("003_relay_role.sql"), &n);
+        assert!(
+            role.contains("GRANT USAGE ON SCHEMA public, \"relay\" TO outbox_relay;"),
+            "{role}"
         );
     }
 
