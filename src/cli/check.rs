@@ -88,6 +88,11 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 table::check_dead_letter_table(&client, t).await?;
                 what.push_str(&format!(", dead-letter table {t} writable"));
             }
+            // Read only: check never creates the relay's tables.
+            what.push_str(&format!(
+                ", {}",
+                logical::describe_carriage(&client, src, server).await?
+            ));
             anyhow::ensure!(problems == 0, "{problems} problem(s) in the report above");
             Ok(what)
         }

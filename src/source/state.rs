@@ -185,6 +185,16 @@ impl State {
     }
 }
 
+/// The relay's tables in `schema` as they are, for reports (`check`): never creates or
+/// migrates; `None` when they do not exist yet.
+pub async fn peek(sql: &Client, schema: &str) -> Result<Option<(State, i32)>, SourceError> {
+    let state = State {
+        schema: schema.to_owned(),
+        writable: false,
+    };
+    Ok(read_version(sql, &state).await?.map(|v| (state, v)))
+}
+
 /// Finds the relay's tables in `schema`, creating or migrating them when `writable`
 /// (not a hot standby). Refuses tables of a newer version.
 pub async fn prepare(sql: &Client, schema: &str, writable: bool) -> Result<State, SourceError> {

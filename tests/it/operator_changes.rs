@@ -7,24 +7,10 @@ use std::time::Duration;
 
 use outbox_relay::metrics::Telemetry;
 use outbox_relay::testkit::kafka::Consumed;
-use tokio_util::sync::CancellationToken;
 
 use crate::logical::logical_toml;
+use crate::support::start_with_telemetry as start;
 use crate::support::*;
-
-/// Runs the relay in this process with telemetry the test can read.
-fn start(toml: &str) -> (RunningRelay, Telemetry) {
-    let telemetry = Telemetry::default();
-    let shutdown = CancellationToken::new();
-    let config = load_toml(toml);
-    let t = telemetry.clone();
-    let stop = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        outbox_relay::daemon::run_with(config, listener, t, stop).await
-    });
-    (RunningRelay { shutdown, task }, telemetry)
-}
 
 /// Waits for a relay that must stop by itself; its error.
 async fn stops_with_error(relay: RunningRelay) -> String {
@@ -63,11 +49,18 @@ async fn exec(db: &tokio_postgres::Client, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-/// Waits until the relay has flushed the slot (its memory is then vouched).
-async fn flushed(telemetry: &Telemetry) {
+/// A relay streaming (not in its first start) that has published `first` and flushed
+/// the slot past it.
+async fn streaming(env: &Env, toml: &str, first: &str) -> (RunningRelay, Telemetry) {
+    let (relay, telemetry) = start(toml);
+    insert_event(&env.client().await, "order", "o-1", first, "{}").await;
+    assert_eq!(
+        first_seen(&distinct(env, "outbox.order", 1, 30).await),
+        [first]
+    );
     for _ in 0..200 {
         if telemetry.metrics.last_acked_lsn.get() > 0 {
-            return;
+            return (relay, telemetry);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -82,14 +75,12 @@ async fn a_table_dropped_from_the_publication_and_added_back_is_republished_in_o
     let env = Env::start().await;
     env.create_topics(&["outbox.order"], 1).await;
     let db = env.client().await;
-    let (relay, telemetry) = start(&logical_toml(&env, ""));
-    insert_event(&db, "order", "o-1", "Gap1", "{}").await;
+    let (relay, telemetry) = streaming(&env, &logical_toml(&env, ""), "Gap1").await;
     insert_event(&db, "order", "o-1", "Gap2", "{}").await;
     assert_eq!(
         first_seen(&distinct(&env, "outbox.order", 2, 30).await).len(),
         2
     );
-    flushed(&telemetry).await;
 
     exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
     insert_event(&db, "order", "o-1", "Gap3", "{}").await;
@@ -122,13 +113,7 @@ async fn a_publication_without_the_outbox_stops_the_relay_with_the_fix_and_the_r
     env.create_topics(&["outbox.order"], 1).await;
     let db = env.client().await;
     let toml = logical_toml(&env, "");
-    let (relay, telemetry) = start(&toml);
-    insert_event(&db, "order", "o-1", "Before", "{}").await;
-    assert_eq!(
-        first_seen(&distinct(&env, "outbox.order", 1, 30).await).len(),
-        1
-    );
-    flushed(&telemetry).await;
+    let (relay, _) = streaming(&env, &toml, "Before").await;
 
     exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
     insert_event(&db, "order", "o-1", "WhileOut", "{}").await;
@@ -185,13 +170,7 @@ async fn a_dropped_publication_is_never_recreated_silently_and_its_rows_follow_t
     env.create_topics(&["outbox.order"], 1).await;
     let db = env.client().await;
     let toml = logical_toml(&env, "");
-    let (relay, telemetry) = start(&toml);
-    insert_event(&db, "order", "o-1", "Before", "{}").await;
-    assert_eq!(
-        first_seen(&distinct(&env, "outbox.order", 1, 30).await).len(),
-        1
-    );
-    flushed(&telemetry).await;
+    let (relay, _) = streaming(&env, &toml, "Before").await;
 
     exec(&db, "DROP PUBLICATION outbox_relay").await;
     insert_event(&db, "order", "o-1", "Missing1", "{}").await;
@@ -258,13 +237,7 @@ async fn a_lost_slot_is_remembered_across_restarts_until_an_operator_forgets_it(
     let toml = logical_toml(&env, "");
     let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::fs::write(file.path(), &toml).unwrap();
-    let (relay, telemetry) = start(&toml);
-    insert_event(&db, "order", "o-1", "First", "{}").await;
-    assert_eq!(
-        first_seen(&distinct(&env, "outbox.order", 1, 30).await).len(),
-        1
-    );
-    flushed(&telemetry).await;
+    let (relay, telemetry) = streaming(&env, &toml, "First").await;
     relay.stop().await;
     assert_eq!(telemetry.metrics.first_starts_with_history.get(), 0);
 
@@ -294,6 +267,17 @@ async fn a_lost_slot_is_remembered_across_restarts_until_an_operator_forgets_it(
     }
     let err = run_error(load_toml(&toml)).await;
     assert!(err.contains("outbox-relay slot forget"), "{err}");
+    let check = |expect: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["check", "--config"])
+            .arg(file.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains(expect), "{expect:?} not in: {text}");
+        out.status.code()
+    };
+    assert_eq!(check("replication slot outbox_relay is lost"), Some(1));
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["slot", "forget", "--config"])
@@ -306,6 +290,7 @@ async fn a_lost_slot_is_remembered_across_restarts_until_an_operator_forgets_it(
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("forgot replication slot outbox_relay"));
+    check("slot outbox_relay forgotten at");
 
     let (relay, telemetry) = start(&toml);
     insert_event(&db, "order", "o-1", "Second", "{}").await;

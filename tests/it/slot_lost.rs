@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use outbox_relay::metrics::Telemetry;
 use outbox_relay::testkit::kafka::Consumed;
-use tokio_util::sync::CancellationToken;
 
 use crate::logical::logical_toml;
+use crate::support::start_with_telemetry as start;
 use crate::support::*;
 
 /// Writes WAL elsewhere, switching segments and checkpointing, until the server gives
@@ -55,20 +54,6 @@ fn types(got: &[Consumed]) -> Vec<String> {
     got.iter()
         .map(|m| m.header("event_type").unwrap().to_owned())
         .collect()
-}
-
-/// Runs the relay in this process with telemetry the test can read.
-fn start(toml: &str) -> (RunningRelay, Telemetry) {
-    let telemetry = Telemetry::default();
-    let shutdown = CancellationToken::new();
-    let config = load_toml(toml);
-    let t = telemetry.clone();
-    let stop = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        outbox_relay::daemon::run_with(config, listener, t, stop).await
-    });
-    (RunningRelay { shutdown, task }, telemetry)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -298,6 +298,20 @@ impl RunningRelay {
     }
 }
 
+/// Runs the relay in this process with telemetry the test can read.
+pub fn start_with_telemetry(toml: &str) -> (RunningRelay, outbox_relay::metrics::Telemetry) {
+    let telemetry = outbox_relay::metrics::Telemetry::default();
+    let shutdown = CancellationToken::new();
+    let config = load_toml(toml);
+    let t = telemetry.clone();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        outbox_relay::daemon::run_with(config, listener, t, stop).await
+    });
+    (RunningRelay { shutdown, task }, telemetry)
+}
+
 /// Inserts one outbox event and returns its id.
 pub async fn insert_event(
     client: &tokio_postgres::Client,

@@ -110,6 +110,69 @@ pub(super) async fn read(
     })
 }
 
+/// What the relay's slot memory says against the catalog now, in one line for `check`;
+/// `Err` with the problem when the slot is lost.
+pub async fn describe(
+    sql: &Client,
+    config: &SourceConfig,
+    server: ServerVersion,
+) -> Result<String, SourceError> {
+    let slot = &config.logical.slot;
+    let Some((state, version)) = crate::source::state::peek(sql, &config.state_schema).await?
+    else {
+        return Ok(format!(
+            "the relay's own tables are not in schema {} yet (the relay creates them at start, \
+             or setup --apply)",
+            config.state_schema
+        ));
+    };
+    let memory = state.recall(sql, slot).await?;
+    let exists: bool = sql
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[slot],
+        )
+        .await
+        .map_err(SourceError::pg("looking up the replication slot"))?
+        .get(0);
+    let Some(m) = memory else {
+        return Ok(format!(
+            "relay tables version {version}; no memory of slot {slot} (the next start {})",
+            if exists {
+                "records it"
+            } else {
+                "is a first start"
+            }
+        ));
+    };
+    if let Some(when) = &m.forgotten_at {
+        return Ok(format!(
+            "slot {slot} forgotten at {when} (the next start is a first start)"
+        ));
+    }
+    if !exists {
+        return Err(SourceError::SlotLost(format!(
+            "replication slot {slot} is lost: the relay has streamed from it since {} (last \
+             acknowledged at {}); source.logical.on_slot_lost = \"{}\" applies at start \
+             (outbox-relay slot forget if it was dropped on purpose)",
+            m.first_started_at, m.vouched_at, config.logical.on_slot_lost
+        )));
+    }
+    let now = read(sql, config, server).await?;
+    let changed = match now {
+        Carriage::Carried(identity) if identity == m.carried_by => "",
+        Carriage::Carried(_) => {
+            "; the publication changed since: the next start republishes the rows written \
+             since then from the table"
+        }
+        _ => "",
+    };
+    Ok(format!(
+        "slot {slot} remembered since {}, publication last checked at {}{changed}",
+        m.first_started_at, m.vouched_at
+    ))
+}
+
 impl LogicalSource {
     /// Checks that the outbox is carried as it was when this process started (or last
     /// repaired): the error says what to do when it is not.

@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
+pub use carriage::describe as describe_carriage;
 pub use commands::ServerVersion;
 pub use config::{LogicalConfig, OnSlotLost, RawLogicalConfig};
 #[doc(hidden)]
