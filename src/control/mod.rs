@@ -2,7 +2,7 @@
 //! configuration's connection (its role and grants are the authorisation).
 
 use crate::config::Config;
-use crate::source::{state, table, SourceError};
+use crate::source::{logical, state, table, SourceError};
 
 /// `outbox-relay slot forget`: the operator dropped the slot on purpose, so the next start
 /// is a first start rather than a lost slot. Refused while the slot exists.
@@ -10,15 +10,7 @@ pub async fn forget_slot(config: &Config) -> Result<String, SourceError> {
     let source = &config.source;
     let slot = &source.logical.slot;
     let sql = table::connect(source).await?;
-    let exists: bool = sql
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-            &[slot],
-        )
-        .await
-        .map_err(SourceError::pg("looking up the replication slot"))?
-        .get(0);
-    if exists {
+    if logical::slot_exists(&sql, slot).await? {
         return Err(SourceError::Setup(format!(
             "replication slot {slot} exists: the relay streams from it, there is nothing to \
              forget. To start over on purpose, stop every relay, drop it (SELECT \

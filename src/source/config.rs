@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::logical::{LogicalConfig, RawLogicalConfig};
+use super::logical::{LogicalConfig, OnRowChange, RawLogicalConfig};
 use super::polling::{PollingConfig, RawPollingConfig};
 use crate::config::Problems;
 
@@ -52,29 +52,6 @@ pub enum Mode {
     Polling,
     /// Tail the write-ahead log through a logical replication slot.
     Logical,
-}
-
-/// What an UPDATE or DELETE of an outbox row does (rows are immutable once written).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnRowChange {
-    /// A WARN naming the row (once per row) and the `outbox_relay_row_changes_total`
-    /// counter; the change is not published.
-    Warn,
-    /// The new image (or, for a DELETE, the row's key) goes to the dead-letter topic with
-    /// the reason.
-    DeadLetter,
-    /// The relay stops before acknowledging the change's transaction.
-    Stop,
-}
-
-impl std::fmt::Display for OnRowChange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            OnRowChange::Warn => "warn",
-            OnRowChange::DeadLetter => "dead_letter",
-            OnRowChange::Stop => "stop",
-        })
-    }
 }
 
 /// Validated `[source]` section.

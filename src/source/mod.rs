@@ -17,10 +17,10 @@ pub mod tls;
 use std::future::Future;
 
 pub use config::{
-    quote_ident, quote_ident_opt, Columns, Mode, OnRowChange, RawSourceConfig, SourceConfig,
-    TableName,
+    quote_ident, quote_ident_opt, Columns, Mode, RawSourceConfig, SourceConfig, TableName,
 };
 pub use error::{retryable_sqlstate, SourceError};
+pub use logical::OnRowChange;
 
 use crate::event::OutboxEvent;
 

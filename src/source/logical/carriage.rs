@@ -127,14 +127,7 @@ pub async fn describe(
         ));
     };
     let memory = state.recall(sql, slot).await?;
-    let exists: bool = sql
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-            &[slot],
-        )
-        .await
-        .map_err(SourceError::pg("looking up the replication slot"))?
-        .get(0);
+    let exists = super::slot::slot_exists(sql, slot).await?;
     let Some(m) = memory else {
         return Ok(format!(
             "relay tables version {version}; no memory of slot {slot} (the next start {})",

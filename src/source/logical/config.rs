@@ -150,3 +150,26 @@ impl RawLogicalConfig {
         }
     }
 }
+
+/// What an UPDATE or DELETE of an outbox row does (rows are immutable once written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRowChange {
+    /// A WARN naming the row (once per row) and the `outbox_relay_row_changes_total`
+    /// counter; the change is not published.
+    Warn,
+    /// The new image (or, for a DELETE, the row's key) goes to the dead-letter topic with
+    /// the reason.
+    DeadLetter,
+    /// The relay stops before acknowledging the change's transaction.
+    Stop,
+}
+
+impl std::fmt::Display for OnRowChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnRowChange::Warn => "warn",
+            OnRowChange::DeadLetter => "dead_letter",
+            OnRowChange::Stop => "stop",
+        })
+    }
+}

@@ -48,7 +48,7 @@ use tokio_postgres::Client;
 
 pub use carriage::describe as describe_carriage;
 pub use commands::ServerVersion;
-pub use config::{LogicalConfig, OnSlotLost, RawLogicalConfig};
+pub use config::{LogicalConfig, OnRowChange, OnSlotLost, RawLogicalConfig};
 #[doc(hidden)]
 pub use protocol::fuzz_stream_bytes;
 pub use protocol::ReplicationError;
@@ -56,6 +56,7 @@ pub use setup::{
     missing_publication, outbox_relations, publication_ready, require_logical_wal,
     require_supported, server_version,
 };
+pub use slot::slot_exists;
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;

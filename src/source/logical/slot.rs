@@ -238,6 +238,18 @@ impl LogicalSource {
     }
 }
 
+/// Whether the slot exists (in any state).
+pub async fn slot_exists(sql: &tokio_postgres::Client, slot: &str) -> Result<bool, SourceError> {
+    Ok(sql
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await
+        .map_err(SourceError::pg("looking up the replication slot"))?
+        .get(0))
+}
+
 /// Maps slot errors: "in use" means another relay leads; the rest keep their context.
 pub(super) fn slot_error(slot: &str) -> impl FnOnce(ReplicationError) -> SourceError + '_ {
     move |e| match e.code() {
