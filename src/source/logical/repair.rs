@@ -116,20 +116,17 @@ impl LogicalSource {
         if repair.exhausted {
             return Ok(Vec::new());
         }
-        let rows = repair
-            .reader
-            .query(&format!("FETCH {max} FROM {REPAIR_CURSOR}"), &[])
-            .await
-            .map_err(SourceError::pg("reading the rows to republish"))?;
-        if rows.is_empty() {
-            repair.exhausted = true;
-            return Ok(Vec::new());
-        }
-        let ledger = &mut self.ledger;
-        Ok(rows
-            .iter()
-            .map(|r| ledger.take_unframed(table::row_to_event(r, self.payload_is_json)))
-            .collect())
+        let events = super::snapshot::fetch_unframed(
+            &repair.reader,
+            REPAIR_CURSOR,
+            max,
+            &mut self.ledger,
+            self.payload_is_json,
+            "reading the rows to republish",
+        )
+        .await?;
+        repair.exhausted = events.is_empty();
+        Ok(events)
     }
 
     /// Every republished row is acknowledged: stream on, and record the carriage at the

@@ -205,7 +205,8 @@ impl LogicalSource {
         let (point, xmin) = (snap.consistent_point, snap.xmin);
         self.slot_is_failover = false;
         drop(snap); // closes the holder: the temporary slot goes away
-                    // Only now: a crash during the snapshot left no slot, and no memory of one.
+
+        // Only now: a crash during the snapshot left no slot, and no memory of one.
         self.remember_slot(Some(xmin)).await?;
         Ok(Some(point))
     }
@@ -219,22 +220,43 @@ impl LogicalSource {
         };
         if !snap.exhausted {
             snap.fetching = true;
-            let rows = snap
-                .reader
-                .query(&format!("FETCH {max} FROM {SNAPSHOT_CURSOR}"), &[])
-                .await
-                .map_err(SourceError::pg("reading the first-start snapshot"))?;
+            let rows = fetch_unframed(
+                &snap.reader,
+                SNAPSHOT_CURSOR,
+                max,
+                &mut self.ledger,
+                self.payload_is_json,
+                "reading the first-start snapshot",
+            )
+            .await?;
             snap.fetching = false;
             if rows.is_empty() {
                 snap.exhausted = true;
             } else {
-                let ledger = &mut self.ledger;
-                return Ok(rows
-                    .iter()
-                    .map(|r| ledger.take_unframed(table::row_to_event(r, self.payload_is_json)))
-                    .collect());
+                return Ok(rows);
             }
         }
         Ok(Vec::new())
     }
+}
+
+/// The next `max` rows of a table read through `cursor` (the first-start snapshot, or
+/// the rows a publication change may have skipped), as events the ledger counts without
+/// a transaction of the stream around them.
+pub(super) async fn fetch_unframed(
+    reader: &Client,
+    cursor: &str,
+    max: usize,
+    ledger: &mut super::ledger::Ledger,
+    payload_is_json: bool,
+    context: &'static str,
+) -> Result<Vec<OutboxEvent>, SourceError> {
+    let rows = reader
+        .query(&format!("FETCH {max} FROM {cursor}"), &[])
+        .await
+        .map_err(SourceError::pg(context))?;
+    Ok(rows
+        .iter()
+        .map(|r| ledger.take_unframed(table::row_to_event(r, payload_is_json)))
+        .collect())
 }
