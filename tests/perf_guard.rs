@@ -169,7 +169,9 @@ fn payload(n: usize) -> String {
 
 /// An Insert of event `n` into the outbox; every other one carries a trace header.
 fn insert(n: usize) -> Bytes {
-    let headers = (n % 2 == 0).then(|| format!(r#"{{"traceparent": "00-{n:032x}-01"}}"#));
+    let headers = n
+        .is_multiple_of(2)
+        .then(|| format!(r#"{{"traceparent": "00-{n:032x}-01"}}"#));
     let values = [
         Some(format!("00000000-0000-0000-0000-{n:012}")),
         Some(n.to_string()),

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 
 use crate::config::Config;
 use crate::metrics::Telemetry;
+use crate::sink::kafka::schema::ContractError;
 use crate::sink::kafka::KafkaSink;
 use crate::source::logical;
 use crate::source::polling::PollingSource;
@@ -14,9 +15,14 @@ use crate::source::Mode;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Prints one line per side and returns whether both are usable.
-pub async fn run(config: &Config) -> bool {
-    let (pg, kafka) = tokio::join!(check_postgres(config), check_kafka(config));
+/// Prints one line per side and returns whether both are usable; a schema the registry
+/// refuses is an error (a configuration to change, as it is for `run`).
+pub async fn run(config: &Config) -> Result<bool, ContractError> {
+    let (pg, kafka, schemas) = tokio::join!(
+        check_postgres(config),
+        check_kafka(config),
+        super::schemas::report(config)
+    );
     match &pg {
         Ok(what) => println!("postgres: ok ({what})"),
         Err(e) => println!("postgres: FAILED: {e:#}"),
@@ -25,7 +31,7 @@ pub async fn run(config: &Config) -> bool {
         Ok(n) => println!("kafka: ok ({n} broker(s) at {})", config.sink.brokers),
         Err(e) => println!("kafka: FAILED: {e:#}"),
     }
-    pg.is_ok() && kafka.is_ok()
+    Ok(schemas? && pg.is_ok() && kafka.is_ok())
 }
 
 async fn check_postgres(config: &Config) -> anyhow::Result<String> {

@@ -1,13 +1,15 @@
-//! The command line: `run`, `check`, `status`, `setup`, `--version`.
+//! The command line: `run`, `check`, `status`, `setup`, `slot`, `schemas`, `--version`.
 //!
 //! Exit codes: 0 ok, 2 bad configuration or usage (an `http.listen` that cannot be bound
-//! included: a restart cannot fix it), 1 anything that failed at run time.
+//! included, or a schema the registry refuses: a restart cannot fix them), 3 a lost
+//! replication slot, 1 anything that failed at run time.
 //!
 //! Everything the process writes to stderr goes through `tracing` in the chosen log
 //! format (the fatal error too), so with `--log-format json` every line is a JSON
 //! object; colours only when stderr is a terminal.
 
 mod check;
+mod schemas;
 mod setup;
 mod status;
 
@@ -75,6 +77,34 @@ enum Command {
         #[command(subcommand)]
         action: SlotAction,
     },
+    /// Event contracts: ask the schema registry, or validate sample payloads, without
+    /// registering anything (for an application's CI).
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemasAction {
+    /// Would the registry take each schema file as its subject's next version? Exit 0
+    /// compatible, 1 a break (or the registry did not answer), 2 a bad configuration.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Do these sample payloads (JSON files) fit the schema of their events? Exit 0 all
+    /// fit, 1 one does not, 2 a bad configuration.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        aggregate_type: String,
+        #[arg(long)]
+        event_type: Option<String>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,11 +154,15 @@ pub fn main() -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     let listen = matches!(
         e.downcast_ref::<crate::relay::RelayError>(),
-        Some(crate::relay::RelayError::Listen { .. })
-    );
+        Some(crate::relay::RelayError::Listen { .. } | crate::relay::RelayError::Contract(_))
+    ) || e
+        .downcast_ref::<crate::sink::kafka::schema::ContractError>()
+        .is_some_and(|e| !e.is_retryable())
+        || e.downcast_ref::<schemas::Usage>().is_some();
     if e.downcast_ref::<ConfigError>().is_some() || listen {
         // A supervisor restarting the relay would fail the same way: both need an
-        // operator (a listen address in use is a configuration to change).
+        // operator (a listen address in use, or a schema the registry refuses, is a
+        // configuration to change).
         2
     } else if is_slot_lost(e) {
         SLOT_LOST_EXIT_CODE
@@ -189,7 +223,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { config } => {
             let config = config::load(&config)?;
             println!("config: ok");
-            let healthy = runtime()?.block_on(check::run(&config));
+            let healthy = runtime()?.block_on(check::run(&config))?;
             Ok(if healthy {
                 ExitCode::SUCCESS
             } else {
@@ -230,6 +264,29 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let said = runtime()?.block_on(crate::control::forget_slot(&config))?;
             println!("{said}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Schemas {
+            action: SchemasAction::Check { config },
+        } => {
+            let config = config::load(&config)?;
+            runtime()?.block_on(schemas::check(&config))
+        }
+        Command::Schemas {
+            action:
+                SchemasAction::Validate {
+                    config,
+                    aggregate_type,
+                    event_type,
+                    files,
+                },
+        } => {
+            let config = config::load(&config)?;
+            runtime()?.block_on(schemas::validate(
+                &config,
+                &aggregate_type,
+                event_type.as_deref(),
+                &files,
+            ))
         }
     }
 }

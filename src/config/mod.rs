@@ -113,7 +113,9 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Config
             path: path.to_path_buf(),
             message: without_source_lines(&e.to_string()),
         })?;
-    validate(file, env::Overrides::from_env(env)).map_err(|problems| ConfigError::Invalid {
+    // Files the configuration names (schemas, a CA file) are relative to its folder.
+    let base = path.parent().unwrap_or(Path::new("."));
+    validate(file, env::Overrides::from_env(env), base).map_err(|problems| ConfigError::Invalid {
         path: path.to_path_buf(),
         problems,
     })
@@ -154,7 +156,7 @@ pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
 
 /// Validates an already merged configuration tree.
 pub fn from_value(value: serde_json::Value) -> Result<Config, Problems> {
-    validate(value, env::Overrides::default())
+    validate(value, env::Overrides::default(), Path::new("."))
 }
 
 /// The raw configuration, or the key where deserializing stopped and why; and the
@@ -173,7 +175,11 @@ fn deserialize(value: &serde_json::Value) -> Deserialized {
 }
 
 /// Validates the file's tree with the environment's overrides laid over it.
-fn validate(file: serde_json::Value, mut overrides: env::Overrides) -> Result<Config, Problems> {
+fn validate(
+    file: serde_json::Value,
+    mut overrides: env::Overrides,
+    base: &Path,
+) -> Result<Config, Problems> {
     let mut problems = Problems::default();
     overrides.report_malformed(&mut problems);
     let (raw, unknown) = loop {
@@ -219,7 +225,7 @@ fn validate(file: serde_json::Value, mut overrides: env::Overrides) -> Result<Co
         }
     }
     let result = match raw {
-        Ok(raw) => validate_raw(raw, &mut problems),
+        Ok(raw) => validate_raw(raw, &mut problems, base),
         // The file's own value of the wrong type.
         Err((key, message)) => {
             match in_words(&message) {
@@ -266,14 +272,14 @@ fn in_words(message: &str) -> Option<(&'static str, &str)> {
 }
 
 /// Stage 2: each component validates its raw section.
-fn validate_raw(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
+fn validate_raw(raw: RawConfig, problems: &mut Problems, base: &Path) -> Option<Config> {
     let source = problems
         .required("source", raw.source)
         .and_then(|s| s.validate(problems));
     let sink = problems
         .required("sink", raw.sink)
         .and_then(|s| problems.required("sink.kafka", s.kafka))
-        .and_then(|k| k.validate(problems));
+        .and_then(|k| k.validate(problems, base));
     let relay = raw.relay.validate(problems);
     let http = raw.http.validate(problems);
 

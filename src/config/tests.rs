@@ -9,6 +9,9 @@ use super::*;
 /// Environment overrides (`OUTBOX_RELAY__…`): what they win, and how a bad one is named.
 mod env;
 
+/// `[sink.kafka.schema_registry]` and `[[sink.kafka.schemas]]`.
+mod schemas;
+
 const VALID: &str = r#"
 [source]
 mode = "polling"

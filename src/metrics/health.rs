@@ -22,6 +22,8 @@ struct State {
     leader_reason: Option<String>,
     postgres: Option<String>,
     kafka: Option<String>,
+    /// Why the event schemas cannot be resolved (the registry), while they cannot.
+    registry: Option<String>,
     postgres_ok: bool,
     kafka_ok: bool,
     /// Partitions the last metadata listed without a leader.
@@ -57,6 +59,10 @@ impl Health {
         s.kafka = problem;
     }
 
+    pub fn set_registry(&self, problem: Option<String>) {
+        self.state.lock().unwrap().registry = problem;
+    }
+
     /// Events were handed to Kafka: from now on an answer is awaited, unless one already is.
     pub fn note_sent(&self) {
         let mut s = self.state.lock().unwrap();
@@ -88,6 +94,9 @@ impl Health {
 
     fn readiness_at(&self, now: Instant) -> Readiness {
         let s = self.state.lock().unwrap().clone();
+        if let Some(why) = s.registry {
+            return Readiness::NotReady(format!("schema registry: {why}"));
+        }
         if !s.postgres_ok {
             let why = s.postgres.unwrap_or_else(|| "not connected yet".into());
             return Readiness::NotReady(format!("postgres: {why}"));

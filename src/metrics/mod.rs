@@ -35,9 +35,10 @@ pub const EVENTS_RECONCILED: &str = "outbox_relay_events_reconciled_total";
 pub const FIRST_STARTS_WITH_HISTORY: &str = "outbox_relay_first_starts_with_history_total";
 pub const PUBLICATION_GAP_ROWS: &str = "outbox_relay_publication_gap_rows_total";
 pub const ROW_CHANGES: &str = "outbox_relay_row_changes_total";
+pub const SCHEMA_VIOLATIONS: &str = "outbox_relay_schema_violations_total";
 
 /// The `reason` label values of [`FAILURES`].
-pub const FAILURE_REASONS: [&str; 9] = [
+pub const FAILURE_REASONS: [&str; 10] = [
     "delivery",
     "dead_letter",
     "producer",
@@ -47,10 +48,11 @@ pub const FAILURE_REASONS: [&str; 9] = [
     "aborted",
     "fenced",
     "checkpoint",
+    "schema_registry",
 ];
 
 /// Every metric this crate exports (the process_* metrics come on top).
-pub const NAMES: [&str; 20] = [
+pub const NAMES: [&str; 21] = [
     EVENTS_PUBLISHED,
     EVENTS_DEAD_LETTERED,
     FAILURES,
@@ -71,6 +73,7 @@ pub const NAMES: [&str; 20] = [
     FIRST_STARTS_WITH_HISTORY,
     PUBLICATION_GAP_ROWS,
     ROW_CHANGES,
+    SCHEMA_VIOLATIONS,
 ];
 
 /// The `kind` label values of [`ROW_CHANGES`].
@@ -101,6 +104,7 @@ pub struct Metrics {
     pub first_starts_with_history: IntCounter,
     pub publication_gap_rows: IntCounter,
     pub row_changes: IntCounterVec,
+    pub schema_violations: IntCounterVec,
 }
 
 impl Metrics {
@@ -120,7 +124,7 @@ impl Metrics {
             failures: IntCounterVec::new(
                 Opts::new(
                     FAILURES,
-                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled, aborted, fenced, checkpoint.",
+                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled, aborted, fenced, checkpoint, schema_registry.",
                 ),
                 &["reason"],
             )
@@ -203,6 +207,14 @@ impl Metrics {
                 &["kind"],
             )
             .unwrap(),
+            schema_violations: IntCounterVec::new(
+                Opts::new(
+                    SCHEMA_VIOLATIONS,
+                    "Events dead-lettered because their payload does not fit their schema, by aggregate_type and event_type.",
+                ),
+                &["aggregate_type", "event_type"],
+            )
+            .unwrap(),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -242,6 +254,7 @@ impl Metrics {
             Box::new(metrics.first_starts_with_history.clone()),
             Box::new(metrics.publication_gap_rows.clone()),
             Box::new(metrics.row_changes.clone()),
+            Box::new(metrics.schema_violations.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {

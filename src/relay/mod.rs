@@ -64,6 +64,10 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
+    /// An event schema the registry refuses (incompatible, not registered…): an
+    /// operator must act, so this is a configuration error (exit 2).
+    #[error(transparent)]
+    Contract(#[from] crate::sink::kafka::schema::ContractError),
     #[error("a relay task failed: {0}")]
     Task(String),
     #[error("Kafka acknowledged nothing for {0:?} although it answers")]
@@ -128,6 +132,14 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
+    // The event schemas first: until the registry resolved them nothing is published,
+    // events without a schema included (one pipeline, one order).
+    if let Some(contracts) = &config.sink.contracts {
+        contracts.start(&config.sink, &telemetry, &shutdown).await?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
     if config.sink.delivery == DeliveryMode::ExactlyOnce {
         return exactly_once::run(config, telemetry, shutdown).await;
     }

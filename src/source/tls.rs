@@ -87,7 +87,7 @@ impl Tls {
                 .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
                 .with_no_client_auth(),
             _ => {
-                let roots = Arc::new(roots(root_cert)?);
+                let roots = Arc::new(roots(root_cert, "sslrootcert")?);
                 let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                     .build()
                     .map_err(|e| e.to_string())?;
@@ -175,17 +175,18 @@ pub fn split_params(url: &str) -> (String, Option<String>, Option<String>) {
     (rest, mode, root)
 }
 
-fn roots(path: Option<&Path>) -> Result<RootCertStore, String> {
+/// The roots in the PEM file at `path` (named `what` in errors), else the system's.
+pub(crate) fn roots(path: Option<&Path>, what: &str) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     match path {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
+                .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
             for cert in certs {
-                let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                let cert = cert.map_err(|e| format!("{what} {}: {e}", path.display()))?;
                 store
                     .add(cert)
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                    .map_err(|e| format!("{what} {}: {e}", path.display()))?;
             }
         }
         None => {
@@ -195,7 +196,9 @@ fn roots(path: Option<&Path>) -> Result<RootCertStore, String> {
         }
     }
     if store.is_empty() {
-        return Err("no root certificate to verify the server with: set sslrootcert".into());
+        return Err(format!(
+            "no root certificate to verify the server with: set {what}"
+        ));
     }
     Ok(store)
 }

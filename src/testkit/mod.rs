@@ -1,11 +1,13 @@
 //! Real infrastructure for tests, the demo and benchmarks: an ephemeral PostgreSQL
-//! cluster, Apache Kafka (one node or a three-node cluster) and a tansu broker process,
-//! each on free ports, each stopped and deleted when dropped (also when a test panics).
+//! cluster, Apache Kafka (one node or a three-node cluster), a tansu broker process and a
+//! Schema Registry (Apicurio), each on free ports, each stopped and deleted when dropped
+//! (also when a test panics).
 
 pub mod apache_kafka;
 pub mod kafka;
 pub mod postgres;
 mod process;
+pub mod registry;
 pub mod tansu;
 
 pub use process::RelayProcess;

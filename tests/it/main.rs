@@ -23,5 +23,7 @@ mod partitioned;
 mod polling;
 mod process;
 mod refusals;
+mod schema_gate;
+mod schemas;
 mod secrets;
 mod slot_lost;

@@ -1,9 +1,13 @@
 //! `[sink.kafka]`: brokers, topic routing, message format and librdkafka passthrough.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::schema::config::{validate_entries, RawRegistryConfig, RawSchemaEntry};
+use super::schema::Contracts;
 use super::topic::{validate_topic_name, TopicTemplate};
 use crate::config::Problems;
 
@@ -31,6 +35,9 @@ pub struct RawKafkaSinkConfig {
     transactional_id: Option<String>,
     #[serde(default = "default_checkpoint_topic")]
     checkpoint_topic: String,
+    schema_registry: Option<RawRegistryConfig>,
+    #[serde(default)]
+    schemas: Vec<RawSchemaEntry>,
 }
 
 fn default_delivery() -> String {
@@ -173,6 +180,8 @@ pub struct KafkaSinkConfig {
     pub transactional_id: Option<String>,
     /// Exactly-once: the compacted topic that holds each outbox's last committed position.
     pub checkpoint_topic: String,
+    /// The event schemas and their registry (`[[sink.kafka.schemas]]`), when configured.
+    pub contracts: Option<Arc<Contracts>>,
 }
 
 impl std::fmt::Debug for KafkaSinkConfig {
@@ -201,12 +210,17 @@ impl std::fmt::Debug for KafkaSinkConfig {
             .field("delivery", &self.delivery)
             .field("transactional_id", &self.transactional_id)
             .field("checkpoint_topic", &self.checkpoint_topic)
+            .field("contracts", &self.contracts)
             .finish()
     }
 }
 
 impl RawKafkaSinkConfig {
-    pub fn validate(self, problems: &mut Problems) -> Option<KafkaSinkConfig> {
+    /// Validates the section; `base` is the config file's folder (schema files are
+    /// relative to it).
+    pub fn validate(mut self, problems: &mut Problems, base: &Path) -> Option<KafkaSinkConfig> {
+        let schemas = std::mem::take(&mut self.schemas);
+        let registry = self.schema_registry.take();
         let mut ok = true;
         let brokers = problems.required("sink.kafka.brokers", self.brokers);
         if brokers.as_deref().is_some_and(|b| b.trim().is_empty()) {
@@ -339,6 +353,7 @@ impl RawKafkaSinkConfig {
             }
             None => vec![format!("{}*", literal_prefix(&self.topic))],
         };
+        let contracts = contracts(registry, schemas, format, problems, base);
         if !ok {
             return None;
         }
@@ -354,6 +369,69 @@ impl RawKafkaSinkConfig {
             delivery: delivery?,
             transactional_id: self.transactional_id,
             checkpoint_topic: self.checkpoint_topic,
+            contracts: contracts?,
         })
+    }
+}
+
+/// `[sink.kafka.schema_registry]` and `[[sink.kafka.schemas]]`: `Some(None)` when no
+/// schema is configured, `None` after a problem.
+fn contracts(
+    registry: Option<RawRegistryConfig>,
+    raw_entries: Vec<RawSchemaEntry>,
+    format: Option<Format>,
+    problems: &mut Problems,
+    base: &Path,
+) -> Option<Option<Arc<Contracts>>> {
+    {
+        if raw_entries.is_empty() {
+            // A registry alone is harmless (schemas may come later), but say nothing of it.
+            return match registry.map(|r| r.validate(problems, base)) {
+                Some(None) => None,
+                _ => Some(None),
+            };
+        }
+        let Some(registry) = registry else {
+            problems.push(
+                "sink.kafka.schemas",
+                "needs a registry: add [sink.kafka.schema_registry] with its url",
+            );
+            return None;
+        };
+        if format == Some(Format::CloudEvents) {
+            problems.push(
+                "sink.kafka.schemas",
+                "cannot be combined with sink.kafka.format = \"cloudevents\" (a CloudEvents \
+                 envelope is JSON; a schema encodes the payload itself): use format = \"raw\", \
+                 or remove the schemas",
+            );
+            return None;
+        }
+        let registry = registry.validate(problems, base)?;
+        let entries =
+            validate_entries(raw_entries, Some(registry.subject_strategy), problems, base)?;
+        for e in &entries {
+            if let super::schema::SchemaSource::File { codec, .. } = &e.source {
+                if registry.subject_strategy == super::schema::SubjectStrategy::Topic {
+                    continue;
+                }
+                if codec.record_name().is_none() {
+                    problems.push(
+                        format!("{}.file", e.key),
+                        "has no record name for this subject_strategy (an Avro schema whose top \
+                         level is a record, enum or fixed; a JSON Schema with a \"title\"): add \
+                         one, or use subject_strategy = \"topic\"",
+                    );
+                    return None;
+                }
+            }
+        }
+        match Contracts::new(registry, entries) {
+            Ok(c) => Some(Some(Arc::new(c))),
+            Err(e) => {
+                problems.push("sink.kafka.schema_registry", e);
+                None
+            }
+        }
     }
 }

@@ -34,6 +34,8 @@ pub enum SinkError {
         #[source]
         source: Box<KafkaError>,
     },
+    #[error("an event's schema: {0}")]
+    Contract(#[from] super::schema::ContractError),
 }
 
 impl SinkError {
@@ -54,6 +56,7 @@ impl SinkError {
             SinkError::Fenced(_) => "fenced",
             SinkError::Aborted(_) => "aborted",
             SinkError::Checkpoint { .. } => "checkpoint",
+            SinkError::Contract(_) => "schema_registry",
         }
     }
 }

@@ -38,8 +38,25 @@ pub type Header<'a> = (Cow<'a, str>, Cow<'a, [u8]>);
 
 /// Why an event cannot become a normal message: it goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Poison(pub String);
+#[error("{reason}")]
+pub struct Poison {
+    /// The `error` header.
+    pub reason: String,
+    /// More headers for the dead letter (the schema and its violations).
+    pub headers: Vec<(&'static str, String)>,
+    /// The payload did not fit its schema (counted apart).
+    pub schema_violation: bool,
+}
+
+impl Poison {
+    pub fn new(reason: impl Into<String>) -> Poison {
+        Poison {
+            reason: reason.into(),
+            headers: Vec::new(),
+            schema_violation: false,
+        }
+    }
+}
 
 /// Topic names already rendered and checked, by aggregate type and event type.
 ///
@@ -73,7 +90,7 @@ impl Topics {
             .get(aggregate_type)
             .unwrap_or(&config.topic)
             .render(aggregate_type, event_type);
-        validate_topic_name(&topic).map_err(Poison)?;
+        validate_topic_name(&topic).map_err(Poison::new)?;
         let topic: Arc<str> = topic.into();
         if self.known.len() < TOPICS_REMEMBERED {
             self.known.push((
@@ -101,7 +118,7 @@ pub fn to_message_with<'a>(
     topics: &mut Topics,
 ) -> Result<KafkaMessage<'a>, Poison> {
     if let Some(reason) = &event.invalid {
-        return Err(Poison(reason.clone()));
+        return Err(Poison::new(reason.clone()));
     }
     let id = required(&event.id, "id")?;
     let aggregate_type = required(&event.aggregate_type, "aggregate_type")?;
@@ -110,25 +127,8 @@ pub fn to_message_with<'a>(
     let payload = event
         .payload
         .as_deref()
-        .ok_or_else(|| Poison("payload is missing (NULL)".into()))?;
-    let topic = match &event.topic {
-        Some(topic) if !topic.is_empty() => {
-            validate_topic_name(topic).map_err(Poison)?;
-            if !config
-                .row_topics
-                .iter()
-                .any(|p| super::config::topic_matches(p, topic))
-            {
-                return Err(Poison(format!(
-                    "the row names topic {topic:?}, which sink.kafka.row_topics ({}) does not \
-                     allow: add a pattern for it, or fix the row",
-                    config.row_topics.join(", ")
-                )));
-            }
-            Arc::from(&topic[..])
-        }
-        _ => topics.get(config, aggregate_type, event_type)?,
-    };
+        .ok_or_else(|| Poison::new("payload is missing (NULL)"))?;
+    let topic = route(event, config, topics, aggregate_type, event_type)?;
 
     let extra = match &event.headers {
         Some(extra) => extra_headers(extra)?,
@@ -153,7 +153,19 @@ pub fn to_message_with<'a>(
     );
 
     let value = match config.format {
-        Format::Raw => Cow::Borrowed(payload),
+        Format::Raw => match &config.contracts {
+            Some(contracts) => match contracts.encode(
+                aggregate_type,
+                event_type,
+                &topic,
+                payload,
+                event.payload_is_json,
+            )? {
+                Some(encoded) => Cow::Owned(encoded),
+                None => Cow::Borrowed(payload),
+            },
+            None => Cow::Borrowed(payload),
+        },
         Format::CloudEvents => Cow::Owned(cloudevent(
             event,
             id,
@@ -172,11 +184,55 @@ pub fn to_message_with<'a>(
     })
 }
 
+/// The topic of an event's message; `None` when the event is poison (it has no topic:
+/// the dead-letter topic gets it).
+pub(crate) fn topic_of(
+    event: &OutboxEvent,
+    config: &KafkaSinkConfig,
+    topics: &mut Topics,
+) -> Option<Arc<str>> {
+    if event.invalid.is_some() {
+        return None;
+    }
+    let aggregate_type = event.aggregate_type.as_deref().filter(|a| !a.is_empty())?;
+    let event_type = event.event_type.as_deref().filter(|e| !e.is_empty())?;
+    route(event, config, topics, aggregate_type, event_type).ok()
+}
+
+/// The row's own topic (when its topic column names one `row_topics` allows), else the
+/// aggregate type's template.
+fn route(
+    event: &OutboxEvent,
+    config: &KafkaSinkConfig,
+    topics: &mut Topics,
+    aggregate_type: &str,
+    event_type: &str,
+) -> Result<Arc<str>, Poison> {
+    Ok(match &event.topic {
+        Some(topic) if !topic.is_empty() => {
+            validate_topic_name(topic).map_err(Poison::new)?;
+            if !config
+                .row_topics
+                .iter()
+                .any(|p| super::config::topic_matches(p, topic))
+            {
+                return Err(Poison::new(format!(
+                    "the row names topic {topic:?}, which sink.kafka.row_topics ({}) does not \
+                     allow: add a pattern for it, or fix the row",
+                    config.row_topics.join(", ")
+                )));
+            }
+            Arc::from(&topic[..])
+        }
+        _ => topics.get(config, aggregate_type, event_type)?,
+    })
+}
+
 /// The dead-letter message for a poison event: its original bytes, key and headers where
 /// they exist, plus `error` and `source_position`.
 pub fn to_dead_letter<'a>(
     event: &'a OutboxEvent,
-    error: &str,
+    poison: &Poison,
     config: &KafkaSinkConfig,
 ) -> KafkaMessage<'a> {
     let mut headers = Vec::new();
@@ -204,8 +260,11 @@ pub fn to_dead_letter<'a>(
     }
     headers.push((
         Cow::Borrowed("error"),
-        Cow::Owned(error.as_bytes().to_vec()),
+        Cow::Owned(poison.reason.as_bytes().to_vec()),
     ));
+    for (name, value) in &poison.headers {
+        headers.push((Cow::Borrowed(*name), Cow::Owned(value.as_bytes().to_vec())));
+    }
     headers.push((
         Cow::Borrowed("source_position"),
         Cow::Owned(event.position.to_string().into_bytes()),
@@ -233,11 +292,11 @@ pub fn to_dead_letter<'a>(
 /// [`to_dead_letter`] sends, without the body, plus its `size` and where the body is.
 pub fn to_dead_letter_metadata<'a>(
     event: &'a OutboxEvent,
-    error: &str,
+    poison: &Poison,
     size: usize,
     config: &KafkaSinkConfig,
 ) -> KafkaMessage<'a> {
-    let mut msg = to_dead_letter(event, error, config);
+    let mut msg = to_dead_letter(event, poison, config);
     msg.value = Cow::Borrowed(&[]);
     msg.headers.push((
         Cow::Borrowed("size"),
@@ -255,8 +314,8 @@ pub fn to_dead_letter_metadata<'a>(
 fn required<'a>(value: &'a Option<ByteString>, name: &str) -> Result<&'a str, Poison> {
     match value.as_deref() {
         Some(v) if !v.is_empty() => Ok(v),
-        Some(_) => Err(Poison(format!("{name} is empty"))),
-        None => Err(Poison(format!("{name} is missing (NULL)"))),
+        Some(_) => Err(Poison::new(format!("{name} is empty"))),
+        None => Err(Poison::new(format!("{name} is missing (NULL)"))),
     }
 }
 
@@ -289,9 +348,9 @@ fn cloudevent(
     let raw_json;
     let (data, data_base64, content_type) = if event.payload_is_json {
         let text =
-            std::str::from_utf8(payload).map_err(|_| Poison("payload is not UTF-8 JSON".into()))?;
+            std::str::from_utf8(payload).map_err(|_| Poison::new("payload is not UTF-8 JSON"))?;
         raw_json = serde_json::from_str::<&RawValue>(text)
-            .map_err(|e| Poison(format!("payload is not valid JSON: {e}")))?;
+            .map_err(|e| Poison::new(format!("payload is not valid JSON: {e}")))?;
         (Some(raw_json), None, "application/json")
     } else {
         (
@@ -315,7 +374,7 @@ fn cloudevent(
         data,
         data_base64,
     };
-    serde_json::to_vec(&envelope).map_err(|e| Poison(format!("cannot encode CloudEvent: {e}")))
+    serde_json::to_vec(&envelope).map_err(|e| Poison::new(format!("cannot encode CloudEvent: {e}")))
 }
 
 mod headers;

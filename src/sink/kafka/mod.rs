@@ -25,6 +25,7 @@ mod log;
 pub mod message;
 mod probe;
 mod producer;
+pub mod schema;
 pub mod topic;
 mod transactional;
 
@@ -129,7 +130,23 @@ impl KafkaSink {
         let (mut batched, mut alone) = (0, 0);
         let mut broken = false;
         let mut topics = Topics::default();
+        // Subjects first met in this batch are resolved before anything is handed over;
+        // an event whose schema the registry cannot give yet waits, with those behind it.
+        let mut waits_from = match &self.config.contracts {
+            Some(contracts) => contracts
+                .prepare(events, &self.config)
+                .await
+                .err()
+                .map(|(i, e)| (i, SinkError::from(e))),
+            None => None,
+        };
         for (i, event) in events.iter().enumerate() {
+            if waits_from.as_ref().is_some_and(|(at, _)| *at == i) {
+                let (_, e) = waits_from.take().expect("checked");
+                pending.push(Pending::Failed(e));
+                broken = true;
+                continue;
+            }
             // After a failed hand-over, later events are not sent at all: sending them
             // would let them overtake the failed one when it is retried.
             if broken {
@@ -138,8 +155,8 @@ impl KafkaSink {
             }
             let msg = match message::to_message_with(event, &self.config, &mut topics) {
                 Ok(msg) => msg,
-                Err(Poison(reason)) => {
-                    pending.push(Pending::Poison(reason));
+                Err(poison) => {
+                    pending.push(Pending::Poison(poison));
                     continue;
                 }
             };
@@ -160,7 +177,7 @@ impl KafkaSink {
                     batched += 1;
                     Pending::Sent(msg.topic)
                 }
-                Err(e) if is_poison(&e) => Pending::Poison(e.to_string()),
+                Err(e) if is_poison(&e) => Pending::Poison(Poison::new(e.to_string())),
                 Err(e) => {
                     broken = true;
                     Pending::Failed(SinkError::Delivery {
@@ -217,7 +234,7 @@ impl KafkaSink {
                         source: KafkaError::Canceled,
                     }),
                 },
-                Pending::Poison(reason) => self.dead_letter(event, reason).await,
+                Pending::Poison(poison) => self.dead_letter(event, poison).await,
                 Pending::Failed(e) => Delivery::Failed(e),
             };
             outcomes.push(outcome);
@@ -251,7 +268,7 @@ impl KafkaSink {
         if !alone && is_too_large(&e) {
             self.send_alone(event, topic).await
         } else if is_poison(&e) {
-            self.dead_letter(event, e.to_string()).await
+            self.dead_letter(event, Poison::new(e.to_string())).await
         } else {
             Delivery::Failed(SinkError::Delivery {
                 topic: topic.to_string(),
@@ -260,21 +277,24 @@ impl KafkaSink {
         }
     }
 
-    async fn dead_letter(&self, event: &OutboxEvent, reason: String) -> Delivery {
+    async fn dead_letter(&self, event: &OutboxEvent, poison: Poison) -> Delivery {
         tracing::warn!(
             event_id = event.id.as_deref().unwrap_or("?"),
             aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
             position = %event.position,
-            %reason,
+            reason = %poison.reason,
             "poison event, sending it to the dead-letter topic"
         );
-        let msg = message::to_dead_letter(event, &reason, &self.config);
+        let msg = message::to_dead_letter(event, &poison, &self.config);
         let source = match self.deliver(&msg).await {
             Ok(()) => {
-                return Delivery::DeadLettered {
-                    reason,
-                    metadata_only: false,
+                if poison.schema_violation {
+                    count_violation(&self.telemetry, event);
                 }
+                return Delivery::DeadLettered {
+                    reason: poison.reason,
+                    metadata_only: false,
+                };
             }
             Err(e) => e,
         };
@@ -282,7 +302,7 @@ impl KafkaSink {
         // and the body stays in PostgreSQL (the source keeps it before acknowledging).
         if is_too_large(&source) && self.config.metadata_dead_letters {
             let size = msg.value.len();
-            let meta = message::to_dead_letter_metadata(event, &reason, size, &self.config);
+            let meta = message::to_dead_letter_metadata(event, &poison, size, &self.config);
             tracing::warn!(
                 event_id = event.id.as_deref().unwrap_or("?"),
                 position = %event.position,
@@ -291,8 +311,11 @@ impl KafkaSink {
                  keeping its body in PostgreSQL"
             );
             if self.deliver(&meta).await.is_ok() {
+                if poison.schema_violation {
+                    count_violation(&self.telemetry, event);
+                }
                 return Delivery::DeadLettered {
-                    reason,
+                    reason: poison.reason,
                     metadata_only: true,
                 };
             }
@@ -301,7 +324,7 @@ impl KafkaSink {
         // unacknowledged and the relay stops advancing. Nothing is dropped.
         Delivery::Failed(SinkError::DeadLetter {
             topic: msg.topic.to_string(),
-            reason,
+            reason: poison.reason,
             source: Box::new(source),
         })
     }
@@ -322,11 +345,11 @@ impl KafkaSink {
         }
         let msg = match message::to_message(event, &self.config) {
             Ok(msg) => msg,
-            Err(Poison(reason)) => return self.dead_letter(event, reason).await,
+            Err(poison) => return self.dead_letter(event, poison).await,
         };
         match self.deliver(&msg).await {
             Ok(()) => Delivery::Published { topic },
-            Err(e) if is_poison(&e) => self.dead_letter(event, e.to_string()).await,
+            Err(e) if is_poison(&e) => self.dead_letter(event, Poison::new(e.to_string())).await,
             Err(e) => Delivery::Failed(SinkError::Delivery {
                 topic: topic.to_string(),
                 source: e,
@@ -428,6 +451,18 @@ impl KafkaSink {
     }
 }
 
+/// Counts a payload dead-lettered because it does not fit its schema.
+pub(super) fn count_violation(telemetry: &Telemetry, event: &OutboxEvent) {
+    telemetry
+        .metrics
+        .schema_violations
+        .with_label_values(&[
+            event.aggregate_type.as_deref().unwrap_or(""),
+            event.event_type.as_deref().unwrap_or(""),
+        ])
+        .inc();
+}
+
 /// Counts a batch's outcomes and keeps Kafka's readiness current: a delivery proves the
 /// brokers answer, a failed one says why they do not (the last outcome decides).
 ///
@@ -507,6 +542,6 @@ enum Pending {
     Sent(Arc<str>),
     /// Handed to the one-message producer.
     SentAlone(Arc<str>, DeliveryFuture),
-    Poison(String),
+    Poison(Poison),
     Failed(SinkError),
 }

@@ -57,6 +57,11 @@ impl TopicTemplate {
 
     /// Fills in the placeholders; the result still has to pass [`validate_topic_name`],
     /// since the values come from rows.
+    /// Whether the topic depends on the event type.
+    pub fn uses_event_type(&self) -> bool {
+        self.parts.contains(&Part::EventType)
+    }
+
     pub fn render(&self, aggregate_type: &str, event_type: &str) -> String {
         let mut out = String::new();
         for part in &self.parts {

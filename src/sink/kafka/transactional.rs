@@ -66,6 +66,8 @@ enum Plan<'a> {
         msg: KafkaMessage<'a>,
         reason: String,
         metadata_only: bool,
+        /// The payload did not fit its schema.
+        violation: bool,
     },
 }
 
@@ -174,6 +176,19 @@ impl TransactionalSink {
     /// Publishes `events` in one transaction with their checkpoint; every outcome is
     /// durable after a commit, and none is after an abort.
     async fn transact(&self, events: &[OutboxEvent]) -> Vec<Delivery> {
+        // Subjects first met are resolved first: until the registry gives them, the
+        // whole batch waits (one transaction, one outcome).
+        if let Some(contracts) = &self.config.contracts {
+            if let Err((_, e)) = contracts.prepare(events, &self.config).await {
+                let failed = SinkError::from(e);
+                let metrics = &self.telemetry.metrics;
+                metrics.failures.with_label_values(&[failed.reason()]).inc();
+                let mut outcomes = vec![Delivery::Failed(failed)];
+                outcomes
+                    .extend((1..events.len()).map(|_| Delivery::Failed(SinkError::NotAttempted)));
+                return outcomes;
+            }
+        }
         let plans: Vec<Plan> = events.iter().map(|e| self.plan(e)).collect();
         let failed = match self.produce_and_commit(events, &plans).await {
             Ok(()) => {
@@ -189,16 +204,23 @@ impl TransactionalSink {
                     .inc();
                 let outcomes: Vec<Delivery> = plans
                     .into_iter()
-                    .map(|plan| match plan {
+                    .zip(events)
+                    .map(|(plan, event)| match plan {
                         Plan::Message(msg) => Delivery::Published { topic: msg.topic },
                         Plan::DeadLetter {
                             reason,
                             metadata_only,
+                            violation,
                             ..
-                        } => Delivery::DeadLettered {
-                            reason,
-                            metadata_only,
-                        },
+                        } => {
+                            if violation {
+                                super::count_violation(&self.telemetry, event);
+                            }
+                            Delivery::DeadLettered {
+                                reason,
+                                metadata_only,
+                            }
+                        }
                     })
                     .collect();
                 account(&self.telemetry, &outcomes);
@@ -218,33 +240,38 @@ impl TransactionalSink {
     /// What `event` becomes: its message, or its dead letter when it is poison or a
     /// broker refused it for good before.
     fn plan<'a>(&self, event: &'a OutboxEvent) -> Plan<'a> {
-        let dead_letter = |reason: String, metadata_only: bool| {
-            let mut msg = message::to_dead_letter(event, &reason, &self.config);
+        let dead_letter = |poison: Poison, metadata_only: bool| {
+            let mut msg = message::to_dead_letter(event, &poison, &self.config);
             if metadata_only {
                 let size = msg.value.len();
-                msg = message::to_dead_letter_metadata(event, &reason, size, &self.config);
+                msg = message::to_dead_letter_metadata(event, &poison, size, &self.config);
             }
             Plan::DeadLetter {
                 msg,
-                reason,
+                reason: poison.reason,
                 metadata_only,
+                violation: poison.schema_violation,
             }
         };
         match self.refused.lock().unwrap().get(&key_of(event)) {
-            Some(Refusal::DeadLetter(reason)) => return dead_letter(reason.clone(), false),
-            Some(Refusal::MetadataOnly(reason)) => return dead_letter(reason.clone(), true),
+            Some(Refusal::DeadLetter(reason)) => {
+                return dead_letter(Poison::new(reason.clone()), false)
+            }
+            Some(Refusal::MetadataOnly(reason)) => {
+                return dead_letter(Poison::new(reason.clone()), true)
+            }
             None => {}
         }
         match message::to_message(event, &self.config) {
             Ok(msg) => Plan::Message(msg),
-            Err(Poison(reason)) => {
+            Err(poison) => {
                 tracing::warn!(
                     event_id = event.id.as_deref().unwrap_or("?"),
                     position = %event.position,
-                    %reason,
+                    reason = %poison.reason,
                     "poison event, sending it to the dead-letter topic"
                 );
-                dead_letter(reason, false)
+                dead_letter(poison, false)
             }
         }
     }

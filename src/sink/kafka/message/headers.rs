@@ -20,7 +20,7 @@ pub(super) fn extra_headers(json: &str) -> Result<Vec<Header<'_>>, Poison> {
         return Err(not_an_object(json));
     }
     let Entries(entries) = serde_json::from_str(json)
-        .map_err(|e| Poison(format!("headers is not valid JSON: {e}")))?;
+        .map_err(|e| Poison::new(format!("headers is not valid JSON: {e}")))?;
     let mut headers = Vec::with_capacity(entries.len());
     for (name, raw) in entries {
         headers.push((name, value_bytes(raw)?));
@@ -40,7 +40,7 @@ pub(super) fn extra_headers(json: &str) -> Result<Vec<Header<'_>>, Poison> {
 /// A header value: a JSON string's text, or another value's compact JSON.
 fn value_bytes(raw: &RawValue) -> Result<Cow<'_, [u8]>, Poison> {
     let text = raw.get();
-    let bad = |e: serde_json::Error| Poison(format!("headers is not valid JSON: {e}"));
+    let bad = |e: serde_json::Error| Poison::new(format!("headers is not valid JSON: {e}"));
     if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
         if !inner.contains('\\') {
             return Ok(Cow::Borrowed(inner.as_bytes()));
@@ -55,8 +55,8 @@ fn value_bytes(raw: &RawValue) -> Result<Cow<'_, [u8]>, Poison> {
 /// The error for a `headers` value that is JSON but no object (or no JSON at all).
 fn not_an_object(json: &str) -> Poison {
     match serde_json::from_str::<serde_json::Value>(json) {
-        Err(e) => Poison(format!("headers is not valid JSON: {e}")),
-        Ok(v) => Poison(format!("headers must be a JSON object, got {}", kind(&v))),
+        Err(e) => Poison::new(format!("headers is not valid JSON: {e}")),
+        Ok(v) => Poison::new(format!("headers must be a JSON object, got {}", kind(&v))),
     }
 }
 
@@ -179,7 +179,7 @@ mod tests {
             (r#"{"a": "1"} trailing"#, "headers is not valid JSON"),
             ("", "headers is not valid JSON"),
         ] {
-            let Poison(reason) = extra_headers(json).unwrap_err();
+            let reason = extra_headers(json).unwrap_err().reason;
             assert!(reason.contains(says), "{json}: {reason}");
         }
     }

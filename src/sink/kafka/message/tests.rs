@@ -8,7 +8,7 @@ fn config(extra: &str) -> KafkaSinkConfig {
     let toml = format!("brokers = \"b:9092\"\n{extra}");
     let raw: RawKafkaSinkConfig = toml_value(&toml);
     let mut problems = crate::config::Problems::default();
-    raw.validate(&mut problems)
+    raw.validate(&mut problems, std::path::Path::new("."))
         .unwrap_or_else(|| panic!("{problems}"))
 }
 
@@ -110,9 +110,9 @@ fn poison_events_say_what_is_wrong() {
         break_it(&mut e);
         let err = to_message(&e, &c).unwrap_err();
         assert!(
-            err.0.contains(expected),
+            err.reason.contains(expected),
             "{:?} should contain {expected:?}",
-            err.0
+            err.reason
         );
     }
 }
@@ -121,7 +121,11 @@ fn poison_events_say_what_is_wrong() {
 fn dead_letters_keep_original_bytes_key_headers_and_say_why() {
     let mut e = event();
     e.aggregate_type = Some("bad type".into());
-    let m = to_dead_letter(&e, "topic rejected", &config("dead_letter_topic = \"dlq\""));
+    let m = to_dead_letter(
+        &e,
+        &Poison::new("topic rejected"),
+        &config("dead_letter_topic = \"dlq\""),
+    );
     assert_eq!(&*m.topic, "dlq");
     assert_eq!(&*m.value, &br#"{"total": 42}"#[..]);
     assert_eq!(m.key.as_deref(), Some(&b"o-42"[..]));
@@ -179,7 +183,7 @@ fn a_row_may_name_only_topics_the_allow_list_permits() {
     routed.topic = Some("outbox.replies".into());
     assert_eq!(&*to_message(&routed, &c).unwrap().topic, "outbox.replies");
     routed.topic = Some("payments.commands".into());
-    let Poison(why) = to_message(&routed, &c).unwrap_err();
+    let why = to_message(&routed, &c).unwrap_err().reason;
     assert!(
         why.contains("payments.commands") && why.contains("sink.kafka.row_topics"),
         "{why}"
