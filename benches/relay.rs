@@ -14,7 +14,10 @@
 //! * process start to first event acknowledged (one row, polling mode);
 //! * a steady state: a writer at a fixed rate while the relay (log mode) runs, with
 //!   end-to-end events/s and commit→ack p50/p99 from the relay's own histogram;
-//! * peak RSS and CPU seconds of the relay process in each drain.
+//! * peak RSS and CPU seconds of the relay process in each drain;
+//! * the log-mode drain again with the events Avro-encoded (`[[sink.kafka.schemas]]`,
+//!   a schema registered in an Apicurio Registry the bench starts): its rate beside the
+//!   pass-through drain of the same run (target ≥ 0.8x) and its CPU per event.
 //!
 //! It prints a table, the ratios to `pg_recvlogical`, and writes JSON
 //! (`target/bench/relay.json`, or `--json PATH`). `--rows N`, `--runs N` and
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use outbox_relay::testkit::apache_kafka::{self, Kafka, KafkaOptions};
 use outbox_relay::testkit::postgres::{bin_dir, Postgres};
+use outbox_relay::testkit::registry::Registry;
 use outbox_relay::testkit::tansu::Tansu;
 use outbox_relay::testkit::{free_port, http_get, kafka, RelayProcess};
 use serde::Serialize;
@@ -208,6 +212,8 @@ struct BrokerReport {
     broker: String,
     relay_log: Vec<Drain>,
     relay_polling: Vec<Drain>,
+    /// Log mode with every event Avro-encoded through the schema registry.
+    avro_log: Vec<Drain>,
     first_event_ms: Vec<f64>,
     /// The steady run with the median p99, and every run's (one per `--runs`).
     steady: Steady,
@@ -294,6 +300,10 @@ struct Medians {
     first_event_ms: f64,
     log_cpu_us_per_event: f64,
     polling_cpu_us_per_event: f64,
+    avro_log_events_per_second: f64,
+    /// Avro-encoded log mode against pass-through log mode (the target: ≥ 0.8).
+    avro_ratio_to_log: f64,
+    avro_log_cpu_us_per_event: f64,
 }
 
 /// A broker under test: its name in the report, its bootstrap list and a slot of its own.
@@ -361,6 +371,10 @@ fn baseline_slot(t: &Target) -> String {
 }
 
 /// The exactly-once slot of a target.
+fn avro_slot(t: &Target) -> String {
+    format!("{}_avro", t.slot)
+}
+
 fn eos_slot(t: &Target) -> String {
     format!("{}_eos", t.slot)
 }
@@ -402,6 +416,19 @@ fn main() {
         kafka
     });
     let tansu = a.tansu.then(|| Tansu::start().expect("tansu"));
+    let started = Instant::now();
+    let registry = Registry::start().expect("the schema registry (run scripts/install)");
+    eprintln!("bench: schema registry ready in {:.1?}", started.elapsed());
+    let schemas = tempfile::tempdir().unwrap();
+    let avsc = schemas.path().join("bench.avsc");
+    std::fs::write(&avsc, BENCH_AVSC).unwrap();
+    AVRO.set(format!(
+        "[sink.kafka.schema_registry]\nurl = \"{}\"\n\
+         [[sink.kafka.schemas]]\naggregate_type = \"bench\"\nformat = \"avro\"\nfile = \"{}\"\n",
+        registry.url(),
+        avsc.display()
+    ))
+    .unwrap();
     let mut targets = Vec::new();
     if let Some(k) = &kafka {
         targets.push(Target {
@@ -453,6 +480,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 broker: t.name.clone(),
                 relay_log: Vec::new(),
                 relay_polling: Vec::new(),
+                avro_log: Vec::new(),
                 first_event_ms: Vec::new(),
                 steady: Steady::default(),
                 steady_runs: Vec::new(),
@@ -475,6 +503,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         let slots = std::iter::once("bench_recv".to_owned()).chain(targets.iter().flat_map(|t| {
             std::iter::once(t.slot.clone())
                 .chain(t.transactions.then(|| eos_slot(t)))
+                .chain(std::iter::once(avro_slot(t)))
                 .chain(a.baseline.is_some().then(|| baseline_slot(t)))
         }));
         for slot in slots {
@@ -511,6 +540,12 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 b.baseline_log
                     .push(baseline_log(bin, &db, &url, t, &end, a.rows).await);
             }
+            b.avro_log
+                .push(relay_log_avro(&db, &url, &t.brokers, &avro_slot(t), &end, a.rows).await);
+            eprintln!(
+                "  {}: relay log mode, Avro-encoded {:.0}/s",
+                t.name, b.avro_log[run].events_per_second
+            );
             if let Some(eos) = &mut b.exactly_once {
                 let slot = eos_slot(t);
                 eos.relay_log.push(
@@ -638,7 +673,11 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 .map(|d| d.events_per_second)
                 .collect(),
         );
+        let avro = median(b.avro_log.iter().map(|d| d.events_per_second).collect());
         b.median = Medians {
+            avro_log_events_per_second: avro,
+            avro_ratio_to_log: avro / log,
+            avro_log_cpu_us_per_event: cpu_us_per_event(&b.avro_log, a.rows),
             pg_recvlogical_events_per_second: recv,
             log_events_per_second: log,
             polling_events_per_second: polling,
@@ -943,6 +982,37 @@ async fn relay_log(
         &format!("[source.logical]\nslot = \"{slot}\"\ncreate_if_missing = false\n{batch}"),
         sink,
     );
+    drain_log(&config, db, slot, end, rows, perf).await
+}
+
+/// A log-mode drain with every event Avro-encoded ([`AVRO`]'s schema and registry).
+async fn relay_log_avro(
+    db: &Client,
+    url: &str,
+    brokers: &str,
+    slot: &str,
+    end: &str,
+    rows: usize,
+) -> Drain {
+    let config = config_file(
+        url,
+        brokers,
+        "logical",
+        &format!("[source.logical]\nslot = \"{slot}\"\ncreate_if_missing = false\n"),
+        AVRO.get().expect("the registry started"),
+    );
+    drain_log(&config, db, slot, end, rows, None).await
+}
+
+/// Runs the relay with `config` until `slot` flushed past `end`.
+async fn drain_log(
+    config: &ConfigFile,
+    db: &Client,
+    slot: &str,
+    end: &str,
+    rows: usize,
+    perf: Option<&Path>,
+) -> Drain {
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     let profile = perf.map(|out| Profile::attach(relay.id(), out));
@@ -1208,6 +1278,15 @@ impl ConfigFile {
     }
 }
 
+/// The schema registry and schema entry of the Avro drain (`[sink.kafka.schema_registry]`
+/// and `[[sink.kafka.schemas]]` for the workload's aggregate type), set once.
+static AVRO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The workload's payload (`load`) as an Avro record.
+const BENCH_AVSC: &str = r#"{"type": "record", "name": "BenchEvent", "namespace": "bench",
+  "fields": [{"name": "n", "type": "long"}, {"name": "agg", "type": "long"},
+             {"name": "pad", "type": "string"}]}"#;
+
 /// The `[sink.kafka.librdkafka]` table of every relay run (`--librdkafka`), set once.
 static LIBRDKAFKA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -1355,6 +1434,10 @@ fn print_table(r: &Report) {
             &format!("relay, polling mode → {} (with deletes)", b.broker),
             &b.relay_polling,
         );
+        row(
+            &format!("relay, log mode, Avro-encoded → {}", b.broker),
+            &b.avro_log,
+        );
     }
     for b in &r.brokers {
         let m = &b.median;
@@ -1372,6 +1455,21 @@ fn print_table(r: &Report) {
             "  ratio to pg_recvlogical (of the medians): log mode {:.2}x, polling mode {:.2}x; \
              run by run: log {llo:.2}–{lhi:.2}x, polling {plo:.2}–{phi:.2}x",
             m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
+        );
+        let avro_ratios = spread(
+            b.avro_log
+                .iter()
+                .zip(&b.relay_log)
+                .map(|(x, p)| x.events_per_second / p.events_per_second),
+        );
+        println!(
+            "  Avro-encoded log mode vs pass-through (of the medians): {:.2}x (target ≥ 0.8x); \
+             run by run {:.2}–{:.2}x; CPU per event {:.2} µs (pass-through {:.2} µs)",
+            m.avro_ratio_to_log,
+            avro_ratios.0,
+            avro_ratios.1,
+            m.avro_log_cpu_us_per_event,
+            m.log_cpu_us_per_event
         );
         let (lo, hi) = spread(b.first_event_ms.iter().copied());
         println!(

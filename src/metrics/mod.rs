@@ -76,6 +76,11 @@ pub const NAMES: [&str; 21] = [
     SCHEMA_VIOLATIONS,
 ];
 
+/// Metrics whose series exist only once an event gave them their labels: a relay
+/// without `[[sink.kafka.schemas]]` never exports [`SCHEMA_VIOLATIONS`] (its labels come
+/// from the events, so no series can be made up front).
+pub const EXPORTED_WHEN_SEEN: [&str; 1] = [SCHEMA_VIOLATIONS];
+
 /// The `kind` label values of [`ROW_CHANGES`].
 pub const ROW_CHANGE_KINDS: [&str; 2] = ["update", "delete"];
 

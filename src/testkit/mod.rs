@@ -22,11 +22,30 @@ pub fn free_port() -> std::io::Result<u16> {
 /// `GET path` on `addr` over HTTP/1.0; returns the status code and body. Enough for
 /// probing the relay's own endpoints in tests.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// `method path` on `addr` over HTTP/1.0, with a JSON `body` if given; returns the status
+/// code and body. HTTP/1.0 so the answer ends where the connection does: no chunked
+/// decoding needed.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     let status = response

@@ -25,6 +25,62 @@ pub fn shared_url() -> Option<String> {
     std::env::var(SHARED_ENV).ok().filter(|s| !s.is_empty())
 }
 
+/// The run's shared registry, or a private one when there is none (a test run without
+/// `scripts/test`); the private one lives as long as this value.
+pub struct TestRegistry {
+    pub url: String,
+    _own: Option<Registry>,
+}
+
+/// [`TestRegistry`]: tests that register their own subjects (under their own prefix)
+/// need no registry of their own. A test that stops the registry starts a private one
+/// with [`Registry::start`] instead.
+pub fn shared_or_start() -> std::io::Result<TestRegistry> {
+    match shared_url() {
+        Some(url) => Ok(TestRegistry { url, _own: None }),
+        None => {
+            let own = Registry::start()?;
+            Ok(TestRegistry {
+                url: own.url(),
+                _own: Some(own),
+            })
+        }
+    }
+}
+
+/// `PUT /config` (`subject` `None`) or `PUT /config/{subject}`: the compatibility level
+/// (`BACKWARD`, `FULL_TRANSITIVE`, `NONE`, …) the registry enforces on new versions.
+pub async fn set_compatibility(
+    url: &str,
+    subject: Option<&str>,
+    level: &str,
+) -> std::io::Result<()> {
+    let (addr, base) = split_url(url)?;
+    let path = match subject {
+        Some(subject) => format!("{base}/config/{subject}"),
+        None => format!("{base}/config"),
+    };
+    let body = format!(r#"{{"compatibility":"{level}"}}"#);
+    let (status, answer) = super::http_request(addr, "PUT", &path, Some(&body)).await?;
+    if status != 200 {
+        return Err(std::io::Error::other(format!(
+            "PUT {path} answered {status}: {answer}"
+        )));
+    }
+    Ok(())
+}
+
+/// `http://HOST:PORT/PATH` into the socket address and the path, for the raw HTTP/1.0
+/// helpers (the test kit has no HTTP client of its own).
+fn split_url(url: &str) -> std::io::Result<(std::net::SocketAddr, String)> {
+    use std::net::ToSocketAddrs as _;
+    let bad = || std::io::Error::other(format!("not an http://host:port/path URL: {url}"));
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr = authority.to_socket_addrs()?.next().ok_or_else(bad)?;
+    Ok((addr, format!("/{}", path.trim_end_matches('/'))))
+}
+
 /// The Confluent API's URL on a loopback port.
 pub fn url_on(port: u16) -> String {
     format!("http://127.0.0.1:{port}/apis/ccompat/v7")
@@ -40,7 +96,19 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on a free port.
     pub fn start() -> std::io::Result<Registry> {
-        Registry::start_on(free_port()?)
+        // A chosen port (HTTP or management) can be taken by someone else before the JVM
+        // binds it: try again on fresh ones.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Registry::start_on(free_port()?) {
+                Ok(registry) => return Ok(registry),
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, "the schema registry did not start; retrying")
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Starts a registry on `port` (a test that needs the URL before the registry).
@@ -49,6 +117,7 @@ impl Registry {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("registry.log");
         let management = free_port()?;
+        let out = std::fs::File::create(&log)?;
         let mut cmd = Command::new(&java);
         cmd.args(["-Xmx192m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"])
             .arg("-Dquarkus.http.host=127.0.0.1")
@@ -60,8 +129,10 @@ impl Registry {
             .arg(&jar)
             .current_dir(jar.parent().unwrap_or(Path::new(".")))
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(Stdio::null());
+            .stdout(out.try_clone()?)
+            // The JVM's own refusals (a class file too new for this Java, a bad flag)
+            // come on stderr: the start error quotes them from the log.
+            .stderr(out);
         die_with_parent(&mut cmd);
         let mut registry = Registry {
             port,
@@ -95,6 +166,18 @@ impl Registry {
         url_on(self.port)
     }
 
+    /// SIGKILL: the registry is gone at once, with everything registered (in-memory
+    /// storage), and its port refuses connections.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its log (the JVM's stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Whether `GET /subjects` answers 200.
     fn answers(&self) -> bool {
         use std::io::Write as _;
@@ -112,7 +195,7 @@ impl Registry {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
@@ -120,8 +203,7 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

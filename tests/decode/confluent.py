@@ -85,10 +85,15 @@ def proto_message(schema_id, text, path):
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
         pool.Add(file)
-    fd = pool.FindFileByName("schema.proto")
-    desc = list(fd.message_types_by_name.values())[path[0]]
+    # The indexes count messages in declaration order: walk the FileDescriptorProto's
+    # lists, which keep it, and look the full name up in the pool.
+    (own,) = [f for f in files.file if f.name == "schema.proto"]
+    proto, name = own.message_type[path[0]], own.package
+    name = f"{name}.{proto.name}" if name else proto.name
     for i in path[1:]:
-        desc = desc.nested_types[i]
+        proto = proto.nested_type[i]
+        name = f"{name}.{proto.name}"
+    desc = pool.FindMessageTypeByName(name)
     cls = message_factory.GetMessageClass(desc)
     _messages[key] = cls
     return cls
@@ -104,6 +109,11 @@ def decode(raw):
     if kind == "AVRO":
         parsed = fastavro.parse_schema(json.loads(found["schema"]))
         value = plain(fastavro.schemaless_reader(buf, parsed))
+        # fastavro stops where the schema ends: bytes after it mean the writer and the
+        # registered schema disagree, which a reader would not notice but a test must.
+        rest = len(buf.read())
+        if rest:
+            raise ValueError(f"{rest} bytes left after the Avro value")
     elif kind == "PROTOBUF":
         count = zigzag(buf)
         path = [zigzag(buf) for _ in range(count)] if count else [0]

@@ -23,6 +23,7 @@ mod partitioned;
 mod polling;
 mod process;
 mod refusals;
+mod schema_access;
 mod schema_gate;
 mod schemas;
 mod secrets;

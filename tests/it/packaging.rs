@@ -63,6 +63,7 @@ fn compose_services_ports_and_files_exist() {
         "relay-polling",
         "writer",
         "prometheus",
+        "registry",
     ] {
         assert!(names.contains(&needed), "service {needed} missing");
     }
@@ -140,8 +141,13 @@ fn compose_services_ports_and_files_exist() {
     }
 
     // The relays' configuration, with compose's environment overrides, is valid.
+    assert_eq!(
+        doc["services"]["registry"]["image"].as_str(),
+        Some("apicurio/apicurio-registry:3.3.3"),
+        "compose runs the registry version the tests run"
+    );
     for (service, file) in [
-        ("relay", "config/logical.toml"),
+        ("relay", "deploy/compose/relay-avro.toml"),
         ("relay-polling", "config/polling.toml"),
     ] {
         let env = str_map(&doc["services"][service]["environment"]);
@@ -150,6 +156,10 @@ fn compose_services_ports_and_files_exist() {
             .unwrap_or_else(|e| panic!("{service}: {e}"));
         assert_eq!(config.sink.brokers, "kafka:9092");
         assert_eq!(config.http.listen.port(), 9187);
+        if service == "relay" {
+            let contracts = config.sink.contracts.expect("orders are Avro-encoded");
+            assert_eq!(contracts.entry_for("order", "OrderPlaced"), Some(0));
+        }
     }
 }
 

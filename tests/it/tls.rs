@@ -11,7 +11,7 @@ use outbox_relay::testkit::tansu::Tansu;
 use crate::support::{insert_event, load_toml, run_error, RunningRelay};
 
 /// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
-fn make_certs(dir: &Path, ca_name: &str) {
+pub fn make_certs(dir: &Path, ca_name: &str) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
