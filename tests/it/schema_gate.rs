@@ -314,3 +314,67 @@ async fn a_schema_evolved_compatibly_while_stopped_is_registered_at_the_next_sta
         "the default"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_first_met_at_run_time_is_resolved_then_and_its_events_encoded() {
+    let env = Env::start().await;
+    let registry = shared_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "order.json",
+        r#"{"$schema": "http://json-schema.org/draft-07/schema#", "title": "shop.Order",
+            "type": "object", "required": ["id"]}"#,
+    );
+    // The topic names the event type, and the entry does not: no subject is known at
+    // start, each is met with its first event.
+    let toml = env.with_topic(
+        &env.config_toml(
+            "logical",
+            "",
+            &registry_toml(
+                &registry.url,
+                true,
+                &entry("order", "json_schema", &file, ""),
+            ),
+        ),
+        "outbox.{aggregate_type}.{event_type}",
+    );
+    let config = write_file(dir.path(), "relay.toml", &toml);
+    let (code, out) = cli(&["schemas", "check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("skipped") && out.contains("resolved when the first event is"),
+        "{out}"
+    );
+    env.create_topics(&["outbox.order.Placed", "outbox.order.Paid"], 1)
+        .await;
+    let db = env.client().await;
+
+    insert_event(&db, "order", "o-1", "Placed", r#"{"id": "o-1"}"#).await;
+    let relay = RunningRelay::start(load_toml(&toml));
+    let placed = env.consume(&["outbox.order.Placed"], 1, 30).await;
+    insert_event(
+        &db,
+        "order",
+        "o-1",
+        "Paid",
+        r#"{"id": "o-1", "paid": true}"#,
+    )
+    .await;
+    let paid = env.consume(&["outbox.order.Paid"], 1, 30).await;
+    relay.stop().await;
+
+    for (topic, got) in [("Placed", &placed), ("Paid", &paid)] {
+        let subject = format!("{}outbox.order.{topic}-value", env.ns);
+        assert_eq!(
+            versions(&registry.url, &subject).await,
+            json!([1]),
+            "{subject}"
+        );
+        let decoded = decode_independently(&registry.url, &got.iter().collect::<Vec<_>>());
+        assert_eq!(decoded[0]["type"], "JSON", "{topic}");
+    }
+    let decoded = decode_independently(&registry.url, &paid.iter().collect::<Vec<_>>());
+    assert_eq!(decoded[0]["value"], json!({"id": "o-1", "paid": true}));
+}

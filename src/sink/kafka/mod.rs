@@ -493,7 +493,24 @@ pub(super) fn account(telemetry: &Telemetry, outcomes: &[Delivery]) {
         }
     }
     flush(run);
-    match outcomes.last() {
+    // An event waiting for its schema (and those not sent behind it) says nothing about
+    // Kafka: readiness names the registry instead.
+    let waiting = outcomes.iter().find_map(|o| match o {
+        Delivery::Failed(e @ SinkError::Contract(_)) => Some(e),
+        _ => None,
+    });
+    if !outcomes.is_empty() {
+        telemetry
+            .health
+            .set_registry(waiting.map(ToString::to_string));
+    }
+    let about_kafka = outcomes.iter().rev().find(|o| {
+        !matches!(
+            o,
+            Delivery::Failed(SinkError::Contract(_)) | Delivery::Failed(SinkError::NotAttempted)
+        ) || waiting.is_none()
+    });
+    match about_kafka {
         Some(Delivery::Failed(e)) => telemetry.health.set_kafka(Some(e.to_string())),
         Some(_) => telemetry.health.set_kafka(None),
         None => {}

@@ -183,6 +183,7 @@ impl TransactionalSink {
                 let failed = SinkError::from(e);
                 let metrics = &self.telemetry.metrics;
                 metrics.failures.with_label_values(&[failed.reason()]).inc();
+                self.telemetry.health.set_registry(Some(failed.to_string()));
                 let mut outcomes = vec![Delivery::Failed(failed)];
                 outcomes
                     .extend((1..events.len()).map(|_| Delivery::Failed(SinkError::NotAttempted)));

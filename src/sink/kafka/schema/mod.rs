@@ -79,6 +79,15 @@ pub enum ContractError {
         expected: SchemaFormat,
         got: SchemaFormat,
     },
+    #[error(
+        "the schema registry refuses {origin} for subject {subject} as an invalid schema: \
+         {reason}"
+    )]
+    Invalid {
+        subject: String,
+        origin: String,
+        reason: String,
+    },
     #[error("subject {subject}'s schema (id {id}) does not compile: {reason}")]
     Unusable {
         subject: String,

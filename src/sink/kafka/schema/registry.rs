@@ -347,3 +347,109 @@ fn clip(text: &str) -> String {
         text.to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::kafka::schema::config::SubjectStrategy;
+
+    /// Answers every request on a free port with `status` and `body`; its URL.
+    async fn fake(status: &'static str, body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        url
+    }
+
+    fn registry(url: &str) -> Registry {
+        Registry::new(&RegistryConfig {
+            url: url.to_owned(),
+            username: None,
+            password: None,
+            ca_file: None,
+            subject_strategy: SubjectStrategy::Topic,
+            register: true,
+            timeout: Duration::from_secs(2),
+        })
+        .unwrap()
+    }
+
+    fn codec() -> Codec {
+        Codec::compile(SchemaFormat::JsonSchema, r#"{"type": "object"}"#, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_it_does_not_understand_are_errors_naming_the_url_never_guesses() {
+        for (status, body) in [
+            ("200 OK", "<html>hi</html>"),
+            ("200 OK", "{}"),
+            ("404 Not Found", "no such page"),
+            ("302 Found", ""),
+            ("401 Unauthorized", "go away"),
+        ] {
+            let url = fake(status, body).await;
+            let e = registry(&url)
+                .lookup("orders-value", &codec())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, RegistryError::Unrecognised { .. }),
+                "{status} {body:?}: {e}"
+            );
+            assert!(e.to_string().contains(&url), "{e}");
+            assert!(!e.is_retryable());
+        }
+    }
+
+    #[tokio::test]
+    async fn not_found_is_only_the_registrys_own_codes() {
+        let url = fake(
+            "404 Not Found",
+            r#"{"error_code":40401,"message":"Subject not found"}"#,
+        )
+        .await;
+        assert!(registry(&url)
+            .lookup("s", &codec())
+            .await
+            .unwrap()
+            .is_none());
+        let url = fake(
+            "409 Conflict",
+            r#"{"error_code":409,"message":"incompatible: [a]"}"#,
+        )
+        .await;
+        let e = registry(&url).register("s", &codec()).await.unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Refused { status: 409, .. }),
+            "{e}"
+        );
+        assert!(!e.is_retryable());
+        let url = fake("503 Service Unavailable", "busy").await;
+        let e = registry(&url).register("s", &codec()).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_is_retryable_and_named() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let e = registry(&url).lookup("s", &codec()).await.unwrap_err();
+        assert!(e.is_retryable() && e.to_string().contains(&url), "{e}");
+    }
+}
