@@ -17,7 +17,7 @@ use crate::backoff::Backoff;
 use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
 use crate::sink::kafka::checkpoint::Resume;
-use crate::sink::{Delivery, Sink};
+use crate::sink::{Delivery, Sink, SinkError};
 use crate::source::Source;
 
 /// How often a batch waiting for Kafka is checked for a stall.
@@ -201,13 +201,20 @@ impl<K: Sink> Pump<'_, K> {
             }
             if let (Some(event), Some(Delivery::Failed(e))) = (batch.get(durable), &failure) {
                 // One line per failed batch, naming the first event that blocks it.
+                let what = match e {
+                    SinkError::Contract(_) => {
+                        "this event's schema could not be resolved, so it and the events behind \
+                         it were not sent; they wait and are sent again"
+                    }
+                    _ => "Kafka did not acknowledge the batch from this event on; it will be sent again",
+                };
                 tracing::warn!(
                     event_id = event.id.as_deref().unwrap_or("?"),
                     aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
                     position = %event.position,
                     error = %e,
                     unacknowledged = batch.len() - durable,
-                    "Kafka did not acknowledge the batch from this event on; it will be sent again"
+                    "{what}"
                 );
             }
             // What was sent behind the failed batch goes again too. Its delivery reports

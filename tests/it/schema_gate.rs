@@ -84,21 +84,51 @@ async fn versions(url: &str, subject: &str) -> Value {
         .unwrap()
 }
 
+/// What most tests here start with: an outbox, a registry, `order.avsc` (V1) and a relay
+/// configuration encoding `order` events with it.
+struct Gate {
+    env: Env,
+    registry: crate::schemas::TestRegistry,
+    /// The subject of `order` events: `<prefix>outbox.order-value`.
+    subject: String,
+    dir: tempfile::TempDir,
+    toml: String,
+}
+
+impl Gate {
+    async fn start(mode: &str, register: bool) -> Gate {
+        let env = Env::start().await;
+        let registry = shared_registry();
+        let subject = format!("{}outbox.order-value", env.ns);
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_file(dir.path(), "order.avsc", V1);
+        let toml = env.config_toml(
+            mode,
+            "",
+            &registry_toml(&registry.url, register, &entry("order", "avro", &file, "")),
+        );
+        env.create_topics(&["outbox.order"], 1).await;
+        Gate {
+            env,
+            registry,
+            subject,
+            dir,
+            toml,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incompatible_schema_stops_run_and_check_and_schemas_check_names_the_break() {
-    let env = Env::start().await;
-    let registry = shared_registry();
-    let subject = format!("{}outbox.order-value", env.ns);
-    let dir = tempfile::tempdir().unwrap();
-    let file = write_file(dir.path(), "order.avsc", V1);
-    let toml = env.config_toml(
-        "polling",
-        "",
-        &registry_toml(&registry.url, true, &entry("order", "avro", &file, "")),
-    );
+    let Gate {
+        env,
+        registry,
+        subject,
+        dir,
+        toml,
+    } = Gate::start("polling", true).await;
     let config = write_file(dir.path(), "relay.toml", &toml);
     let config = config.to_str().unwrap();
-    env.create_topics(&["outbox.order"], 1).await;
 
     // Before the first run: compatible, not registered yet; `check` registers nothing.
     let (code, out) = cli(&["schemas", "check", "--config", config]);
@@ -188,17 +218,14 @@ async fn an_incompatible_schema_stops_run_and_check_and_schemas_check_names_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_register_false_the_schema_must_be_registered_first() {
-    let env = Env::start().await;
-    let registry = shared_registry();
-    let subject = format!("{}outbox.order-value", env.ns);
-    let dir = tempfile::tempdir().unwrap();
-    let file = write_file(dir.path(), "order.avsc", V1);
-    let toml = env.config_toml(
-        "polling",
-        "",
-        &registry_toml(&registry.url, false, &entry("order", "avro", &file, "")),
-    );
-    env.create_topics(&["outbox.order"], 1).await;
+    // `_dir` keeps the schema file until the test ends.
+    let Gate {
+        env,
+        registry,
+        subject,
+        toml,
+        dir: _dir,
+    } = Gate::start("polling", false).await;
     let db = env.client().await;
     insert_event(&db, "order", "o-1", "Placed", r#"{"id": "o-1", "qty": 1}"#).await;
 
@@ -263,17 +290,13 @@ async fn a_registry_down_at_start_holds_every_event_back_until_it_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_evolved_compatibly_while_stopped_is_registered_at_the_next_start() {
-    let env = Env::start().await;
-    let registry = shared_registry();
-    let subject = format!("{}outbox.order-value", env.ns);
-    let dir = tempfile::tempdir().unwrap();
-    let file = write_file(dir.path(), "order.avsc", V1);
-    let toml = env.config_toml(
-        "logical",
-        "",
-        &registry_toml(&registry.url, true, &entry("order", "avro", &file, "")),
-    );
-    env.create_topics(&["outbox.order"], 1).await;
+    let Gate {
+        env,
+        registry,
+        subject,
+        dir,
+        toml,
+    } = Gate::start("logical", true).await;
     let db = env.client().await;
 
     insert_event(&db, "order", "o-1", "Placed", r#"{"id": "o-1", "qty": 1}"#).await;
