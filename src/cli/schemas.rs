@@ -196,7 +196,11 @@ pub async fn report(config: &Config) -> Result<bool, ContractError> {
             println!("{what}: ok (registered, id {}{version})", found.id);
             continue;
         }
-        match registry.compatibility(&subject, codec).await {
+        let answer = contracts
+            .compatibility_of(&s)
+            .await
+            .expect("the subject was named above");
+        match answer {
             Ok(Compatibility::Incompatible(reasons)) => {
                 return Err(ContractError::Incompatible {
                     subject,

@@ -401,3 +401,28 @@ async fn a_subject_first_met_at_run_time_is_resolved_then_and_its_events_encoded
     let decoded = decode_independently(&registry.url, &paid.iter().collect::<Vec<_>>());
     assert_eq!(decoded[0]["value"], json!({"id": "o-1", "paid": true}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_the_registry_calls_invalid_stops_run_naming_it() {
+    let env = Env::start().await;
+    let registry = shared_registry();
+    let dir = tempfile::tempdir().unwrap();
+    // Valid JSON Schema to the relay, but Apicurio cannot tell its type without `$schema`.
+    let file = write_file(dir.path(), "order.json", r#"{"type": "object"}"#);
+    let toml = env.config_toml(
+        "polling",
+        "",
+        &registry_toml(
+            &registry.url,
+            true,
+            &entry("order", "json_schema", &file, ""),
+        ),
+    );
+    let error = run_error(load_toml(&toml)).await;
+    assert!(
+        error.contains("as an invalid schema")
+            && error.contains(&format!("{}outbox.order-value", env.ns))
+            && error.contains("order.json"),
+        "{error}"
+    );
+}

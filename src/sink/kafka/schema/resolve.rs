@@ -73,17 +73,13 @@ impl Contracts {
             return Ok(r.clone());
         }
         let e = &self.entries[entry];
+        // A file's record name, or a registered version's `message`, was checked at load.
+        let subject = self
+            .subject(entry, topic)
+            .expect("every entry's subject can be named (checked at load)");
         let resolved = match &e.source {
-            SchemaSource::File { codec, .. } => {
-                let subject = self
-                    .subject(entry, topic)
-                    .expect("a file's record name was checked at load");
-                self.file_schema(e, subject, codec).await?
-            }
+            SchemaSource::File { codec, .. } => self.file_schema(e, subject, codec).await?,
             SchemaSource::Registered { version } => {
-                let subject = self
-                    .subject(entry, topic)
-                    .expect("a registered version's subject was checked at load");
                 self.registered_schema(e, subject, *version).await?
             }
         };
@@ -130,9 +126,9 @@ impl Contracts {
                 message,
                 ..
             }) => {
-                return Err(ContractError::Unusable {
+                return Err(ContractError::Invalid {
                     subject,
-                    id: 0,
+                    origin: e.origin(),
                     reason: message,
                 })
             }
@@ -253,36 +249,43 @@ impl Contracts {
     ) -> Vec<(StartSubject, Result<Compatibility, ContractError>)> {
         let mut answers = Vec::new();
         for s in self.start_subjects(sink) {
-            let e = &self.entries[s.entry];
-            let answer = match (&e.source, &s.subject) {
-                // Some registries (Apicurio) call any schema compatible with a subject
-                // that has no version: ask first whether it has one.
-                (SchemaSource::File { codec, .. }, Some(subject)) => {
-                    match self.registry.version(subject, None).await {
-                        Ok(None) => Ok(Compatibility::NewSubject),
-                        Ok(Some(_)) => self
-                            .registry
-                            .compatibility(subject, codec)
-                            .await
-                            .map_err(ContractError::from),
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                (SchemaSource::Registered { version }, Some(subject)) => {
-                    match self.registry.version(subject, *version).await {
-                        Ok(Some(_)) => Ok(Compatibility::Compatible),
-                        Ok(None) => Err(ContractError::NoVersion {
-                            subject: subject.clone(),
-                            origin: e.origin(),
-                            key: e.key.clone(),
-                        }),
-                        Err(err) => Err(err.into()),
-                    }
-                }
-                (_, None) => continue,
-            };
-            answers.push((s, answer));
+            if let Some(answer) = self.compatibility_of(&s).await {
+                answers.push((s, answer));
+            }
         }
         answers
+    }
+
+    /// [`Contracts::compatibility`] for one subject; `None` when it cannot be named yet.
+    pub async fn compatibility_of(
+        &self,
+        s: &StartSubject,
+    ) -> Option<Result<Compatibility, ContractError>> {
+        let e = &self.entries[s.entry];
+        let subject = s.subject.as_ref()?;
+        Some(match &e.source {
+            // Some registries (Apicurio) call any schema compatible with a subject that
+            // has no version: ask first whether it has one.
+            SchemaSource::File { codec, .. } => match self.registry.version(subject, None).await {
+                Ok(None) => Ok(Compatibility::NewSubject),
+                Ok(Some(_)) => self
+                    .registry
+                    .compatibility(subject, codec)
+                    .await
+                    .map_err(ContractError::from),
+                Err(e) => Err(e.into()),
+            },
+            SchemaSource::Registered { version } => {
+                match self.registry.version(subject, *version).await {
+                    Ok(Some(_)) => Ok(Compatibility::Compatible),
+                    Ok(None) => Err(ContractError::NoVersion {
+                        subject: subject.clone(),
+                        origin: e.origin(),
+                        key: e.key.clone(),
+                    }),
+                    Err(err) => Err(err.into()),
+                }
+            }
+        })
     }
 }
