@@ -83,6 +83,7 @@ impl OutboxEvent {
             timestamp_ms: None,
             invalid: None,
             original: None,
+            redriven: false,
         }
     }
 
@@ -138,6 +139,10 @@ pub struct OutboxEvent {
     /// The event's bytes as the source received them, when they differ from `payload`
     /// (a logical message's whole envelope): what the dead-letter topic gets.
     pub original: Option<Bytes>,
+    /// Published again by an operator from the parked or dead-letter queue
+    /// (`dead-letters redrive`): the message carries a `redriven` header, and its
+    /// position is an old one that no checkpoint may move back to.
+    pub redriven: bool,
 }
 
 #[cfg(test)]

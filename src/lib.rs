@@ -35,7 +35,7 @@ pub mod testkit;
 pub use daemon::run;
 
 /// The SQL the project ships in `sql/`, in the order to apply it.
-pub const SETUP_SQL: [(&str, &str); 5] = [
+pub const SETUP_SQL: [(&str, &str); 6] = [
     ("sql/001_outbox.sql", include_str!("../sql/001_outbox.sql")),
     (
         "sql/002_publication.sql",
@@ -52,5 +52,9 @@ pub const SETUP_SQL: [(&str, &str); 5] = [
     (
         "sql/005_relay_state.sql",
         include_str!("../sql/005_relay_state.sql"),
+    ),
+    (
+        "sql/006_parking.sql",
+        include_str!("../sql/006_parking.sql"),
     ),
 ];

@@ -1,4 +1,5 @@
-//! The command line: `run`, `check`, `status`, `setup`, `slot`, `schemas`, `--version`.
+//! The command line: `run`, `check`, `status`, `setup`, `slot`, `schemas`,
+//! `dead-letters`, `pause`, `resume`, `--version`.
 //!
 //! Exit codes: 0 ok, 2 bad configuration or usage (an `http.listen` that cannot be bound
 //! included, or a schema the registry refuses: a restart cannot fix them), 3 a lost
@@ -20,6 +21,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ConfigError};
+use crate::control::dead_letters::{self as control, ControlError, Selection};
+use crate::control::requests::Action;
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +85,85 @@ enum Command {
     Schemas {
         #[command(subcommand)]
         action: SchemasAction,
+    },
+    /// Dead letters and parked aggregates: list, show, redrive, discard. Acting records a
+    /// request that the leading relay carries out; exit 2 for a bad argument.
+    #[command(name = "dead-letters")]
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersAction,
+    },
+    /// Stop publishing without stopping the process (durable: restarts and a standby
+    /// taking over stay paused). /readyz answers 503 "paused".
+    Pause {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long to wait for the leader to confirm.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Publish again after `pause`.
+    Resume {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersAction {
+    /// Parked aggregates (count, first error, age) and dead letters.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter or parked event, with its body.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish again, in the original order: an aggregate's parked queue, a queue up to
+    /// and including one id, or everything.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["aggregate", "id", "all"])))]
+    Redrive {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The parked aggregate's id.
+        #[arg(long)]
+        aggregate: Option<String>,
+        /// Its type, when the id is parked under several.
+        #[arg(long, requires = "aggregate")]
+        aggregate_type: Option<String>,
+        /// The queue up to and including this dead letter (never it alone, out of order).
+        #[arg(long)]
+        id: Option<i64>,
+        /// Every parked aggregate and every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// How long to wait for the leader's outcome.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Drop on purpose (recorded): an aggregate's whole queue, or one event (discarding
+    /// a queue's head makes the next event its head).
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["aggregate", "id"])))]
+    Discard {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        aggregate: Option<String>,
+        #[arg(long, requires = "aggregate")]
+        aggregate_type: Option<String>,
+        #[arg(long)]
+        id: Option<i64>,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
 }
 
@@ -158,7 +240,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     ) || e
         .downcast_ref::<crate::sink::kafka::schema::ContractError>()
         .is_some_and(|e| !e.is_retryable())
-        || e.downcast_ref::<schemas::Usage>().is_some();
+        || e.downcast_ref::<schemas::Usage>().is_some()
+        || matches!(
+            e.downcast_ref::<ControlError>(),
+            Some(ControlError::Refused(_))
+        );
     if e.downcast_ref::<ConfigError>().is_some() || listen {
         // A supervisor restarting the relay would fail the same way: both need an
         // operator (a listen address in use, or a schema the registry refuses, is a
@@ -263,6 +349,69 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config::load(&config)?;
             let said = runtime()?.block_on(crate::control::forget_slot(&config))?;
             println!("{said}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DeadLetters { action } => {
+            let said = match action {
+                DeadLettersAction::List { config, json } => {
+                    let config = config::load(&config)?;
+                    runtime()?.block_on(control::list(&config, json))?
+                }
+                DeadLettersAction::Show { config, id, json } => {
+                    let config = config::load(&config)?;
+                    runtime()?.block_on(control::show(&config, id, json))?
+                }
+                DeadLettersAction::Redrive {
+                    config,
+                    aggregate,
+                    aggregate_type,
+                    id,
+                    all,
+                    wait,
+                } => {
+                    let config = config::load(&config)?;
+                    let selection = Selection {
+                        aggregate,
+                        aggregate_type,
+                        id,
+                        all,
+                    };
+                    runtime()?.block_on(control::act(&config, Action::Redrive, &selection, wait))?
+                }
+                DeadLettersAction::Discard {
+                    config,
+                    aggregate,
+                    aggregate_type,
+                    id,
+                    wait,
+                } => {
+                    let config = config::load(&config)?;
+                    let selection = Selection {
+                        aggregate,
+                        aggregate_type,
+                        id,
+                        all: false,
+                    };
+                    runtime()?.block_on(control::act(&config, Action::Discard, &selection, wait))?
+                }
+            };
+            println!("{said}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pause { config, wait } => {
+            let config = config::load(&config)?;
+            println!(
+                "{}",
+                runtime()?.block_on(control::pause(&config, true, wait))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { config, wait } => {
+            let config = config::load(&config)?;
+            println!(
+                "{}",
+                runtime()?.block_on(control::pause(&config, false, wait))?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Schemas {

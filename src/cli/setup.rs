@@ -12,8 +12,15 @@ use crate::source::{quote_ident, SourceConfig, TableName};
 const DEFAULT_TABLE: (&str, &str) = ("public", "outbox");
 const DEFAULT_PUBLICATION: &str = "outbox_relay";
 const DEFAULT_DEAD_LETTER: (&str, &str) = ("public", "outbox_relay_dead_letter");
-/// The relay's own tables (`sql/005_relay_state.sql`), in `source.state_schema`.
-const STATE_TABLES: [&str; 2] = ["outbox_relay_schema", "outbox_relay_slots"];
+/// The relay's own tables (`sql/005_relay_state.sql`, in `source.state_schema`)
+/// and `sql/006_parking.sql`.
+const STATE_TABLES: [&str; 5] = [
+    "outbox_relay_schema",
+    "outbox_relay_slots",
+    "outbox_relay_dlq",
+    "outbox_relay_requests",
+    "outbox_relay_control",
+];
 
 /// The names the SQL is rendered with.
 #[derive(Debug, Clone)]

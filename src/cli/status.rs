@@ -103,6 +103,27 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
             }
         }
     }
+    // The relay's own tables, when they exist: the pause and what is parked.
+    if let Some((state, version)) = crate::source::state::peek(&client, &src.state_schema).await? {
+        if version >= 2 {
+            match state.paused(&client).await? {
+                Some(p) => {
+                    println!(
+                        "paused:   yes, since {} by {} (outbox-relay resume)",
+                        p.since, p.by
+                    );
+                    problems.push("publishing is paused".to_owned());
+                }
+                None => println!("paused:   no"),
+            }
+            let parked = state.parked_aggregates(&client).await?;
+            let events: i64 = parked.iter().map(|p| p.events).sum();
+            println!(
+                "parked:   {} aggregate(s), {events} event(s) (outbox-relay dead-letters list)",
+                parked.len()
+            );
+        }
+    }
     if problems.is_empty() {
         println!("status:   healthy");
     } else {

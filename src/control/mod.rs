@@ -1,5 +1,9 @@
-//! Operator commands: what `outbox-relay slot …` does, through PostgreSQL with the
-//! configuration's connection (its role and grants are the authorisation).
+//! Operator commands: what `outbox-relay slot …`, `dead-letters …`, `pause` and `resume`
+//! do, through PostgreSQL with the configuration's connection (its role and grants are
+//! the authorisation; no new network surface).
+
+pub mod dead_letters;
+pub mod requests;
 
 use crate::config::Config;
 use crate::source::{logical, state, table, SourceError};

@@ -24,6 +24,8 @@ struct State {
     kafka: Option<String>,
     /// Why the event schemas cannot be resolved (the registry), while they cannot.
     registry: Option<String>,
+    /// Who paused publishing, while it is paused.
+    paused: Option<String>,
     postgres_ok: bool,
     kafka_ok: bool,
     /// Partitions the last metadata listed without a leader.
@@ -61,6 +63,11 @@ impl Health {
 
     pub fn set_registry(&self, problem: Option<String>) {
         self.state.lock().unwrap().registry = problem;
+    }
+
+    /// Publishing is paused (by whom, since when), or not.
+    pub fn set_paused(&self, paused: Option<String>) {
+        self.state.lock().unwrap().paused = paused;
     }
 
     /// Events were handed to Kafka: from now on an answer is awaited, unless one already is.
@@ -106,6 +113,9 @@ impl Health {
                 .leader_reason
                 .unwrap_or_else(|| "not the leader yet".into());
             return Readiness::NotReady(why);
+        }
+        if let Some(who) = s.paused {
+            return Readiness::NotReady(format!("paused: {who} (outbox-relay resume)"));
         }
         if !s.kafka_ok {
             let why = s.kafka.unwrap_or_else(|| "not connected yet".into());

@@ -36,9 +36,19 @@ pub const FIRST_STARTS_WITH_HISTORY: &str = "outbox_relay_first_starts_with_hist
 pub const PUBLICATION_GAP_ROWS: &str = "outbox_relay_publication_gap_rows_total";
 pub const ROW_CHANGES: &str = "outbox_relay_row_changes_total";
 pub const SCHEMA_VIOLATIONS: &str = "outbox_relay_schema_violations_total";
+pub const EVENTS_HELD: &str = "outbox_relay_events_held_total";
+pub const PARKED_LATE: &str = "outbox_relay_parked_late_total";
+pub const PARKED_AGGREGATES: &str = "outbox_relay_parked_aggregates";
+pub const PARKED_EVENTS: &str = "outbox_relay_parked_events";
+pub const OLDEST_PARKED: &str = "outbox_relay_oldest_parked_seconds";
+pub const DEAD_LETTERS: &str = "outbox_relay_dead_letters";
+pub const PAUSED: &str = "outbox_relay_paused";
+pub const OPERATOR_ACTIONS: &str = "outbox_relay_operator_actions_total";
+pub const EVENTS_REDRIVEN: &str = "outbox_relay_events_redriven_total";
+pub const EVENTS_DISCARDED: &str = "outbox_relay_events_discarded_total";
 
 /// The `reason` label values of [`FAILURES`].
-pub const FAILURE_REASONS: [&str; 10] = [
+pub const FAILURE_REASONS: [&str; 11] = [
     "delivery",
     "dead_letter",
     "producer",
@@ -49,10 +59,11 @@ pub const FAILURE_REASONS: [&str; 10] = [
     "fenced",
     "checkpoint",
     "schema_registry",
+    "topic_refuses",
 ];
 
 /// Every metric this crate exports (the process_* metrics come on top).
-pub const NAMES: [&str; 21] = [
+pub const NAMES: [&str; 31] = [
     EVENTS_PUBLISHED,
     EVENTS_DEAD_LETTERED,
     FAILURES,
@@ -74,7 +85,23 @@ pub const NAMES: [&str; 21] = [
     PUBLICATION_GAP_ROWS,
     ROW_CHANGES,
     SCHEMA_VIOLATIONS,
+    EVENTS_HELD,
+    PARKED_LATE,
+    PARKED_AGGREGATES,
+    PARKED_EVENTS,
+    OLDEST_PARKED,
+    DEAD_LETTERS,
+    PAUSED,
+    OPERATOR_ACTIONS,
+    EVENTS_REDRIVEN,
+    EVENTS_DISCARDED,
 ];
+
+/// The `reason` label values of [`DEAD_LETTERS`].
+pub const DEAD_LETTER_REASONS: [&str; 4] = ["invalid", "schema", "too_large", "refused"];
+
+/// The `action` label values of [`OPERATOR_ACTIONS`].
+pub const OPERATOR_ACTION_KINDS: [&str; 4] = ["redrive", "discard", "pause", "resume"];
 
 /// Metrics whose series exist only once an event gave them their labels: a relay
 /// without `[[sink.kafka.schemas]]` never exports [`SCHEMA_VIOLATIONS`] (its labels come
@@ -110,6 +137,16 @@ pub struct Metrics {
     pub publication_gap_rows: IntCounter,
     pub row_changes: IntCounterVec,
     pub schema_violations: IntCounterVec,
+    pub events_held: IntCounter,
+    pub parked_late: IntCounter,
+    pub parked_aggregates: IntGauge,
+    pub parked_events: IntGauge,
+    pub oldest_parked: IntGauge,
+    pub dead_letters: IntGaugeVec,
+    pub paused: IntGauge,
+    pub operator_actions: IntCounterVec,
+    pub events_redriven: IntCounter,
+    pub events_discarded: IntCounter,
 }
 
 impl Metrics {
@@ -129,7 +166,7 @@ impl Metrics {
             failures: IntCounterVec::new(
                 Opts::new(
                     FAILURES,
-                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled, aborted, fenced, checkpoint, schema_registry.",
+                    "Failures by reason: delivery, dead_letter, producer, not_attempted, postgres, stalled, aborted, fenced, checkpoint, schema_registry, topic_refuses.",
                 ),
                 &["reason"],
             )
@@ -220,6 +257,56 @@ impl Metrics {
                 &["aggregate_type", "event_type"],
             )
             .unwrap(),
+            events_held: IntCounter::new(
+                EVENTS_HELD,
+                "Events not published because their aggregate is parked (kept in PostgreSQL, in order, until redriven or discarded).",
+            )
+            .unwrap(),
+            parked_late: IntCounter::new(
+                PARKED_LATE,
+                "Aggregates parked by a refusal the broker reported after later events of the aggregate may already have been sent (they cannot be called back).",
+            )
+            .unwrap(),
+            parked_aggregates: IntGauge::new(
+                PARKED_AGGREGATES,
+                "Aggregates parked now (the leader reads it from PostgreSQL every few seconds).",
+            )
+            .unwrap(),
+            parked_events: IntGauge::new(PARKED_EVENTS, "Events held in parked aggregates' queues.")
+                .unwrap(),
+            oldest_parked: IntGauge::new(
+                OLDEST_PARKED,
+                "Seconds since the oldest parked event was kept (0 when nothing is parked).",
+            )
+            .unwrap(),
+            dead_letters: IntGaugeVec::new(
+                Opts::new(
+                    DEAD_LETTERS,
+                    "Dead letters kept in PostgreSQL (parked heads included), by reason: invalid, schema, too_large, refused.",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            paused: IntGauge::new(PAUSED, "1 while publishing is paused (outbox-relay pause).")
+                .unwrap(),
+            operator_actions: IntCounterVec::new(
+                Opts::new(
+                    OPERATOR_ACTIONS,
+                    "Operator requests carried out by this relay, by action: redrive, discard, pause, resume.",
+                ),
+                &["action"],
+            )
+            .unwrap(),
+            events_redriven: IntCounter::new(
+                EVENTS_REDRIVEN,
+                "Parked or dead-lettered events Kafka acknowledged on a redrive.",
+            )
+            .unwrap(),
+            events_discarded: IntCounter::new(
+                EVENTS_DISCARDED,
+                "Parked or dead-lettered events an operator discarded.",
+            )
+            .unwrap(),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -237,6 +324,12 @@ impl Metrics {
         }
         for kind in ROW_CHANGE_KINDS {
             metrics.row_changes.with_label_values(&[kind]);
+        }
+        for reason in DEAD_LETTER_REASONS {
+            metrics.dead_letters.with_label_values(&[reason]);
+        }
+        for action in OPERATOR_ACTION_KINDS {
+            metrics.operator_actions.with_label_values(&[action]);
         }
         let r = &metrics.registry;
         for c in [
@@ -260,6 +353,16 @@ impl Metrics {
             Box::new(metrics.publication_gap_rows.clone()),
             Box::new(metrics.row_changes.clone()),
             Box::new(metrics.schema_violations.clone()),
+            Box::new(metrics.events_held.clone()),
+            Box::new(metrics.parked_late.clone()),
+            Box::new(metrics.parked_aggregates.clone()),
+            Box::new(metrics.parked_events.clone()),
+            Box::new(metrics.oldest_parked.clone()),
+            Box::new(metrics.dead_letters.clone()),
+            Box::new(metrics.paused.clone()),
+            Box::new(metrics.operator_actions.clone()),
+            Box::new(metrics.events_redriven.clone()),
+            Box::new(metrics.events_discarded.clone()),
             Box::new(build),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {

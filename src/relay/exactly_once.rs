@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::control::Control;
 use super::pump::Pump;
 use super::{connect_and_lead, lost_postgres, RelayError, FIRST_BACKOFF};
 use crate::backoff::Backoff;
@@ -33,6 +34,7 @@ pub(super) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     let batch_size = super::starting(&config, "exactly_once");
+    let parking = super::parking_for(&config);
     let mut backoff = Backoff::new(FIRST_BACKOFF, config.relay.max_backoff);
     let health = &telemetry.health;
     loop {
@@ -56,7 +58,9 @@ pub(super) async fn run(
                 identity.epoch,
             )
             .await?;
-            let sink = Arc::new(sink);
+            let control = Control::start(&config.source, &telemetry, parking.clone()).await?;
+            let keeper = control.as_ref().map(Control::keeper);
+            let sink = Arc::new(sink.with_parking(parking.clone(), keeper));
             probe = Some(sink.spawn_health_probe(shutdown.clone()));
             let mut pump = Pump {
                 sink: &sink,
@@ -65,6 +69,7 @@ pub(super) async fn run(
                 shutdown: &shutdown,
                 backoff: &mut backoff,
                 resume: Resume::from(checkpoint),
+                control,
             };
             pump.run(&mut source, batch_size).await?;
             source.finish().await?;

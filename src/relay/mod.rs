@@ -20,7 +20,9 @@
 //! acknowledged by then is simply read again by the next run.
 
 mod config;
+pub mod control;
 mod exactly_once;
+pub mod parking;
 mod pump;
 #[cfg(test)]
 mod tests;
@@ -36,8 +38,10 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::metrics::Telemetry;
 use crate::sink::kafka::checkpoint::Resume;
-use crate::sink::kafka::{DeliveryMode, KafkaSink, SinkError};
+use crate::sink::kafka::{DeliveryMode, KafkaSink, OnPoison, SinkError};
 use crate::source::{AnySource, Mode, Source, SourceError};
+use control::Control;
+use parking::Parking;
 use pump::Pump;
 
 /// First pause after a failure; it doubles up to `relay.max_backoff`.
@@ -77,6 +81,11 @@ pub enum RelayError {
          they stay in the outbox and are published by the next run"
     )]
     GraceExpired(Duration),
+}
+
+/// The parked aggregates' set, with `on_poison = "park"`.
+fn parking_for(config: &Config) -> Option<Arc<Parking>> {
+    (config.sink.on_poison == OnPoison::Park).then(|| Arc::new(Parking::default()))
 }
 
 /// Logs what the relay starts with; returns its batch size.
@@ -143,7 +152,13 @@ pub async fn run(
     if config.sink.delivery == DeliveryMode::ExactlyOnce {
         return exactly_once::run(config, telemetry, shutdown).await;
     }
-    let mut sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
+    let parking = parking_for(&config);
+    let new_sink = || -> Result<Arc<KafkaSink>, SinkError> {
+        Ok(Arc::new(
+            KafkaSink::new(&config.sink, telemetry.clone())?.with_parking(parking.clone()),
+        ))
+    };
+    let mut sink = new_sink()?;
     let mut probe = sink.spawn_health_probe(shutdown.clone());
     let batch_size = starting(&config, "at_least_once");
     let mut backoff = Backoff::new(FIRST_BACKOFF, config.relay.max_backoff);
@@ -162,6 +177,7 @@ pub async fn run(
             let Some(mut source) = connect_and_lead(&config, &telemetry, &shutdown).await? else {
                 return Ok(());
             };
+            let control = Control::start(&config.source, &telemetry, parking.clone()).await?;
             let mut pump = Pump {
                 sink: &sink,
                 telemetry: &telemetry,
@@ -169,6 +185,7 @@ pub async fn run(
                 shutdown: &shutdown,
                 backoff: &mut backoff,
                 resume: Resume::default(),
+                control,
             };
             pump.run(&mut source, batch_size).await?;
             source.finish().await?;
@@ -192,7 +209,7 @@ pub async fn run(
                     );
                     sink.purge_queued();
                     probe.abort();
-                    sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
+                    sink = new_sink()?;
                     probe = sink.spawn_health_probe(shutdown.clone());
                 }
                 tokio::select! {
@@ -232,7 +249,7 @@ pub async fn run(
                     .with_label_values(&["stalled"])
                     .inc();
                 probe.abort();
-                sink = Arc::new(KafkaSink::new(&config.sink, telemetry.clone())?);
+                sink = new_sink()?;
                 probe = sink.spawn_health_probe(shutdown.clone());
             }
             Err(e) => break Err(e),

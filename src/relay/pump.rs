@@ -20,6 +20,8 @@ use crate::sink::kafka::checkpoint::Resume;
 use crate::sink::{Delivery, Sink, SinkError};
 use crate::source::Source;
 
+use super::control::Control;
+
 /// How often a batch waiting for Kafka is checked for a stall.
 const STALL_CHECK: Duration = Duration::from_secs(1);
 
@@ -33,6 +35,9 @@ pub(super) struct Pump<'a, K: Sink> {
     /// What an earlier run already committed to Kafka (exactly-once delivery): it is
     /// acknowledged to PostgreSQL without being published again.
     pub resume: Resume,
+    /// The pause and operator requests, and where dead letters are kept (`None` on a
+    /// hot standby).
+    pub control: Option<Control>,
 }
 
 /// A batch with the sink. The relay holds the only copy of its events: on a failure
@@ -74,10 +79,15 @@ impl<K: Sink> Pump<'_, K> {
             deadline: OnceLock::new(),
         };
         loop {
+            if let Some(control) = &mut self.control {
+                control.look().await?;
+            }
+            // Paused, or an operator's request waits for nothing to be in flight.
+            let holding = self.control.as_ref().is_some_and(Control::holds_reading);
             // When stopping, a transaction half handed to Kafka is finished first: the
             // source can only acknowledge whole transactions, so stopping in the middle
             // would send its first part again after the restart.
-            let want_more = !stopping || source.mid_transaction();
+            let want_more = (!stopping || source.mid_transaction()) && !holding;
             if want_more && in_flight.len() < PIPELINE_DEPTH {
                 // Only block for new events when nothing is waiting for Kafka.
                 let wait = in_flight.is_empty();
@@ -143,6 +153,16 @@ impl<K: Sink> Pump<'_, K> {
                 if stopping {
                     return Ok(());
                 }
+                if let (true, Some(control)) = (holding, &mut self.control) {
+                    if control.has_requests() {
+                        control.carry_out(self.sink).await?;
+                    } else {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => stopping = true,
+                            _ = control.wait() => {}
+                        }
+                    }
+                }
                 continue;
             };
             let started = Instant::now();
@@ -181,11 +201,21 @@ impl<K: Sink> Pump<'_, K> {
                     Delivery::DeadLettered {
                         reason,
                         metadata_only: true,
+                        ..
                     } => Some((event, reason.as_str())),
                     _ => None,
                 })
                 .collect();
             source.keep_dead_letters(&kept).await?;
+            // Dead letters and held events are kept before their acknowledgement: a held
+            // event is acknowledged without Kafka having it, on the strength of its row.
+            if let Some(control) = &self.control {
+                if !self.sink.keeps_dead_letters() {
+                    control
+                        .keep(&batch[..durable], &outcomes[..durable])
+                        .await?;
+                }
+            }
             source.ack(&batch[..durable]).await?;
             self.record(&batch[..durable]);
             if durable == batch.len() {

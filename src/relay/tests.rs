@@ -141,6 +141,8 @@ impl Sink for Scripted {
                     (false, _) if self.metadata_only.contains(&seq(e)) => Delivery::DeadLettered {
                         reason: "too large".into(),
                         metadata_only: true,
+                        kind: "too_large",
+                        parks: false,
                     },
                     (false, _) => Delivery::Published {
                         topic: "outbox.order".into(),
@@ -212,6 +214,7 @@ async fn pump_resuming(
         shutdown,
         backoff: &mut backoff,
         resume,
+        control: None,
     };
     let result = pump.run(source, batch_size).await;
     (result, sink)

@@ -29,6 +29,17 @@ pub trait Sink: Send + Sync + 'static {
     /// starts afresh from the oldest unacknowledged event.
     fn reset(&self) {}
 
+    /// Whether the sink keeps dead letters and held events in PostgreSQL itself
+    /// (exactly-once: before its transaction commits); otherwise the relay keeps them
+    /// before acknowledging.
+    fn keeps_dead_letters(&self) -> bool {
+        false
+    }
+
+    /// Reads topics' size limits again before the next events (an operator raised one
+    /// and redrives).
+    fn forget_topic_limits(&self) {}
+
     /// Waits for each event's outcome, in the batch's order. A failure no retry can fix
     /// (the producer is unusable) comes back as [`SinkError::Fatal`].
     fn collect(

@@ -6,6 +6,7 @@
 //! advances the slot's flushed LSN.
 
 pub(crate) mod config;
+pub mod dead_letters;
 mod error;
 pub mod logical;
 pub mod polling;

@@ -16,17 +16,22 @@ use tokio_postgres::Client;
 use super::{quote_ident, SourceError};
 
 /// The version of the tables this relay writes and understands.
-pub const STATE_VERSION: i32 = 1;
+/// 2: dead letters, parked aggregates, operator requests and the pause
+/// (`sql/006_parking.sql`).
+pub const STATE_VERSION: i32 = 2;
 
 /// First key of the advisory lock taken while creating or migrating (`'outr'`).
 const MIGRATION_LOCK_CLASS: i32 = 0x6f75_7472;
 
 /// The shipped SQL: the source of truth for the tables, for `setup` and the relay alike.
-const DDL: &str = include_str!("../../sql/005_relay_state.sql");
+const DDL: [&str; 2] = [
+    include_str!("../../sql/005_relay_state.sql"),
+    include_str!("../../sql/006_parking.sql"),
+];
 
 /// The relay's tables as SQL, in `schema`.
 pub fn ddl(schema: &str) -> String {
-    DDL.replace(
+    DDL.concat().replace(
         "public.outbox_relay_",
         &format!("{}.outbox_relay_", quote_ident(schema)),
     )
@@ -54,7 +59,7 @@ pub struct SlotMemory {
 }
 
 /// Maps a query error on the relay's tables: a missing privilege gets its GRANT.
-fn failed<'a>(
+pub(crate) fn failed<'a>(
     schema: &'a str,
     context: &'static str,
 ) -> impl FnOnce(tokio_postgres::Error) -> SourceError + 'a {
@@ -62,8 +67,10 @@ fn failed<'a>(
         Some("42501") => SourceError::Setup(format!(
             "this role may not use the relay's own tables in schema {schema} \
              (source.state_schema; {context}): GRANT SELECT, INSERT, UPDATE ON \
-             {s}.outbox_relay_schema, {s}.outbox_relay_slots TO <relay role> (as in \
-             sql/005_relay_state.sql)",
+             {s}.outbox_relay_schema, {s}.outbox_relay_slots and SELECT, INSERT, UPDATE, \
+             DELETE ON {s}.outbox_relay_dlq, {s}.outbox_relay_requests, \
+             {s}.outbox_relay_control TO <relay role> (as in sql/005_relay_state.sql and \
+             sql/006_parking.sql)",
             s = quote_ident(schema)
         )),
         _ => SourceError::Postgres { context, source: e },
@@ -71,8 +78,13 @@ fn failed<'a>(
 }
 
 impl State {
-    fn table(&self, name: &str) -> String {
+    /// A relay table's qualified name.
+    pub(crate) fn table(&self, name: &str) -> String {
         format!("{}.{name}", quote_ident(&self.schema))
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     pub fn writable(&self) -> bool {
@@ -315,6 +327,9 @@ mod tests {
         let sql = ddl("relay state");
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"relay state\".outbox_relay_slots"));
         assert!(!sql.contains("public.outbox_relay_"));
-        assert_eq!(ddl("public"), DDL.replace("public.", "\"public\"."));
+        assert_eq!(
+            ddl("public"),
+            DDL.concat().replace("public.", "\"public\".")
+        );
     }
 }

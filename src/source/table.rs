@@ -11,6 +11,15 @@ use crate::event::{OutboxEvent, Position};
 
 /// Opens a plain (non-replication) connection and drives it in the background.
 pub async fn connect(config: &SourceConfig) -> Result<Client, SourceError> {
+    connect_noticing(config, None).await
+}
+
+/// [`connect`], passing on a signal for each notification the connection receives
+/// (after a `LISTEN`).
+pub async fn connect_noticing(
+    config: &SourceConfig,
+    notices: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<Client, SourceError> {
     let pg = &config.pg;
     let client = match config.tls.client_config() {
         None => {
@@ -18,7 +27,7 @@ pub async fn connect(config: &SourceConfig) -> Result<Client, SourceError> {
                 .connect(tokio_postgres::NoTls)
                 .await
                 .map_err(SourceError::pg("connecting to PostgreSQL"))?;
-            tokio::spawn(drive(connection));
+            tokio::spawn(drive(connection, notices));
             client
         }
         Some(tls) => {
@@ -27,7 +36,7 @@ pub async fn connect(config: &SourceConfig) -> Result<Client, SourceError> {
                 .connect(tls)
                 .await
                 .map_err(SourceError::pg("connecting to PostgreSQL"))?;
-            tokio::spawn(drive(connection));
+            tokio::spawn(drive(connection, notices));
             client
         }
     };
@@ -46,13 +55,31 @@ pub async fn connect(config: &SourceConfig) -> Result<Client, SourceError> {
 }
 
 /// Runs a connection until it ends.
-async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
-where
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notices: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio_postgres::tls::TlsStream + Unpin,
 {
-    if let Err(e) = connection.await {
-        tracing::debug!(error = %e, "PostgreSQL connection ended");
+    let Some(notices) = notices else {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+        return;
+    };
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                let _ = notices.send(());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "PostgreSQL connection ended");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
@@ -448,6 +475,7 @@ pub fn raw_row_to_event(row: &Row, why: &tokio_postgres::Error) -> OutboxEvent {
             }
         )),
         original: None,
+        redriven: false,
     }
 }
 
@@ -544,6 +572,7 @@ pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
         topic,
         invalid,
         original: None,
+        redriven: false,
     }
 }
 

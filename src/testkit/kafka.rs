@@ -78,6 +78,27 @@ pub async fn create_replicated_topics(
     Ok(())
 }
 
+/// Sets one topic-level setting (e.g. raises `max.message.bytes`).
+pub async fn set_topic_config(
+    brokers: &str,
+    topic: &str,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(topic))
+        .set(key, value);
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.alter_configs(&[alter], &opts).await? {
+        if let Err((_, code)) = result {
+            anyhow::bail!("cannot set {key} on topic {topic}: {code}");
+        }
+    }
+    Ok(())
+}
+
 /// A fresh metadata answer for `topic` (all topics with `None`), blocking.
 fn metadata(
     brokers: &str,

@@ -45,6 +45,7 @@ fn event(seq: i64, aggregate_id: &str) -> OutboxEvent {
         timestamp_ms: None,
         invalid: None,
         original: None,
+        redriven: false,
     }
 }
 
@@ -141,6 +142,7 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_rest_flows() {
         .map(|o| match o {
             Delivery::Published { .. } => "published",
             Delivery::DeadLettered { .. } => "dead-lettered",
+            Delivery::Held => "held",
             Delivery::Failed(_) => "failed",
         })
         .collect();

@@ -19,6 +19,7 @@ mod observability;
 mod operator_changes;
 mod operator_edges;
 mod packaging;
+mod parking;
 mod partitioned;
 mod polling;
 mod process;

@@ -34,8 +34,11 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The checkpoint after `events`, published in this order after `from`.
-    pub fn advance(from: Option<Checkpoint>, events: &[OutboxEvent]) -> Option<Checkpoint> {
-        events.iter().fold(from, |cp, event| match cp {
+    pub fn advance<'a>(
+        from: Option<Checkpoint>,
+        events: impl IntoIterator<Item = &'a OutboxEvent>,
+    ) -> Option<Checkpoint> {
+        events.into_iter().fold(from, |cp, event| match cp {
             Some(c) if c.position == event.position => Some(Checkpoint {
                 count: c.count + 1,
                 ..c

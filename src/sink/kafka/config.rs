@@ -38,6 +38,12 @@ pub struct RawKafkaSinkConfig {
     schema_registry: Option<RawRegistryConfig>,
     #[serde(default)]
     schemas: Vec<RawSchemaEntry>,
+    #[serde(default = "default_on_poison")]
+    on_poison: String,
+}
+
+fn default_on_poison() -> String {
+    "park".into()
 }
 
 fn default_delivery() -> String {
@@ -64,6 +70,16 @@ pub enum Format {
     Raw,
     /// A CloudEvents 1.0 structured-mode JSON envelope around the payload.
     CloudEvents,
+}
+
+/// What a dead-lettered event does to its aggregate's later events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPoison {
+    /// They are held, in order, in PostgreSQL until an operator redrives or discards
+    /// the aggregate's queue: a consumer never sees an aggregate's event after a gap.
+    Park,
+    /// They flow past the dead letter.
+    Skip,
 }
 
 /// What the sink promises about duplicates.
@@ -182,6 +198,7 @@ pub struct KafkaSinkConfig {
     pub checkpoint_topic: String,
     /// The event schemas and their registry (`[[sink.kafka.schemas]]`), when configured.
     pub contracts: Option<Arc<Contracts>>,
+    pub on_poison: OnPoison,
 }
 
 impl std::fmt::Debug for KafkaSinkConfig {
@@ -211,6 +228,7 @@ impl std::fmt::Debug for KafkaSinkConfig {
             .field("transactional_id", &self.transactional_id)
             .field("checkpoint_topic", &self.checkpoint_topic)
             .field("contracts", &self.contracts)
+            .field("on_poison", &self.on_poison)
             .finish()
     }
 }
@@ -266,6 +284,17 @@ impl RawKafkaSinkConfig {
                     format!(
                         "unknown delivery {other:?}: use \"at_least_once\" or \"exactly_once\""
                     ),
+                );
+                None
+            }
+        };
+        let on_poison = match self.on_poison.as_str() {
+            "park" => Some(OnPoison::Park),
+            "skip" => Some(OnPoison::Skip),
+            other => {
+                problems.push(
+                    "sink.kafka.on_poison",
+                    format!("unknown value {other:?}: use \"park\" or \"skip\""),
                 );
                 None
             }
@@ -370,6 +399,7 @@ impl RawKafkaSinkConfig {
             transactional_id: self.transactional_id,
             checkpoint_topic: self.checkpoint_topic,
             contracts: contracts?,
+            on_poison: on_poison?,
         })
     }
 }

@@ -36,6 +36,18 @@ pub enum SinkError {
     },
     #[error("an event's schema: {0}")]
     Contract(#[from] super::schema::ContractError),
+    /// Many aggregates' events refused on one topic in a short time: the topic (its
+    /// ACL, its existence) is the problem, so nothing more is parked or dead-lettered
+    /// for it; its events wait and are sent again.
+    #[error(
+        "topic {topic} refuses events of many aggregates ({source}): publishing to it stops \
+         until the cause is fixed (an ACL, a deleted topic?); its events are sent again"
+    )]
+    TopicRefuses {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
 }
 
 impl SinkError {
@@ -57,6 +69,7 @@ impl SinkError {
             SinkError::Aborted(_) => "aborted",
             SinkError::Checkpoint { .. } => "checkpoint",
             SinkError::Contract(_) => "schema_registry",
+            SinkError::TopicRefuses { .. } => "topic_refuses",
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct Poison {
     pub headers: Vec<(&'static str, String)>,
     /// The payload did not fit its schema (counted apart).
     pub schema_violation: bool,
+    /// What kind of problem, for the dead-letter queue and its gauge: `invalid`,
+    /// `schema`, `too_large` or `refused` (by the broker, for another reason).
+    pub kind: &'static str,
 }
 
 impl Poison {
@@ -54,6 +57,19 @@ impl Poison {
             reason: reason.into(),
             headers: Vec::new(),
             schema_violation: false,
+            kind: "invalid",
+        }
+    }
+
+    /// A broker's (or librdkafka's) refusal of the event for good.
+    pub fn refused(e: &rdkafka::error::KafkaError) -> Poison {
+        Poison {
+            kind: if super::is_too_large(e) {
+                "too_large"
+            } else {
+                "refused"
+            },
+            ..Poison::new(e.to_string())
         }
     }
 }
@@ -149,8 +165,13 @@ pub fn to_message_with<'a>(
     headers.extend(
         extra
             .into_iter()
-            .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref())),
+            .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref()) && k != "redriven"),
     );
+    if event.redriven {
+        // Sent again by an operator: same key, headers and id (a consumer deduplicates
+        // by id), and this mark.
+        headers.push((Cow::Borrowed("redriven"), Cow::Borrowed(b"true")));
+    }
 
     let value = match config.format {
         Format::Raw => match &config.contracts {

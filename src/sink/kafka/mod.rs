@@ -21,6 +21,7 @@ mod acks;
 pub mod checkpoint;
 mod config;
 mod error;
+pub mod limits;
 mod log;
 pub mod message;
 mod probe;
@@ -46,13 +47,15 @@ pub(crate) use probe::{probe, spawn_health_probe};
 pub use producer::producer_config;
 use producer::{enqueue, headers_of, offer};
 
-pub use config::{DeliveryMode, Format, KafkaSinkConfig, RawKafkaSinkConfig};
+pub use config::{DeliveryMode, Format, KafkaSinkConfig, OnPoison, RawKafkaSinkConfig};
 pub use error::{is_fenced, is_poison, is_too_large, SinkError};
 pub use message::{KafkaMessage, Poison, Topics};
 pub use transactional::{derive_transactional_id, TransactionalSink};
 
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
+use crate::relay::parking::Parking;
+use limits::TopicLimits;
 
 /// How often a batch waiting for its reports looks whether some came in (readiness).
 const REPORT_CHECK: Duration = Duration::from_secs(1);
@@ -65,8 +68,17 @@ pub enum Delivery {
     /// It was poison and the dead-letter topic acknowledged it. With `metadata_only`,
     /// the event was too large even for the dead-letter topic, which got its key,
     /// headers, error, position and size but not its body: the source must keep the
-    /// body in PostgreSQL before acknowledging it.
-    DeadLettered { reason: String, metadata_only: bool },
+    /// body in PostgreSQL before acknowledging it. `kind` says what was wrong
+    /// ([`Poison::kind`]); with `parks`, its aggregate is parked from it on.
+    DeadLettered {
+        reason: String,
+        metadata_only: bool,
+        kind: &'static str,
+        parks: bool,
+    },
+    /// Not sent: its aggregate is parked ([`crate::relay::parking`]). Durable once its
+    /// row is kept in PostgreSQL, which the relay does before acknowledging it.
+    Held,
     /// Not acknowledged: the event must be published again.
     Failed(SinkError),
 }
@@ -92,6 +104,9 @@ pub struct KafkaSink {
     client: ClientConfig,
     config: KafkaSinkConfig,
     telemetry: Telemetry,
+    /// With `on_poison = "park"`: the aggregates whose events are held.
+    parking: Option<Arc<Parking>>,
+    limits: TopicLimits,
 }
 
 impl KafkaSink {
@@ -107,10 +122,19 @@ impl KafkaSink {
             alone: OnceLock::new(),
             one_at_a_time: Mutex::new(HashSet::new()),
             any_one_at_a_time: AtomicBool::new(false),
+            limits: TopicLimits::new(&client),
             client,
             config: config.clone(),
             telemetry,
+            parking: None,
         })
+    }
+
+    /// Holds the later events of an aggregate with a dead-lettered event
+    /// (`on_poison = "park"`).
+    pub fn with_parking(mut self, parking: Option<Arc<Parking>>) -> KafkaSink {
+        self.parking = parking;
+        self
     }
 
     /// Publishes `events` in order and reports, per event and in the same order, what
@@ -153,13 +177,28 @@ impl KafkaSink {
                 pending.push(Pending::Failed(SinkError::NotAttempted));
                 continue;
             }
+            // A poison event goes to the dead-letter topic even behind a parked one of its
+            // aggregate (it is announced, and kept with its own error); it parks the
+            // aggregate before any later event of it is handed over.
             let msg = match message::to_message_with(event, &self.config, &mut topics) {
                 Ok(msg) => msg,
                 Err(poison) => {
-                    pending.push(Pending::Poison(poison));
+                    pending.push(self.poison(event, poison));
                     continue;
                 }
             };
+            if self.parking.as_ref().is_some_and(|p| p.holds(event)) {
+                pending.push(Pending::Held);
+                continue;
+            }
+            if let Some(reason) = self.limits.too_large(&msg).await {
+                let poison = Poison {
+                    kind: "too_large",
+                    ..Poison::new(reason)
+                };
+                pending.push(self.poison(event, poison));
+                continue;
+            }
             let handed = if self.goes_alone(&msg.topic) {
                 match self.alone() {
                     Ok(producer) => enqueue(producer, &msg).await.map(Some),
@@ -177,7 +216,7 @@ impl KafkaSink {
                     batched += 1;
                     Pending::Sent(msg.topic)
                 }
-                Err(e) if is_poison(&e) => Pending::Poison(Poison::new(e.to_string())),
+                Err(e) if is_poison(&e) => self.poison(event, Poison::refused(&e)),
                 Err(e) => {
                     broken = true;
                     Pending::Failed(SinkError::Delivery {
@@ -234,7 +273,8 @@ impl KafkaSink {
                         source: KafkaError::Canceled,
                     }),
                 },
-                Pending::Poison(poison) => self.dead_letter(event, poison).await,
+                Pending::Poison(poison, parks) => self.dead_letter(event, poison, parks).await,
+                Pending::Held => Delivery::Held,
                 Pending::Failed(e) => Delivery::Failed(e),
             };
             outcomes.push(outcome);
@@ -255,6 +295,34 @@ impl KafkaSink {
         outcomes
     }
 
+    /// A poison event found before sending: dead-lettered, parking its aggregate.
+    fn poison(&self, event: &OutboxEvent, poison: Poison) -> Pending {
+        let parks = self.parking.as_ref().is_some_and(|p| p.park(event));
+        Pending::Poison(poison, parks)
+    }
+
+    /// A poison event the broker reported after the events behind it were handed over:
+    /// its aggregate parks from now on, but those events are out (counted). Past
+    /// [`crate::relay::parking::TOPIC_THRESHOLD`] aggregates in a short time the topic is the
+    /// problem, not the events: the event fails and is sent again, and nothing more
+    /// parks.
+    async fn refused_for_good(&self, event: &OutboxEvent, topic: &str, e: KafkaError) -> Delivery {
+        let Some(parking) = &self.parking else {
+            return self.dead_letter(event, Poison::refused(&e), false).await;
+        };
+        if parking.topic_refuses(topic) {
+            return Delivery::Failed(SinkError::TopicRefuses {
+                topic: topic.to_owned(),
+                source: e,
+            });
+        }
+        let parks = parking.park(event);
+        if parks {
+            self.telemetry.metrics.parked_late.inc();
+        }
+        self.dead_letter(event, Poison::refused(&e), parks).await
+    }
+
     /// What becomes of an event the broker refused with `e`: sent again alone when it
     /// was refused for its size as part of a shared request, dead-lettered when the
     /// refusal is about the event, failed (to be sent again) otherwise.
@@ -268,7 +336,7 @@ impl KafkaSink {
         if !alone && is_too_large(&e) {
             self.send_alone(event, topic).await
         } else if is_poison(&e) {
-            self.dead_letter(event, Poison::new(e.to_string())).await
+            self.refused_for_good(event, &topic, e).await
         } else {
             Delivery::Failed(SinkError::Delivery {
                 topic: topic.to_string(),
@@ -277,7 +345,7 @@ impl KafkaSink {
         }
     }
 
-    async fn dead_letter(&self, event: &OutboxEvent, poison: Poison) -> Delivery {
+    async fn dead_letter(&self, event: &OutboxEvent, poison: Poison, parks: bool) -> Delivery {
         tracing::warn!(
             event_id = event.id.as_deref().unwrap_or("?"),
             aggregate_id = event.aggregate_id.as_deref().unwrap_or("?"),
@@ -294,6 +362,8 @@ impl KafkaSink {
                 return Delivery::DeadLettered {
                     reason: poison.reason,
                     metadata_only: false,
+                    kind: poison.kind,
+                    parks,
                 };
             }
             Err(e) => e,
@@ -317,6 +387,8 @@ impl KafkaSink {
                 return Delivery::DeadLettered {
                     reason: poison.reason,
                     metadata_only: true,
+                    kind: poison.kind,
+                    parks,
                 };
             }
         }
@@ -345,11 +417,14 @@ impl KafkaSink {
         }
         let msg = match message::to_message(event, &self.config) {
             Ok(msg) => msg,
-            Err(poison) => return self.dead_letter(event, poison).await,
+            Err(poison) => {
+                let parks = self.parking.as_ref().is_some_and(|p| p.park(event));
+                return self.dead_letter(event, poison, parks).await;
+            }
         };
         match self.deliver(&msg).await {
             Ok(()) => Delivery::Published { topic },
-            Err(e) if is_poison(&e) => self.dead_letter(event, Poison::new(e.to_string())).await,
+            Err(e) if is_poison(&e) => self.refused_for_good(event, &topic, e).await,
             Err(e) => Delivery::Failed(SinkError::Delivery {
                 topic: topic.to_string(),
                 source: e,
@@ -489,6 +564,7 @@ pub(super) fn account(telemetry: &Telemetry, outcomes: &[Delivery]) {
                 }
             },
             Delivery::DeadLettered { .. } => metrics.events_dead_lettered.inc(),
+            Delivery::Held => metrics.events_held.inc(),
             Delivery::Failed(e) => metrics.failures.with_label_values(&[e.reason()]).inc(),
         }
     }
@@ -527,6 +603,16 @@ impl crate::sink::Sink for KafkaSink {
     async fn collect(&self, events: &[OutboxEvent], sent: SentBatch) -> Vec<Delivery> {
         self.collect_batch(events, sent).await
     }
+
+    fn reset(&self) {
+        if let Some(parking) = &self.parking {
+            parking.reset();
+        }
+    }
+
+    fn forget_topic_limits(&self) {
+        self.limits.forget();
+    }
 }
 
 /// A batch handed to librdkafka, its delivery reports not collected yet. Dropping it
@@ -559,6 +645,8 @@ enum Pending {
     Sent(Arc<str>),
     /// Handed to the one-message producer.
     SentAlone(Arc<str>, DeliveryFuture),
-    Poison(Poison),
+    /// Dead-lettered, and with `true` its aggregate parked.
+    Poison(Poison, bool),
+    Held,
     Failed(SinkError),
 }

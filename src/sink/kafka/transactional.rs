@@ -38,6 +38,9 @@ use super::{
 };
 use crate::event::{OutboxEvent, Position};
 use crate::metrics::Telemetry;
+use crate::relay::parking::Parking;
+use crate::source::dead_letters::{Keeper, Kept};
+use std::sync::Arc;
 
 /// How long `init_transactions`, `commit_transaction` and `abort_transaction` may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,9 +57,9 @@ pub fn derive_transactional_id(system_identifier: &str, database: &str, name: &s
 
 /// Why an event goes to the dead-letter topic in the next transaction.
 enum Refusal {
-    DeadLetter(String),
+    DeadLetter(Poison),
     /// Too large even for the dead-letter topic: its metadata goes there.
-    MetadataOnly(String),
+    MetadataOnly(Poison),
 }
 
 /// What one event becomes in a transaction.
@@ -68,13 +71,19 @@ enum Plan<'a> {
         metadata_only: bool,
         /// The payload did not fit its schema.
         violation: bool,
+        kind: &'static str,
+        /// Its aggregate parks from it on.
+        parks: bool,
     },
+    /// Its aggregate is parked: kept in PostgreSQL before the commit, not sent.
+    Held,
 }
 
 impl<'a> Plan<'a> {
-    fn msg(&self) -> &KafkaMessage<'a> {
+    fn msg(&self) -> Option<&KafkaMessage<'a>> {
         match self {
-            Plan::Message(msg) | Plan::DeadLetter { msg, .. } => msg,
+            Plan::Message(msg) | Plan::DeadLetter { msg, .. } => Some(msg),
+            Plan::Held => None,
         }
     }
 }
@@ -100,6 +109,10 @@ pub struct TransactionalSink {
     tickets: Mutex<Tickets>,
     /// The last ticket whose collection ended (committed, aborted or refused).
     finished: tokio::sync::watch::Sender<u64>,
+    /// With `on_poison = "park"`: the aggregates whose events are held.
+    parking: Option<Arc<Parking>>,
+    /// Where dead letters and held events are kept before a commit covers them.
+    keeper: Option<Keeper>,
 }
 
 /// The order of the batches handed over.
@@ -156,8 +169,18 @@ impl TransactionalSink {
             refused: Mutex::new(HashMap::new()),
             tickets: Mutex::new(Tickets::default()),
             finished: tokio::sync::watch::Sender::new(0),
+            parking: None,
+            keeper: None,
         };
         Ok((sink, last))
+    }
+
+    /// Parks aggregates (`on_poison = "park"`) and keeps dead letters in PostgreSQL
+    /// before each commit: a checkpoint never covers an event PostgreSQL does not hold.
+    pub fn with_parking(mut self, parking: Option<Arc<Parking>>, keeper: Option<Keeper>) -> Self {
+        self.parking = parking;
+        self.keeper = keeper;
+        self
     }
 
     pub fn spawn_health_probe(
@@ -212,6 +235,8 @@ impl TransactionalSink {
                             reason,
                             metadata_only,
                             violation,
+                            kind,
+                            parks,
                             ..
                         } => {
                             if violation {
@@ -220,8 +245,11 @@ impl TransactionalSink {
                             Delivery::DeadLettered {
                                 reason,
                                 metadata_only,
+                                kind,
+                                parks,
                             }
                         }
+                        Plan::Held => Delivery::Held,
                     })
                     .collect();
                 account(&self.telemetry, &outcomes);
@@ -252,16 +280,22 @@ impl TransactionalSink {
                 reason: poison.reason,
                 metadata_only,
                 violation: poison.schema_violation,
+                kind: poison.kind,
+                parks: self.parking.as_ref().is_some_and(|p| p.park(event)),
             }
         };
         match self.refused.lock().unwrap().get(&key_of(event)) {
-            Some(Refusal::DeadLetter(reason)) => {
-                return dead_letter(Poison::new(reason.clone()), false)
-            }
-            Some(Refusal::MetadataOnly(reason)) => {
-                return dead_letter(Poison::new(reason.clone()), true)
-            }
+            Some(Refusal::DeadLetter(poison)) => return dead_letter(poison.clone(), false),
+            Some(Refusal::MetadataOnly(poison)) => return dead_letter(poison.clone(), true),
             None => {}
+        }
+        if self.parking.as_ref().is_some_and(|p| p.holds(event)) {
+            // A poison event behind its parked aggregate is still dead-lettered (and
+            // kept with its own error).
+            return match message::to_message(event, &self.config) {
+                Ok(_) => Plan::Held,
+                Err(poison) => dead_letter(poison, false),
+            };
         }
         match message::to_message(event, &self.config) {
             Ok(msg) => Plan::Message(msg),
@@ -285,19 +319,28 @@ impl TransactionalSink {
         self.producer
             .begin_transaction()
             .map_err(|e| transaction_error("begin_transaction", e))?;
-        let checkpoint = Checkpoint::advance(*self.committed.lock().unwrap(), events)
-            .expect("a batch holds at least one event");
-        let record = KafkaMessage {
-            topic: self.config.checkpoint_topic.as_str().into(),
-            key: Some(self.transactional_id.as_bytes().into()),
-            value: checkpoint.encode(&self.epoch).into(),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        };
+        // Redriven events sit at old positions: the checkpoint never moves back to them
+        // (a redrive alone commits no checkpoint record).
+        let committed = *self.committed.lock().unwrap();
+        let checkpoint = Checkpoint::advance(committed, events.iter().filter(|e| !e.redriven));
+        let record = checkpoint
+            .filter(|c| Some(*c) != committed)
+            .map(|c| KafkaMessage {
+                topic: self.config.checkpoint_topic.as_str().into(),
+                key: Some(self.transactional_id.as_bytes().into()),
+                value: c.encode(&self.epoch).into(),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            });
         let in_flight = &self.telemetry.metrics.in_flight;
         let mut deliveries = Vec::with_capacity(plans.len() + 1);
         let mut refusals: Vec<(usize, KafkaError)> = Vec::new();
-        for (i, msg) in plans.iter().map(Plan::msg).chain([&record]).enumerate() {
+        // Held events are not sent; indices stay the events' own.
+        let messages = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.msg().map(|m| (i, m)));
+        for (i, msg) in messages.chain(record.as_ref().map(|r| (plans.len(), r))) {
             match enqueue(&self.producer, msg).await {
                 Ok(delivery) => deliveries.push((i, delivery)),
                 Err(e) => {
@@ -328,8 +371,11 @@ impl TransactionalSink {
             };
             return Err(SinkError::Aborted(what));
         }
+        self.keep(events, plans).await?;
         self.commit().await?;
-        *self.committed.lock().unwrap() = Some(checkpoint);
+        if checkpoint.is_some() {
+            *self.committed.lock().unwrap() = checkpoint;
+        }
         Ok(())
     }
 
@@ -344,7 +390,12 @@ impl TransactionalSink {
         plans: &[Plan<'_>],
         refusals: &'r [(usize, KafkaError)],
     ) -> Option<(usize, &'r KafkaError)> {
-        let size = |i: usize| plans.get(i).map_or(0, |p| p.msg().value.len());
+        let size = |i: usize| {
+            plans
+                .get(i)
+                .and_then(Plan::msg)
+                .map_or(0, |m| m.value.len())
+        };
         let (i, e) = refusals
             .iter()
             .filter(|(i, e)| is_too_large(e) && *i < events.len())
@@ -355,13 +406,31 @@ impl TransactionalSink {
             return Some((i, e));
         };
         let refusal = match plan {
-            Plan::Message(_) if is_poison(e) => Some(Refusal::DeadLetter(e.to_string())),
+            // Many aggregates refused on one topic: the topic is the problem. The
+            // transaction is aborted and goes again, unchanged, until it is fixed.
+            Plan::Message(msg)
+                if is_poison(e)
+                    && self
+                        .parking
+                        .as_ref()
+                        .is_some_and(|p| p.topic_refuses(&msg.topic)) =>
+            {
+                tracing::error!(topic = %msg.topic, error = %e, "the topic refuses events of many aggregates: not dead-lettering more of them; fix the topic (an ACL, a deleted topic?)");
+                None
+            }
+            Plan::Message(_) if is_poison(e) => Some(Refusal::DeadLetter(Poison::refused(e))),
             Plan::DeadLetter {
                 reason,
                 metadata_only: false,
+                kind,
+                violation,
                 ..
             } if is_too_large(e) && self.config.metadata_dead_letters => {
-                Some(Refusal::MetadataOnly(reason.clone()))
+                Some(Refusal::MetadataOnly(Poison {
+                    kind,
+                    schema_violation: *violation,
+                    ..Poison::new(reason.clone())
+                }))
             }
             _ => None,
         };
@@ -376,6 +445,52 @@ impl TransactionalSink {
             self.refused.lock().unwrap().insert(key_of(event), refusal);
         }
         Some((i, e))
+    }
+
+    /// Keeps the transaction's dead letters and held events in PostgreSQL before it
+    /// commits: once committed, its checkpoint covers them, and a restart acknowledges
+    /// them without publishing them again.
+    async fn keep(&self, events: &[OutboxEvent], plans: &[Plan<'_>]) -> Result<(), SinkError> {
+        let Some(keeper) = &self.keeper else {
+            return Ok(());
+        };
+        let kept: Vec<Kept> = events
+            .iter()
+            .zip(plans)
+            .filter_map(|(event, plan)| match plan {
+                Plan::Message(_) => None,
+                Plan::DeadLetter {
+                    reason,
+                    kind,
+                    parks,
+                    ..
+                } => Some(Kept {
+                    event,
+                    error: Some(reason),
+                    reason: Some(kind),
+                    held: *parks,
+                }),
+                Plan::Held => Some(Kept {
+                    event,
+                    error: None,
+                    reason: None,
+                    held: true,
+                }),
+            })
+            .collect();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = keeper.keep(&kept).await {
+            self.abort().await?;
+            return Err(SinkError::Aborted(format!(
+                "cannot keep dead letters in PostgreSQL before the commit: {e}"
+            )));
+        }
+        if let Some(parking) = &self.parking {
+            parking.settle(kept.iter().filter(|k| k.held).map(|k| k.event));
+        }
+        Ok(())
     }
 
     async fn commit(&self) -> Result<(), SinkError> {
@@ -451,6 +566,12 @@ impl crate::sink::Sink for TransactionalSink {
         Ticket(tickets.sent)
     }
 
+    fn keeps_dead_letters(&self) -> bool {
+        self.keeper.is_some()
+    }
+
+    fn forget_topic_limits(&self) {}
+
     async fn collect(&self, events: &[OutboxEvent], Ticket(ticket): Ticket) -> Vec<Delivery> {
         let mut finished = self.finished.subscribe();
         // An abandoned predecessor never finishes, but then this batch is abandoned
@@ -475,6 +596,9 @@ impl crate::sink::Sink for TransactionalSink {
     }
 
     fn reset(&self) {
+        if let Some(parking) = &self.parking {
+            parking.reset();
+        }
         let mut tickets = self.tickets.lock().unwrap();
         tickets.committed = tickets.sent;
         let sent = tickets.sent;

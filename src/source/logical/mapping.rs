@@ -160,6 +160,7 @@ impl Mapper {
             timestamp_ms: Some(timestamp_ms),
             invalid: None,
             original: None,
+            redriven: false,
         })
     }
 

@@ -35,6 +35,7 @@ fn event() -> OutboxEvent {
         timestamp_ms: Some(1_700_000_000_123),
         invalid: None,
         original: None,
+        redriven: false,
     }
 }
 

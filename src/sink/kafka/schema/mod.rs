@@ -317,6 +317,7 @@ fn violation_poison(r: &Resolved, violations: &[Violation]) -> Poison {
         list.join("; ")
     ));
     poison.schema_violation = true;
+    poison.kind = "schema";
     poison.headers.extend([
         ("schema_subject", r.subject.clone()),
         ("schema_id", r.id.to_string()),

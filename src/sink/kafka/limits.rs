@@ -1,0 +1,252 @@
+//! Topics' `max.message.bytes`, read from the brokers, so that an event too large for its
+//! topic is known *before* it is sent.
+//!
+//! A refusal the broker reports comes after the events behind it were handed over: with
+//! parking, an aggregate's later events would already be on their way. Checking the size
+//! first makes the common case exact. The broker checks a record batch (61 bytes of
+//! header, then the records, compressed when the producer compresses); the relay knows
+//! that size exactly without compression, and closely enough with lz4 (the default) by
+//! compressing the record itself. With another codec a large event may only be judged by
+//! the broker (then its aggregate parks late; see the dead-letters page).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+
+use super::message::KafkaMessage;
+
+/// How long a topic's limit is trusted before it is read again.
+const FRESH_FOR: Duration = Duration::from_secs(60);
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A v2 record batch's fixed header.
+const BATCH_HEADER: usize = 61;
+/// What an lz4 frame adds to the compressed block (header, block size, end mark), at
+/// most.
+const LZ4_FRAME: usize = 19 + 4 + 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None,
+    Lz4,
+    /// gzip, snappy, zstd: the compressed size is not estimated.
+    Other,
+}
+
+impl Codec {
+    /// The producer's codec, from its settings (`compression.type` or its alias).
+    pub fn of(client: &ClientConfig) -> Codec {
+        let name = client
+            .get("compression.type")
+            .or_else(|| client.get("compression.codec"))
+            .unwrap_or("none");
+        match name {
+            "none" => Codec::None,
+            "lz4" => Codec::Lz4,
+            _ => Codec::Other,
+        }
+    }
+}
+
+pub struct TopicLimits {
+    client: ClientConfig,
+    codec: Codec,
+    admin: OnceLock<Option<AdminClient<DefaultClientContext>>>,
+    /// Per topic: its limit (`None`: unknown) and when it was read.
+    known: Mutex<HashMap<String, (Option<usize>, Instant)>>,
+}
+
+impl TopicLimits {
+    pub fn new(client: &ClientConfig) -> TopicLimits {
+        TopicLimits {
+            client: client.clone(),
+            codec: Codec::of(client),
+            admin: OnceLock::new(),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forgets what was read (an operator raised a limit and redrives).
+    pub fn forget(&self) {
+        self.known.lock().unwrap().clear();
+    }
+
+    /// Why `msg` is certainly too large for its topic, if it is.
+    pub async fn too_large(&self, msg: &KafkaMessage<'_>) -> Option<String> {
+        let raw = BATCH_HEADER + record_size(msg);
+        // No topic accepts less than a kilobyte or so: small events need no lookup.
+        if raw <= 1024 {
+            return None;
+        }
+        let limit = self.limit(&msg.topic).await?;
+        if raw <= limit {
+            return None;
+        }
+        let size = match self.codec {
+            Codec::None => raw,
+            Codec::Lz4 => BATCH_HEADER + LZ4_FRAME + lz4_size(msg),
+            Codec::Other => return None,
+        };
+        (size > limit).then(|| {
+            format!(
+                "the message is {size} bytes as the broker would see it, above topic {}'s \
+                 max.message.bytes ({limit}): raise the topic's limit, then redrive",
+                msg.topic
+            )
+        })
+    }
+
+    async fn limit(&self, topic: &str) -> Option<usize> {
+        if let Some((limit, at)) = self.known.lock().unwrap().get(topic) {
+            if at.elapsed() < FRESH_FOR {
+                return *limit;
+            }
+        }
+        let limit = self.describe(topic).await;
+        self.known
+            .lock()
+            .unwrap()
+            .insert(topic.to_owned(), (limit, Instant::now()));
+        limit
+    }
+
+    async fn describe(&self, topic: &str) -> Option<usize> {
+        let admin = self
+            .admin
+            .get_or_init(|| match self.client.create::<AdminClient<_>>() {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create a Kafka admin client to read topics' max.message.bytes: sizes are judged by the broker only");
+                    None
+                }
+            })
+            .as_ref()?;
+        let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
+        let answer = admin
+            .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+            .await;
+        let found = match answer.as_deref() {
+            Ok([Ok(resource)]) => resource
+                .get("max.message.bytes")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse().ok()),
+            _ => None,
+        };
+        if found.is_none() {
+            // A topic not created yet (auto-creation), or no DescribeConfigs right.
+            tracing::debug!(topic, answer = ?answer.map(|_| ()), "topic's max.message.bytes unknown: its events' sizes are judged by the broker");
+        }
+        found
+    }
+}
+
+/// Bytes of a zig-zag varint.
+fn varint_len(n: i64) -> usize {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    let mut len = 1;
+    while z >= 0x80 {
+        z >>= 7;
+        len += 1;
+    }
+    len
+}
+
+fn field_len(bytes: Option<usize>) -> usize {
+    match bytes {
+        Some(n) => varint_len(n as i64) + n,
+        None => varint_len(-1),
+    }
+}
+
+/// The record's size in a v2 batch, as its first record (deltas 0).
+pub fn record_size(msg: &KafkaMessage<'_>) -> usize {
+    let headers: usize = msg
+        .headers
+        .iter()
+        .map(|(k, v)| field_len(Some(k.len())) + field_len(Some(v.len())))
+        .sum();
+    let body = 1 // attributes
+        + varint_len(0) // timestamp delta
+        + varint_len(0) // offset delta
+        + field_len(msg.key.as_ref().map(|k| k.len()))
+        + field_len(Some(msg.value.len()))
+        + varint_len(msg.headers.len() as i64)
+        + headers;
+    varint_len(body as i64) + body
+}
+
+/// The record's bytes compressed with lz4, about as librdkafka would.
+fn lz4_size(msg: &KafkaMessage<'_>) -> usize {
+    let mut bytes = Vec::with_capacity(record_size(msg));
+    bytes.extend_from_slice(msg.key.as_deref().unwrap_or_default());
+    bytes.extend_from_slice(&msg.value);
+    for (k, v) in &msg.headers {
+        bytes.extend_from_slice(k.as_bytes());
+        bytes.extend_from_slice(v);
+    }
+    // The framing varints (a few bytes each) compress poorly: count them as they are.
+    let framing = record_size(msg) - bytes.len();
+    lz4_flex::block::compress(&bytes).len() + framing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn msg(value: Vec<u8>) -> KafkaMessage<'static> {
+        KafkaMessage {
+            topic: "t".into(),
+            key: Some(Cow::Borrowed(b"K")),
+            value: Cow::Owned(value),
+            headers: vec![(Cow::Borrowed("id"), Cow::Borrowed(b"e-1"))],
+            timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn varints_are_zig_zag() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(-1), 1);
+        assert_eq!(varint_len(63), 1);
+        assert_eq!(varint_len(64), 2);
+        assert_eq!(varint_len(8191), 2);
+        assert_eq!(varint_len(8192), 3);
+    }
+
+    #[test]
+    fn a_record_counts_its_framing() {
+        // attributes 1, deltas 2, key 1+1, value 2+200, one header (1+2)+(1+3), count 1
+        let m = msg(vec![7; 200]);
+        assert_eq!(record_size(&m), 2 + 1 + 2 + 2 + 202 + 1 + 7);
+    }
+
+    #[test]
+    fn lz4_shrinks_what_repeats_and_not_what_is_random() {
+        let repeated = msg(vec![b'a'; 20_000]);
+        assert!(lz4_size(&repeated) < 500);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let random: Vec<u8> = (0..20_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(lz4_size(&msg(random)) > 20_000);
+    }
+
+    #[test]
+    fn the_codec_comes_from_the_settings() {
+        let mut c = ClientConfig::new();
+        assert_eq!(Codec::of(&c), Codec::None);
+        c.set("compression.type", "lz4");
+        assert_eq!(Codec::of(&c), Codec::Lz4);
+        c.set("compression.type", "zstd");
+        assert_eq!(Codec::of(&c), Codec::Other);
+    }
+}
