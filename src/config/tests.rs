@@ -565,3 +565,26 @@ fn exactly_once_delivery_is_chosen_and_its_keys_checked() {
     );
     assert!(text.contains("use sink.kafka.transactional_id"), "{text}");
 }
+
+#[test]
+fn on_poison_parks_by_default_and_names_a_bad_value() {
+    use crate::sink::kafka::OnPoison;
+    let sink = |extra: &str| {
+        VALID.replace(
+            "brokers = \"k1:9092,k2:9092\"",
+            &format!("brokers = \"k1:9092,k2:9092\"\n{extra}"),
+        )
+    };
+    assert_eq!(load_str(VALID, &[]).unwrap().sink.on_poison, OnPoison::Park);
+    let c = load_str(&sink("on_poison = \"skip\""), &[]).unwrap();
+    assert_eq!(c.sink.on_poison, OnPoison::Skip);
+    for bad in ["drop", "", "Park"] {
+        let text = problem_text(load_str(&sink(&format!("on_poison = \"{bad}\"")), &[]));
+        assert!(
+            text.contains("sink.kafka.on_poison") && text.contains("\"park\" or \"skip\""),
+            "{bad}: {text}"
+        );
+    }
+    let c = load_str(VALID, &[("OUTBOX_RELAY__SINK__KAFKA__ON_POISON", "skip")]).unwrap();
+    assert_eq!(c.sink.on_poison, OnPoison::Skip);
+}

@@ -42,6 +42,8 @@ pub struct Parking {
     any: AtomicBool,
     /// False where nothing can be kept (a hot standby): nothing parks.
     disabled: AtomicBool,
+    /// Whether `refusing` holds a topic (checked per published event without a lock).
+    any_refusing: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +52,8 @@ struct Sets {
     parked: HashSet<Aggregate>,
     /// When aggregates were parked by broker refusals, per topic.
     refusals: HashMap<String, VecDeque<Instant>>,
+    /// Topics taken to refuse everything, until one of their events is published.
+    refusing: HashSet<String>,
 }
 
 impl Sets {
@@ -123,9 +127,13 @@ impl Parking {
     }
 
     /// A broker refused an event of `topic` for good. True when that makes too many
-    /// aggregates in a short time: the topic, not the event, is the problem.
+    /// aggregates in a short time: the topic, not the event, is the problem, and stays
+    /// so until one of its events is published again ([`Parking::published`]).
     pub fn topic_refuses(&self, topic: &str) -> bool {
         let mut s = self.sets.lock().unwrap();
+        if s.refusing.contains(topic) {
+            return true;
+        }
         let now = Instant::now();
         let times = s.refusals.entry(topic.to_owned()).or_default();
         while times
@@ -134,15 +142,27 @@ impl Parking {
         {
             times.pop_front();
         }
-        if times.len() >= TOPIC_THRESHOLD {
-            return true;
+        if times.len() < TOPIC_THRESHOLD {
+            times.push_back(now);
+            return false;
         }
-        times.push_back(now);
-        false
+        s.refusals.remove(topic);
+        s.refusing.insert(topic.to_owned());
+        self.any_refusing.store(true, Ordering::Release);
+        true
     }
 
-    pub fn parked_now(&self) -> usize {
-        self.sets.lock().unwrap().parked.len()
+    /// An event of `topic` was published: the topic takes events again.
+    pub fn published(&self, topic: &str) {
+        if !self.any_refusing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut s = self.sets.lock().unwrap();
+        if s.refusing.remove(topic) {
+            tracing::info!(topic, "the topic takes events again");
+        }
+        self.any_refusing
+            .store(!s.refusing.is_empty(), Ordering::Release);
     }
 }
 
@@ -189,6 +209,9 @@ mod tests {
             assert!(!p.topic_refuses("t"));
         }
         assert!(p.topic_refuses("t"));
+        assert!(p.topic_refuses("t"), "until an event of it is published");
         assert!(!p.topic_refuses("other"));
+        p.published("t");
+        assert!(!p.topic_refuses("t"));
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::logical::logical_toml;
-use crate::support::{insert_event, load_toml, Env, RunningRelay};
+use crate::support::{insert_event, load_toml, skipping, Env, RunningRelay};
 
 fn types(messages: &[outbox_relay::testkit::kafka::Consumed]) -> Vec<&str> {
     messages
@@ -143,7 +143,11 @@ async fn an_event_too_large_for_every_topic_keeps_its_body_in_postgres() {
     insert_event(&db, "order", "o-1", "Huge", &big).await;
     insert_event(&db, "order", "o-1", "Small2", "{}").await;
     // The producer's own limit stands in for the brokers' max.message.bytes here.
-    let config = env.config("[sink.kafka.librdkafka]\n\"message.max.bytes\" = 8000\n");
+    let config = load_toml(&skipping(&env.config_toml(
+        "polling",
+        "",
+        "[sink.kafka.librdkafka]\n\"message.max.bytes\" = 8000\n",
+    )));
     let relay = RunningRelay::start(config);
     let published = env.consume(&["outbox.order"], 2, 20).await;
     let dead = env.consume(&["outbox.dlq"], 1, 20).await;
@@ -191,7 +195,7 @@ async fn a_null_payload_is_dead_lettered_not_left_behind() {
     .await
     .unwrap();
     insert_event(&db, "order", "o-1", "After", "{}").await;
-    let relay = RunningRelay::start(env.config(""));
+    let relay = RunningRelay::start(load_toml(&skipping(&env.config_toml("polling", "", ""))));
     let published = env.consume(&["outbox.order"], 2, 20).await;
     let dead = env.consume(&["outbox.dlq"], 1, 20).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -265,6 +265,13 @@ listen = "127.0.0.1:0"
     }
 }
 
+/// `toml` (from [`Env::config_toml`]) with `sink.kafka.on_poison = "skip"`: a poison
+/// event's aggregate flows on (what tests of dead-lettering itself look at).
+pub fn skipping(toml: &str) -> String {
+    assert!(toml.contains("[sink.kafka]\n"), "no [sink.kafka] in {toml}");
+    toml.replacen("[sink.kafka]\n", "[sink.kafka]\non_poison = \"skip\"\n", 1)
+}
+
 /// Validates TOML text exactly as `outbox-relay check` would (no environment).
 pub fn load_toml(toml: &str) -> Config {
     try_load_toml(toml, HashMap::new()).unwrap_or_else(|e| panic!("{e}"))

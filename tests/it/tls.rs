@@ -120,7 +120,7 @@ async fn verify_full_require_and_refused_plaintext() {
     for (_, sql) in outbox_relay::SETUP_SQL {
         db.batch_execute(sql).await.unwrap();
     }
-    db.batch_execute("CREATE ROLE tls_user LOGIN REPLICATION PASSWORD 'tls-pw'; GRANT SELECT, DELETE ON outbox TO tls_user; GRANT INSERT ON outbox_relay_dead_letter TO tls_user; GRANT SELECT, INSERT, UPDATE ON outbox_relay_schema, outbox_relay_slots TO tls_user")
+    db.batch_execute("CREATE ROLE tls_user LOGIN REPLICATION PASSWORD 'tls-pw'; GRANT SELECT, DELETE ON outbox TO tls_user; GRANT INSERT ON outbox_relay_dead_letter TO tls_user; GRANT SELECT, INSERT, UPDATE ON outbox_relay_schema, outbox_relay_slots TO tls_user; GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_dlq, outbox_relay_requests, outbox_relay_control TO tls_user")
         .await
         .unwrap();
     let hba = pg.data_dir().join("pg_hba.conf");

@@ -51,9 +51,28 @@ impl Codec {
     }
 }
 
+/// What the size check says of a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it with the others.
+    Batch,
+    /// Its topic takes less than the producer's `batch.size`: a shared produce request
+    /// could be refused for the sum of small events, so the topic's events go one per
+    /// request from its first event on (deciding that later would let earlier events,
+    /// still in the other producer's queue, be overtaken).
+    Alone,
+    /// Certainly larger than its topic takes: poison, with the reason.
+    TooLarge(String),
+}
+
+/// librdkafka's default `batch.size`.
+const DEFAULT_BATCH_SIZE: usize = 1_000_000;
+
 pub struct TopicLimits {
     client: ClientConfig,
     codec: Codec,
+    /// The producer's `batch.size`: what one produce request may carry per partition.
+    batch_size: usize,
     admin: OnceLock<Option<AdminClient<DefaultClientContext>>>,
     /// Per topic: its limit (`None`: unknown) and when it was read.
     known: Mutex<HashMap<String, (Option<usize>, Instant)>>,
@@ -64,6 +83,10 @@ impl TopicLimits {
         TopicLimits {
             client: client.clone(),
             codec: Codec::of(client),
+            batch_size: client
+                .get("batch.size")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_BATCH_SIZE),
             admin: OnceLock::new(),
             known: Mutex::new(HashMap::new()),
         }
@@ -74,29 +97,31 @@ impl TopicLimits {
         self.known.lock().unwrap().clear();
     }
 
-    /// Why `msg` is certainly too large for its topic, if it is.
-    pub async fn too_large(&self, msg: &KafkaMessage<'_>) -> Option<String> {
-        let raw = BATCH_HEADER + record_size(msg);
-        // No topic accepts less than a kilobyte or so: small events need no lookup.
-        if raw <= 1024 {
-            return None;
-        }
-        let limit = self.limit(&msg.topic).await?;
-        if raw <= limit {
-            return None;
-        }
-        let size = match self.codec {
-            Codec::None => raw,
-            Codec::Lz4 => BATCH_HEADER + LZ4_FRAME + lz4_size(msg),
-            Codec::Other => return None,
+    /// How `msg` goes out: with the others, alone, or not at all (too large).
+    pub async fn check(&self, msg: &KafkaMessage<'_>) -> Verdict {
+        let Some(limit) = self.limit(&msg.topic).await else {
+            return Verdict::Batch;
         };
-        (size > limit).then(|| {
-            format!(
-                "the message is {size} bytes as the broker would see it, above topic {}'s \
-                 max.message.bytes ({limit}): raise the topic's limit, then redrive",
-                msg.topic
-            )
-        })
+        let raw = BATCH_HEADER + record_size(msg);
+        if raw > limit {
+            let size = match self.codec {
+                Codec::None => Some(raw),
+                Codec::Lz4 => Some(BATCH_HEADER + LZ4_FRAME + lz4_size(msg)),
+                Codec::Other => None,
+            };
+            if let Some(size) = size.filter(|s| *s > limit) {
+                return Verdict::TooLarge(format!(
+                    "the message is {size} bytes as the broker would see it, above topic {}'s \
+                     max.message.bytes ({limit}): raise the topic's limit, then redrive",
+                    msg.topic
+                ));
+            }
+        }
+        if limit < self.batch_size {
+            Verdict::Alone
+        } else {
+            Verdict::Batch
+        }
     }
 
     async fn limit(&self, topic: &str) -> Option<usize> {

@@ -55,7 +55,7 @@ pub use transactional::{derive_transactional_id, TransactionalSink};
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
 use crate::relay::parking::Parking;
-use limits::TopicLimits;
+use limits::{TopicLimits, Verdict};
 
 /// How often a batch waiting for its reports looks whether some came in (readiness).
 const REPORT_CHECK: Duration = Duration::from_secs(1);
@@ -191,15 +191,19 @@ impl KafkaSink {
                 pending.push(Pending::Held);
                 continue;
             }
-            if let Some(reason) = self.limits.too_large(&msg).await {
-                let poison = Poison {
-                    kind: "too_large",
-                    ..Poison::new(reason)
-                };
-                pending.push(self.poison(event, poison));
-                continue;
-            }
-            let handed = if self.goes_alone(&msg.topic) {
+            let one_per_request = match self.limits.check(&msg).await {
+                Verdict::TooLarge(reason) => {
+                    let poison = Poison {
+                        kind: "too_large",
+                        ..Poison::new(reason)
+                    };
+                    pending.push(self.poison(event, poison));
+                    continue;
+                }
+                Verdict::Alone => true,
+                Verdict::Batch => self.goes_alone(&msg.topic),
+            };
+            let handed = if one_per_request {
                 match self.alone() {
                     Ok(producer) => enqueue(producer, &msg).await.map(Some),
                     Err(e) => Err(e),
@@ -262,7 +266,12 @@ impl KafkaSink {
         for (i, (event, pending)) in events.iter().zip(pending).enumerate() {
             let outcome = match pending {
                 Pending::Sent(topic) => match failed.next_if(|(j, _)| *j == i) {
-                    None => Delivery::Published { topic },
+                    None => {
+                        if let Some(p) = &self.parking {
+                            p.published(&topic);
+                        }
+                        Delivery::Published { topic }
+                    }
                     Some((_, e)) => self.refused(event, topic, e, false).await,
                 },
                 Pending::SentAlone(topic, delivery) => match delivery.await {

@@ -230,7 +230,12 @@ impl TransactionalSink {
                     .into_iter()
                     .zip(events)
                     .map(|(plan, event)| match plan {
-                        Plan::Message(msg) => Delivery::Published { topic: msg.topic },
+                        Plan::Message(msg) => {
+                            if let Some(p) = &self.parking {
+                                p.published(&msg.topic);
+                            }
+                            Delivery::Published { topic: msg.topic }
+                        }
                         Plan::DeadLetter {
                             reason,
                             metadata_only,
