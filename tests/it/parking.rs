@@ -245,15 +245,23 @@ async fn pause_resume_and_discard_are_carried_out_by_the_leader() {
     let toml = env.config_toml("polling", "", "");
     let file = config_file(&toml);
     let db = env.client().await;
-    let (relay, telemetry) = start_with_telemetry(&toml);
-    wait_for_leader(&db).await;
-
+    // No relay yet: the request is recorded and waits for one.
     let (code, out, err) = cli(file.path(), &["pause"]).await;
-    assert_eq!((code, out.contains("paused")), (0, true), "{out}{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no relay leads this outbox now"), "{out}");
     let rows: Vec<_> = (0..10)
         .map(|n| ("P".to_owned(), format!(r#"{{"n": {n}}}"#)))
         .collect();
     insert_events(&db, &rows).await;
+    let (relay, telemetry) = start_with_telemetry(&toml);
+    wait_for_leader(&db).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.outbox_count().await, 10, "a new leader starts paused");
+    assert_eq!(telemetry.metrics.paused.get(), 1);
+    // Durable: a restart stays paused.
+    relay.stop().await;
+    let (relay, telemetry) = start_with_telemetry(&toml);
+    wait_for_leader(&db).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(env.outbox_count().await, 10, "nothing is read while paused");
     let ready = telemetry.health.readiness();
@@ -262,6 +270,10 @@ async fn pause_resume_and_discard_are_carried_out_by_the_leader() {
     let (code, _, err) = cli(file.path(), &["dead-letters", "redrive", "--all"]).await;
     assert_eq!(code, 2, "a redrive while paused is refused");
     assert!(err.contains("paused"), "{err}");
+    let (code, _, err) = cli(file.path(), &["dead-letters", "redrive"]).await;
+    assert_eq!(code, 2, "a redrive must name what: {err}");
+    let (code, out, _) = cli(file.path(), &["pause"]).await;
+    assert_eq!((code, out.contains("already paused")), (0, true), "{out}");
     let (code, out, _) = cli(file.path(), &["status"]).await;
     assert_eq!(code, 1, "status calls a paused relay unhealthy");
     assert!(out.contains("paused:   yes"), "{out}");
@@ -435,4 +447,96 @@ async fn parking_holds_through_failover_in_log_mode_exactly_once() {
         "K in order, its discarded event 5 aside"
     );
     standby.terminate(Duration::from_secs(15)).await;
+}
+
+/// Log mode, at least once: K parks on a row with invalid headers; a pause holds the
+/// stream (B's next event waits) and a resume releases it; the head is discarded; a
+/// redrive `--id N` publishes K's queue up to and including N and leaves K parked, its
+/// next event held behind the rest; a last redrive completes K, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_mode_redrives_a_queue_up_to_an_id_and_pauses_the_stream() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 2).await;
+    let toml = env.config_toml("logical", "", "");
+    let file = config_file(&toml);
+    let db = env.client().await;
+    let (relay, telemetry) = start_with_telemetry(&toml);
+    let mut sql = String::from("BEGIN;");
+    for n in 0..8 {
+        let headers = if n == 2 { "[1]" } else { "{}" };
+        sql.push_str(&format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
+               VALUES ('order', 'K', 'Tick', '{{\"n\": {n}}}', '{headers}'), \
+                      ('order', 'B', 'Tick', '{{\"n\": {n}}}', '{{}}');"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    db.batch_execute(&sql).await.unwrap();
+    let first = consume_exactly(&env, "outbox.order", 10).await;
+    assert_eq!(by_key(&first)["K"], [0, 1]);
+    wait_count(&db, HELD_K, 6).await;
+
+    let (code, out, err) = cli(file.path(), &["pause"]).await;
+    assert_eq!((code, out.contains("paused")), (0, true), "{out}{err}");
+    insert_events(&db, &[("B".into(), r#"{"n": 8}"#.into())]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.consume(&["outbox.order"], 11, 1).await.len(),
+        10,
+        "paused"
+    );
+    assert_eq!(telemetry.metrics.paused.get(), 1);
+    let (code, out, err) = cli(file.path(), &["resume"]).await;
+    assert_eq!((code, out.contains("resumed")), (0, true), "{out}{err}");
+    consume_exactly(&env, "outbox.order", 11).await;
+
+    let ids: Vec<i64> = db
+        .query(
+            "SELECT id FROM outbox_relay_dlq WHERE held ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 6);
+    let (code, _, err) = cli(
+        file.path(),
+        &["dead-letters", "discard", "--id", &ids[0].to_string()],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    // Up to and including K's 5 (ids[3]): 3, 4 and 5 go; 6 and 7 stay, K stays parked.
+    let (code, out, err) = cli(
+        file.path(),
+        &["dead-letters", "redrive", "--id", &ids[3].to_string()],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("redrove 3 event(s)") && out.contains("stay parked"),
+        "{out}"
+    );
+    insert_events(&db, &[("K".into(), r#"{"n": 8}"#.into())]).await;
+    wait_count(&db, HELD_K, 3).await;
+    let (code, out, err) = cli(
+        file.path(),
+        &["dead-letters", "redrive", "--aggregate", "K"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("redrove 3 event(s)"), "{out}");
+
+    let all = consume_exactly(&env, "outbox.order", 17).await;
+    let keys = by_key(&all);
+    assert_eq!(
+        keys["K"],
+        [0, 1, 3, 4, 5, 6, 7, 8],
+        "in order, the discarded 2 aside"
+    );
+    assert_eq!(keys["B"], (0..9).collect::<Vec<_>>());
+    assert_eq!(telemetry.metrics.events_redriven.get(), 6);
+    assert_eq!(telemetry.metrics.events_discarded.get(), 1);
+    relay.stop().await;
 }
