@@ -24,7 +24,12 @@ pub async fn run(config: &Config) -> Result<bool, ContractError> {
         super::schemas::report(config)
     );
     match &pg {
-        Ok(what) => println!("postgres: ok ({what})"),
+        Ok(what) => {
+            println!("postgres: ok ({what})");
+            if let Some(line) = dead_letters(config).await {
+                println!("postgres: {line}");
+            }
+        }
         Err(e) => println!("postgres: FAILED: {e:#}"),
     }
     match &kafka {
@@ -32,6 +37,31 @@ pub async fn run(config: &Config) -> Result<bool, ContractError> {
         Err(e) => println!("kafka: FAILED: {e:#}"),
     }
     Ok(schemas? && pg.is_ok() && kafka.is_ok())
+}
+
+/// What waits in the dead-letter queue, and whether publishing is paused (read only;
+/// `None` before the relay's tables exist).
+async fn dead_letters(config: &Config) -> Option<String> {
+    let sql = table::connect(&config.source).await.ok()?;
+    let (state, version) = crate::source::state::peek(&sql, &config.source.state_schema)
+        .await
+        .ok()??;
+    if version < 2 {
+        return None;
+    }
+    let parked = state.parked_aggregates(&sql).await.ok()?;
+    let loose = state.loose_dead_letters(&sql).await.ok()?.len();
+    let paused = state.paused(&sql).await.ok()?;
+    let held: i64 = parked.iter().map(|p| p.events).sum();
+    Some(format!(
+        "{} parked aggregate(s) ({held} event(s)), {loose} other dead letter(s){} \
+         (outbox-relay dead-letters list)",
+        parked.len(),
+        match paused {
+            Some(p) => format!("; publishing PAUSED since {} by {}", p.since, p.by),
+            None => String::new(),
+        }
+    ))
 }
 
 async fn check_postgres(config: &Config) -> anyhow::Result<String> {

@@ -304,6 +304,22 @@ mod tests {
         assert!(state.contains(
             "GRANT SELECT, INSERT, UPDATE ON \"relay\".outbox_relay_schema, \"relay\".outbox_relay_slots TO outbox_relay;"
         ));
+        let parking = render(file("006_parking.sql"), &n);
+        for table in [
+            "outbox_relay_dlq",
+            "outbox_relay_requests",
+            "outbox_relay_control",
+        ] {
+            assert!(
+                parking.contains(&format!("CREATE TABLE IF NOT EXISTS \"relay\".{table} (")),
+                "{parking}"
+            );
+            assert!(
+                !names_whole(&parking, &format!("public.{table}")),
+                "{parking}"
+            );
+        }
+        assert!(parking.contains("UPDATE \"relay\".outbox_relay_schema SET version = 2"));
         let role = render(file("003_relay_role.sql"), &n);
         assert!(
             role.contains("GRANT USAGE ON SCHEMA public, \"relay\" TO outbox_relay;"),

@@ -274,10 +274,10 @@ async fn migrate(sql: &Client, state: &State, from: Option<i32>) -> Result<(), S
     let schema = &state.schema;
     let refused = |e: tokio_postgres::Error| match e.code().map(|c| c.code()) {
         Some("42501") => SourceError::Setup(format!(
-            "the relay's own tables (slot memory) are missing in schema {schema} and this role \
-             may not create them: apply sql/005_relay_state.sql as the schema's owner \
-             (`outbox-relay setup --apply --config …` does it), or GRANT CREATE ON SCHEMA \
-             {} TO <relay role>",
+            "the relay's own tables (slot memory, dead letters) are missing or older in schema \
+             {schema} and this role may not create them: apply sql/005_relay_state.sql and \
+             sql/006_parking.sql as the schema's owner (`outbox-relay setup --apply --config …` \
+             does it), or GRANT CREATE ON SCHEMA {} TO <relay role>",
             quote_ident(schema)
         )),
         Some("3F000") => SourceError::Setup(format!(
@@ -306,7 +306,7 @@ async fn migrate(sql: &Client, state: &State, from: Option<i32>) -> Result<(), S
         None => tracing::info!(
             schema = %schema,
             version = STATE_VERSION,
-            "created the relay's own tables (slot memory)"
+            "created the relay's own tables (slot memory, dead letters)"
         ),
         Some(v) => tracing::info!(
             schema = %schema,

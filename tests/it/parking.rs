@@ -540,3 +540,35 @@ async fn log_mode_redrives_a_queue_up_to_an_id_and_pauses_the_stream() {
     assert_eq!(telemetry.metrics.events_discarded.get(), 1);
     relay.stop().await;
 }
+
+/// Tables of state version 1 (before the dead-letter queue) are migrated in place by the
+/// first relay or command that may; the slot memory stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_1_tables_are_migrated_to_the_dead_letter_queue() {
+    let env = Env::start_on(&[], crate::support::BrokerKind::None).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "DROP TABLE outbox_relay_dlq, outbox_relay_requests, outbox_relay_control; \
+         UPDATE outbox_relay_schema SET version = 1; \
+         INSERT INTO outbox_relay_slots (slot_name, publication, carried_by, vouched_lsn, vouched_xmin) \
+           VALUES ('kept', 'p', 'x', '0/1', 1)",
+    )
+    .await
+    .unwrap();
+    let file = config_file(&env.config_toml("polling", "", ""));
+    let (code, out, err) = cli(file.path(), &["dead-letters", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("parked aggregates: 0"), "{out}");
+    assert_eq!(
+        count(&db, "SELECT version::int8 FROM outbox_relay_schema").await,
+        2
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox_relay_control").await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox_relay_slots").await,
+        1
+    );
+}
