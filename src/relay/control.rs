@@ -27,6 +27,8 @@ use crate::source::{table, SourceConfig, SourceError};
 
 /// How often the tables are read without a notification.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// Events of a queue handed to the sink at once on a redrive.
+const REDRIVE_BATCH: usize = 1000;
 /// How often the parked gauges are read.
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
 
@@ -356,34 +358,36 @@ impl Control {
             if let (true, Some(p)) = (held, &self.parking) {
                 p.unpark(&agg);
             }
-            let events: Vec<OutboxEvent> = rows
-                .iter()
-                .map(|r| OutboxEvent {
-                    redriven: true,
-                    ..r.event.clone()
-                })
-                .collect();
-            let sent = sink.send(&events).await;
-            let outcomes = sink.collect(&events, sent).await;
             let mut done = Vec::new();
-            for (row, outcome) in rows.iter().zip(&outcomes) {
-                match outcome {
-                    Delivery::Published { .. } => done.push(row.id),
-                    Delivery::DeadLettered { reason, kind, .. } => {
-                        failed_again += 1;
-                        self.state
-                            .failed_again(&self.sql, row.id, reason, kind)
-                            .await?;
-                        if !held {
-                            continue;
+            // In batches, in order; the first event that does not go stops the queue.
+            'queue: for chunk in rows.chunks(REDRIVE_BATCH) {
+                let events: Vec<OutboxEvent> = chunk
+                    .iter()
+                    .map(|r| OutboxEvent {
+                        redriven: true,
+                        ..r.event.clone()
+                    })
+                    .collect();
+                let sent = sink.send(&events).await;
+                let outcomes = sink.collect(&events, sent).await;
+                for (row, outcome) in chunk.iter().zip(&outcomes) {
+                    match outcome {
+                        Delivery::Published { .. } => done.push(row.id),
+                        Delivery::DeadLettered { reason, kind, .. } => {
+                            failed_again += 1;
+                            self.state
+                                .failed_again(&self.sql, row.id, reason, kind)
+                                .await?;
+                            if held {
+                                // The rest of the queue was held behind it again.
+                                break 'queue;
+                            }
                         }
-                        // The rest of the queue was held behind it again.
-                        break;
-                    }
-                    Delivery::Held => break,
-                    Delivery::Failed(e) => {
-                        kafka_error.get_or_insert_with(|| e.to_string());
-                        break;
+                        Delivery::Held => break 'queue,
+                        Delivery::Failed(e) => {
+                            kafka_error.get_or_insert_with(|| e.to_string());
+                            break 'queue;
+                        }
                     }
                 }
             }

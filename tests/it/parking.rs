@@ -182,6 +182,8 @@ async fn a_poison_event_parks_its_aggregate_until_fixed_and_redriven_in_order() 
     set_topic_config(&env.kafka.brokers(), &topic, "max.message.bytes", "1000000")
         .await
         .unwrap();
+    // The broker applies a changed topic setting a moment after it answered.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (code, out, err) = cli(
         file.path(),
         &["dead-letters", "redrive", "--aggregate", "K"],
