@@ -588,3 +588,26 @@ fn on_poison_parks_by_default_and_names_a_bad_value() {
     let c = load_str(VALID, &[("OUTBOX_RELAY__SINK__KAFKA__ON_POISON", "skip")]).unwrap();
     assert_eq!(c.sink.on_poison, OnPoison::Skip);
 }
+
+#[test]
+fn status_updates_must_fit_twice_in_the_wal_sender_timeout() {
+    let logical = |lines: &str| format!("{VALID}\n[source.logical]\n{lines}\n");
+    let c = load_str(&logical(""), &[]).unwrap();
+    assert_eq!(c.source.logical.wal_sender_timeout, Duration::from_secs(20));
+    let c = load_str(
+        &logical("wal_sender_timeout = \"1m\"\nstatus_interval = \"30s\""),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.source.logical.wal_sender_timeout, Duration::from_secs(60));
+    for bad in ["status_interval = \"11s\"", "wal_sender_timeout = \"15s\""] {
+        let text = problem_text(load_str(&logical(bad), &[]));
+        assert!(
+            text.contains("source.logical.status_interval")
+                && text.contains("half of source.logical.wal_sender_timeout"),
+            "{bad}: {text}"
+        );
+    }
+    let text = problem_text(load_str(&logical("wal_sender_timeout = \"0s\""), &[]));
+    assert!(text.contains("source.logical.wal_sender_timeout"), "{text}");
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::deadlines;
 use super::logical::{LogicalConfig, OnRowChange, RawLogicalConfig};
 use super::polling::{PollingConfig, RawPollingConfig};
 use crate::config::Problems;
@@ -17,9 +18,6 @@ const DEFAULT_STATE_SCHEMA: &str = "public";
 /// few batches of 1 MB events stay a few tens of MB.
 const DEFAULT_MAX_BATCH_BYTES: u64 = 8 << 20;
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-pub(crate) const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
-pub(crate) const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3);
-pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
 
 #[derive(Deserialize)]
 pub struct RawSourceConfig {
@@ -382,17 +380,17 @@ fn parse_database_url(url: &str, problems: &mut Problems) -> Option<tokio_postgr
             if pg.get_application_name().is_none() {
                 pg.application_name("outbox-relay");
             }
-            // Notice a dead peer in seconds rather than the kernel's two hours: a leader
-            // whose host vanished must lose its lock quickly (see also the server-side
-            // settings in table::connect).
+            // Notice a dead peer in seconds rather than the kernel's two hours, and before
+            // the server does (source/deadlines.rs): a leader cut off from PostgreSQL
+            // must stop before a standby can take over.
             if pg.get_connect_timeout().is_none() {
                 pg.connect_timeout(CONNECT_TIMEOUT);
             }
             pg.keepalives(true)
-                .keepalives_idle(KEEPALIVE_IDLE)
-                .keepalives_interval(KEEPALIVE_INTERVAL)
-                .keepalives_retries(KEEPALIVE_RETRIES)
-                .tcp_user_timeout(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES);
+                .keepalives_idle(deadlines::CLIENT_KEEPALIVE_IDLE)
+                .keepalives_interval(deadlines::CLIENT_KEEPALIVE_INTERVAL)
+                .keepalives_retries(deadlines::CLIENT_KEEPALIVE_RETRIES)
+                .tcp_user_timeout(deadlines::CLIENT_GIVE_UP);
             Some(pg)
         }
         Err(e) => {

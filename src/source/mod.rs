@@ -7,6 +7,7 @@
 
 pub(crate) mod config;
 pub mod dead_letters;
+pub mod deadlines;
 mod error;
 pub mod logical;
 pub mod polling;

@@ -41,14 +41,9 @@ pub async fn connect_noticing(
         }
     };
     // The server, too, should notice a vanished relay within seconds and release its
-    // leader lock, so a standby can take over.
+    // leader lock, so a standby can take over (source/deadlines.rs).
     client
-        .batch_execute(&format!(
-            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {}",
-            super::config::KEEPALIVE_IDLE.as_secs(),
-            super::config::KEEPALIVE_INTERVAL.as_secs(),
-            super::config::KEEPALIVE_RETRIES
-        ))
+        .batch_execute(&super::deadlines::server_settings_sql())
         .await
         .map_err(SourceError::pg("setting keepalives"))?;
     Ok(client)

@@ -5,6 +5,7 @@
 
 pub mod apache_kafka;
 pub mod kafka;
+pub mod netfault;
 pub mod postgres;
 mod process;
 pub mod registry;

@@ -21,6 +21,7 @@ mod operator_edges;
 mod packaging;
 mod parking;
 mod partitioned;
+mod partitions;
 mod polling;
 mod process;
 mod refusals;

@@ -19,6 +19,7 @@ pub struct RawLogicalConfig {
     batch_size: usize,
     failover: bool,
     on_slot_lost: String,
+    wal_sender_timeout: String,
 }
 
 impl Default for RawLogicalConfig {
@@ -34,6 +35,10 @@ impl Default for RawLogicalConfig {
             batch_size: 1000,
             failover: false,
             on_slot_lost: "fail".into(),
+            wal_sender_timeout: format!(
+                "{}s",
+                crate::source::deadlines::DEFAULT_WAL_SENDER_TIMEOUT.as_secs()
+            ),
         }
     }
 }
@@ -54,6 +59,9 @@ pub struct LogicalConfig {
     /// Make the slot a failover slot (PostgreSQL 17+), so a promoted standby has it.
     pub failover: bool,
     pub on_slot_lost: OnSlotLost,
+    /// The walsender's own `wal_sender_timeout`, set on the replication connection: a
+    /// relay silent this long is cut off and its slot freed for a standby.
+    pub wal_sender_timeout: Duration,
 }
 
 impl std::fmt::Display for OnSlotLost {
@@ -108,6 +116,27 @@ impl RawLogicalConfig {
         }
         let status_interval =
             problems.positive_duration("source.logical.status_interval", &self.status_interval);
+        let wal_sender_timeout = problems.positive_duration(
+            "source.logical.wal_sender_timeout",
+            &self.wal_sender_timeout,
+        );
+        // The relay's status updates are what keep the walsender from timing out: two
+        // must fit in the timeout, or a late one ends a healthy stream.
+        if let (Some(status), Some(timeout)) = (status_interval, wal_sender_timeout) {
+            if status * 2 > timeout {
+                problems.push(
+                    "source.logical.status_interval",
+                    format!(
+                        "{} is more than half of source.logical.wal_sender_timeout ({}): the \
+                         server would end a healthy stream between two status updates; lower \
+                         it, or raise the timeout",
+                        humantime::format_duration(status),
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                ok = false;
+            }
+        }
         let heartbeat = problems.duration(
             "source.logical.heartbeat_interval",
             &self.heartbeat_interval,
@@ -143,6 +172,7 @@ impl RawLogicalConfig {
                 cleanup: self.cleanup,
                 batch_size: batch_size?,
                 failover: self.failover,
+                wal_sender_timeout: wal_sender_timeout?,
                 on_slot_lost: on_slot_lost?,
             })
         } else {

@@ -8,7 +8,7 @@
 //! the CopyBoth stream of XLogData and keepalives one way, standby status updates the
 //! other.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -176,6 +176,8 @@ impl ReplicationClient {
                 "application_name",
                 pg.get_application_name().unwrap_or("outbox-relay"),
             ),
+            // The server's deadlines and wal_sender_timeout (set by the slot code).
+            ("options", pg.get_options().unwrap_or_default()),
         ];
         params.retain(|(_, v)| !v.is_empty());
         let mut buf = BytesMut::new();
@@ -512,17 +514,16 @@ async fn negotiate_tls(
     Ok(Box::new(stream))
 }
 
+/// The relay's side of the deadlines in `source/deadlines.rs`.
 fn set_keepalive(stream: &TcpStream) -> std::io::Result<()> {
-    use crate::source::config::{KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES};
+    use crate::source::deadlines::*;
     let sock = socket2::SockRef::from(stream);
     let ka = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
+        .with_time(CLIENT_KEEPALIVE_IDLE)
+        .with_interval(CLIENT_KEEPALIVE_INTERVAL)
+        .with_retries(CLIENT_KEEPALIVE_RETRIES);
     sock.set_tcp_keepalive(&ka)?;
-    sock.set_tcp_user_timeout(Some(
-        KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES + Duration::ZERO,
-    ))
+    sock.set_tcp_user_timeout(Some(CLIENT_GIVE_UP))
 }
 
 fn data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ReplicationError> {

@@ -138,7 +138,13 @@ impl LogicalSource {
     }
 
     pub(super) async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
-        super::hosts::connect(&self.config.pg, &self.config.tls)
+        // The server's side of source/deadlines.rs, and the walsender's own timeout.
+        let mut pg = self.config.pg.clone();
+        pg.options(&crate::source::deadlines::replication_options(
+            self.config.logical.wal_sender_timeout,
+            self.config.pg.get_options(),
+        ));
+        super::hosts::connect(&pg, &self.config.tls)
             .await
             .map_err(|e| match e.code() {
                 Some("42501") => SourceError::Setup(format!(
