@@ -232,18 +232,8 @@ impl Control {
                     kind,
                     parks,
                     ..
-                } => Some(Kept {
-                    event,
-                    error: Some(reason),
-                    reason: Some(kind),
-                    held: *parks,
-                }),
-                Delivery::Held => Some(Kept {
-                    event,
-                    error: None,
-                    reason: None,
-                    held: true,
-                }),
+                } => Some(Kept::dead_letter(event, reason, kind, *parks)),
+                Delivery::Held => Some(Kept::held(event)),
                 _ => None,
             })
             .collect();

@@ -40,6 +40,33 @@ pub struct Kept<'a> {
     pub held: bool,
 }
 
+impl<'a> Kept<'a> {
+    /// A dead letter; `held` when its aggregate parks (it heads, or joins, a queue).
+    pub fn dead_letter(
+        event: &'a OutboxEvent,
+        error: &'a str,
+        reason: &'static str,
+        held: bool,
+    ) -> Kept<'a> {
+        Kept {
+            event,
+            error: Some(error),
+            reason: Some(reason),
+            held,
+        }
+    }
+
+    /// An event held behind its aggregate's dead letter.
+    pub fn held(event: &'a OutboxEvent) -> Kept<'a> {
+        Kept {
+            event,
+            error: None,
+            reason: None,
+            held: true,
+        }
+    }
+}
+
 /// One kept event, as read back.
 #[derive(Debug, Clone)]
 pub struct Row {

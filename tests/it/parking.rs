@@ -71,6 +71,22 @@ async fn wait_count(db: &tokio_postgres::Client, sql: &str, want: i64) {
     panic!("{sql} never became {want} (is {})", count(db, sql).await);
 }
 
+/// Events 0..`count` of aggregates K and B in one transaction, K's `poison` with headers
+/// that are not an object (poison).
+async fn insert_k_and_b(db: &tokio_postgres::Client, count: u64, poison: u64) {
+    let mut sql = String::from("BEGIN;");
+    for n in 0..count {
+        let headers = if n == poison { "[1]" } else { "{}" };
+        sql.push_str(&format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
+               VALUES ('order', 'K', 'Tick', '{{\"n\": {n}}}', '{headers}'), \
+                      ('order', 'B', 'Tick', '{{\"n\": {n}}}', '{{}}');"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    db.batch_execute(&sql).await.unwrap();
+}
+
 const HELD_K: &str = "SELECT count(*) FROM outbox_relay_dlq WHERE held AND aggregate_id = 'K'";
 
 /// Polling, at least once. Aggregate K's event 10 is larger than its topic's
@@ -378,17 +394,7 @@ async fn parking_holds_through_failover_in_log_mode_exactly_once() {
     );
     let mut standby = spawn_relay(file.path());
 
-    let mut sql = String::from("BEGIN;");
-    for n in 0..15 {
-        let headers = if n == 5 { "[1]" } else { "{}" };
-        sql.push_str(&format!(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
-               VALUES ('order', 'K', 'Tick', '{{\"n\": {n}}}', '{headers}'), \
-                      ('order', 'B', 'Tick', '{{\"n\": {n}}}', '{{}}');"
-        ));
-    }
-    sql.push_str("COMMIT;");
-    db.batch_execute(&sql).await.unwrap();
+    insert_k_and_b(&db, 15, 5).await;
     let first = consume_exactly(&env, "outbox.order", 21).await;
     assert_eq!(by_key(&first)["K"], (0..5).collect::<Vec<_>>());
     assert_eq!(by_key(&first)["B"], (0..15).collect::<Vec<_>>());
@@ -463,17 +469,7 @@ async fn log_mode_redrives_a_queue_up_to_an_id_and_pauses_the_stream() {
     let file = config_file(&toml);
     let db = env.client().await;
     let (relay, telemetry) = start_with_telemetry(&toml);
-    let mut sql = String::from("BEGIN;");
-    for n in 0..8 {
-        let headers = if n == 2 { "[1]" } else { "{}" };
-        sql.push_str(&format!(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
-               VALUES ('order', 'K', 'Tick', '{{\"n\": {n}}}', '{headers}'), \
-                      ('order', 'B', 'Tick', '{{\"n\": {n}}}', '{{}}');"
-        ));
-    }
-    sql.push_str("COMMIT;");
-    db.batch_execute(&sql).await.unwrap();
+    insert_k_and_b(&db, 8, 2).await;
     let first = consume_exactly(&env, "outbox.order", 10).await;
     assert_eq!(by_key(&first)["K"], [0, 1]);
     wait_count(&db, HELD_K, 6).await;

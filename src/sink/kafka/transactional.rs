@@ -469,18 +469,8 @@ impl TransactionalSink {
                     kind,
                     parks,
                     ..
-                } => Some(Kept {
-                    event,
-                    error: Some(reason),
-                    reason: Some(kind),
-                    held: *parks,
-                }),
-                Plan::Held => Some(Kept {
-                    event,
-                    error: None,
-                    reason: None,
-                    held: true,
-                }),
+                } => Some(Kept::dead_letter(event, reason, kind, *parks)),
+                Plan::Held => Some(Kept::held(event)),
             })
             .collect();
         if kept.is_empty() {

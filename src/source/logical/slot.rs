@@ -140,7 +140,7 @@ impl LogicalSource {
     pub(super) async fn replication_client(&self) -> Result<ReplicationClient, SourceError> {
         // The server's side of source/deadlines.rs, and the walsender's own timeout.
         let mut pg = self.config.pg.clone();
-        pg.options(&crate::source::deadlines::replication_options(
+        pg.options(crate::source::deadlines::replication_options(
             self.config.logical.wal_sender_timeout,
             self.config.pg.get_options(),
         ));
