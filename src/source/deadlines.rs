@@ -86,6 +86,18 @@ pub fn replication_options(wal_sender_timeout: Duration, own: Option<&str>) -> S
     options
 }
 
+/// The relay's side on a socket it opens itself (the replication connection; the SQL
+/// connections get the same through `tokio_postgres::Config`).
+pub fn set_client_socket(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(CLIENT_KEEPALIVE_IDLE)
+        .with_interval(CLIENT_KEEPALIVE_INTERVAL)
+        .with_retries(CLIENT_KEEPALIVE_RETRIES);
+    sock.set_tcp_keepalive(&ka)?;
+    sock.set_tcp_user_timeout(Some(CLIENT_GIVE_UP))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

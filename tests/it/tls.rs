@@ -185,7 +185,17 @@ async fn verify_full_require_and_refused_plaintext() {
 
     // Polling with sslmode=require: encrypted, certificate not checked.
     let relay = RunningRelay::start(config("polling", "sslmode=require"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..100 {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     relay.stop().await;
     assert_eq!(
         db.query_one("SELECT count(*) FROM outbox", &[])

@@ -162,7 +162,7 @@ impl ReplicationClient {
             None => connect.await?,
         };
         stream.set_nodelay(true)?;
-        set_keepalive(&stream)?;
+        crate::source::deadlines::set_client_socket(&stream)?;
         let io = negotiate_tls(stream, &host, tls).await?;
         let mut client = ReplicationClient {
             io: Framed::with_capacity(io, Codec, READ_BUFFER),
@@ -512,18 +512,6 @@ async fn negotiate_tls(
         .await
         .map_err(|e| ReplicationError::Tls(format!("handshake with {host}: {e}")))?;
     Ok(Box::new(stream))
-}
-
-/// The relay's side of the deadlines in `source/deadlines.rs`.
-fn set_keepalive(stream: &TcpStream) -> std::io::Result<()> {
-    use crate::source::deadlines::*;
-    let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(CLIENT_KEEPALIVE_IDLE)
-        .with_interval(CLIENT_KEEPALIVE_INTERVAL)
-        .with_retries(CLIENT_KEEPALIVE_RETRIES);
-    sock.set_tcp_keepalive(&ka)?;
-    sock.set_tcp_user_timeout(Some(CLIENT_GIVE_UP))
 }
 
 fn data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ReplicationError> {
