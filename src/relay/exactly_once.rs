@@ -58,7 +58,12 @@ pub(super) async fn run(
                 identity.epoch,
             )
             .await?;
-            let control = Control::start(&config.source, &telemetry, parking.clone()).await?;
+            let control = super::pump::answered(
+                config.source.query_timeout,
+                "opening the control connection",
+                Control::start(&config.source, &telemetry, parking.clone()),
+            )
+            .await?;
             let keeper = control.as_ref().map(Control::keeper);
             let sink = Arc::new(sink.with_parking(parking.clone(), keeper));
             probe = Some(sink.spawn_health_probe(shutdown.clone()));
@@ -70,6 +75,7 @@ pub(super) async fn run(
                 backoff: &mut backoff,
                 resume: Resume::from(checkpoint),
                 control,
+                answer_within: config.source.query_timeout,
             };
             pump.run(&mut source, batch_size).await?;
             source.finish().await?;

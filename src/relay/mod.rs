@@ -177,7 +177,12 @@ pub async fn run(
             let Some(mut source) = connect_and_lead(&config, &telemetry, &shutdown).await? else {
                 return Ok(());
             };
-            let control = Control::start(&config.source, &telemetry, parking.clone()).await?;
+            let control = pump::answered(
+                config.source.query_timeout,
+                "opening the control connection",
+                Control::start(&config.source, &telemetry, parking.clone()),
+            )
+            .await?;
             let mut pump = Pump {
                 sink: &sink,
                 telemetry: &telemetry,
@@ -186,6 +191,7 @@ pub async fn run(
                 backoff: &mut backoff,
                 resume: Resume::default(),
                 control,
+                answer_within: config.source.query_timeout,
             };
             pump.run(&mut source, batch_size).await?;
             source.finish().await?;

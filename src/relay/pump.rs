@@ -18,7 +18,7 @@ use crate::event::OutboxEvent;
 use crate::metrics::{unix_now, Telemetry};
 use crate::sink::kafka::checkpoint::Resume;
 use crate::sink::{Delivery, Sink, SinkError};
-use crate::source::Source;
+use crate::source::{Source, SourceError};
 
 use super::control::Control;
 
@@ -38,6 +38,23 @@ pub(super) struct Pump<'a, K: Sink> {
     /// The pause and operator requests, and where dead letters are kept (`None` on a
     /// hot standby).
     pub control: Option<Control>,
+    /// `source.query_timeout`: how long a round trip to PostgreSQL may go unanswered.
+    pub answer_within: Duration,
+}
+
+/// PostgreSQL's answer to one round trip of the leader's, or [`SourceError::Unanswered`]
+/// after `limit`. The sockets' keepalives cannot see a server that stops answering behind
+/// a live TCP link (a hung pooler or proxy); without this the loop would wait forever and
+/// `/readyz` would keep saying ready. The relay then drops its connections and
+/// reconnects, so a half-done round trip is never taken up again.
+pub(super) async fn answered<T>(
+    limit: Duration,
+    what: &'static str,
+    round_trip: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(limit, round_trip)
+        .await
+        .unwrap_or(Err(SourceError::Unanswered { what, after: limit }))
 }
 
 /// A batch with the sink. The relay holds the only copy of its events: on a failure
@@ -80,7 +97,8 @@ impl<K: Sink> Pump<'_, K> {
         };
         loop {
             if let Some(control) = &mut self.control {
-                control.look().await?;
+                answered(self.answer_within, "looking for operator requests", control.look())
+                    .await?;
             }
             // Paused, or an operator's request waits for nothing to be in flight.
             let holding = self.control.as_ref().is_some_and(Control::holds_reading);
@@ -93,7 +111,11 @@ impl<K: Sink> Pump<'_, K> {
                 let wait = in_flight.is_empty();
                 let batch = if stopping {
                     tokio::select! {
-                        batch = source.next_batch(batch_size, wait) => batch?,
+                        batch = answered(
+                            self.answer_within,
+                            "reading events",
+                            source.next_batch(batch_size, wait),
+                        ) => batch?,
                         _ = grace.expired() => {
                             return Err(RelayError::GraceExpired(self.config.shutdown_grace));
                         }
@@ -107,7 +129,11 @@ impl<K: Sink> Pump<'_, K> {
                             grace.deadline.get_or_init(|| Instant::now() + grace.grace);
                             continue;
                         }
-                        batch = source.next_batch(batch_size, wait) => batch?,
+                        batch = answered(
+                            self.answer_within,
+                            "reading events",
+                            source.next_batch(batch_size, wait),
+                        ) => batch?,
                     }
                 };
                 let mut batch = batch;
@@ -115,7 +141,12 @@ impl<K: Sink> Pump<'_, K> {
                 if covered > 0 {
                     // Only the start of the stream can be covered, before anything was
                     // sent: these are the oldest unacknowledged events, as `ack` wants.
-                    source.ack(&batch[..covered]).await?;
+                    answered(
+                        self.answer_within,
+                        "acknowledging events",
+                        source.ack(&batch[..covered]),
+                    )
+                    .await?;
                     metrics.events_reconciled.inc_by(covered as u64);
                     metrics.acked_now();
                     tracing::info!(
@@ -206,17 +237,30 @@ impl<K: Sink> Pump<'_, K> {
                     _ => None,
                 })
                 .collect();
-            source.keep_dead_letters(&kept).await?;
+            answered(
+                self.answer_within,
+                "keeping dead letters",
+                source.keep_dead_letters(&kept),
+            )
+            .await?;
             // Dead letters and held events are kept before their acknowledgement: a held
             // event is acknowledged without Kafka having it, on the strength of its row.
             if let Some(control) = &self.control {
                 if !self.sink.keeps_dead_letters() {
-                    control
-                        .keep(&batch[..durable], &outcomes[..durable])
-                        .await?;
+                    answered(
+                        self.answer_within,
+                        "keeping parked events",
+                        control.keep(&batch[..durable], &outcomes[..durable]),
+                    )
+                    .await?;
                 }
             }
-            source.ack(&batch[..durable]).await?;
+            answered(
+                self.answer_within,
+                "acknowledging events",
+                source.ack(&batch[..durable]),
+            )
+            .await?;
             self.record(&batch[..durable]);
             if durable == batch.len() {
                 self.backoff.reset();

@@ -215,6 +215,7 @@ async fn pump_resuming(
         backoff: &mut backoff,
         resume,
         control: None,
+        answer_within: Duration::from_secs(10),
     };
     let result = pump.run(source, batch_size).await;
     (result, sink)

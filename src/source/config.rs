@@ -12,6 +12,9 @@ use crate::config::Problems;
 
 const DEFAULT_TABLE: &str = "public.outbox";
 const DEFAULT_STANDBY_RETRY: &str = "1s";
+/// Ten seconds: far beyond any statement of the relay's on a healthy server, and short
+/// enough that `/readyz` turns 503 within 15 s of PostgreSQL falling silent.
+const DEFAULT_QUERY_TIMEOUT: &str = "10s";
 const DEFAULT_DEAD_LETTER_TABLE: &str = "public.outbox_relay_dead_letter";
 const DEFAULT_STATE_SCHEMA: &str = "public";
 /// 8 MiB: large enough for a thousand ordinary events per batch, small enough that a
@@ -29,6 +32,7 @@ pub struct RawSourceConfig {
     #[serde(default)]
     columns: RawColumns,
     standby_retry: Option<String>,
+    query_timeout: Option<String>,
     dead_letter_table: Option<String>,
     state_schema: Option<String>,
     on_row_change: Option<String>,
@@ -65,6 +69,11 @@ pub struct SourceConfig {
     pub columns: Columns,
     /// How often a standby tries to become the leader (lock or slot).
     pub standby_retry: std::time::Duration,
+    /// How long the leader waits for PostgreSQL to answer one round trip (a batch read,
+    /// an acknowledgement, the control connection's look) before it takes the link for
+    /// dead: an answerless server behind a live TCP link (a hung proxy or pooler) is
+    /// caught here, where the sockets' keepalives see nothing wrong.
+    pub query_timeout: std::time::Duration,
     /// Where the bodies of events too large even for the dead-letter topic are kept;
     /// `None`: nowhere (such an event stops the relay).
     pub dead_letter_table: Option<TableName>,
@@ -222,6 +231,22 @@ impl RawSourceConfig {
                 problems.positive_duration("source.standby_retry", DEFAULT_STANDBY_RETRY)
             }
         };
+        let query_timeout = problems
+            .positive_duration(
+                "source.query_timeout",
+                self.query_timeout.as_deref().unwrap_or(DEFAULT_QUERY_TIMEOUT),
+            )
+            .filter(|t| {
+                let ok = (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(600))
+                    .contains(t);
+                if !ok {
+                    problems.push(
+                        "source.query_timeout",
+                        format!("must be between 1s and 10m, got {t:?}"),
+                    );
+                }
+                ok
+            });
         let dead_letter_table = match self.dead_letter_table.as_deref() {
             Some("") => Some(None),
             raw => TableName::parse(raw.unwrap_or(DEFAULT_DEAD_LETTER_TABLE))
@@ -277,6 +302,7 @@ impl RawSourceConfig {
             table: table?,
             columns: columns?,
             standby_retry: standby_retry?,
+            query_timeout: query_timeout?,
             dead_letter_table: dead_letter_table?,
             max_batch_bytes: max_batch_bytes?,
             state_schema: state_schema?,

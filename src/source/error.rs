@@ -25,6 +25,17 @@ pub enum SourceError {
     /// Another relay streams from the slot: this one is a standby.
     #[error("replication slot {slot} is in use by another relay ({detail})")]
     SlotBusy { slot: String, detail: String },
+    /// PostgreSQL answered nothing within `source.query_timeout`: the link (or a proxy or
+    /// pooler on it) is silent although the sockets look alive.
+    #[error(
+        "PostgreSQL answered nothing while {what} for {} s (source.query_timeout): the link \
+         or the server is stuck; reconnecting",
+        after.as_secs_f64()
+    )]
+    Unanswered {
+        what: &'static str,
+        after: std::time::Duration,
+    },
     /// A query or the connection failed.
     #[error("{context}: {}", pg_text(.source))]
     Postgres {
@@ -52,7 +63,7 @@ impl SourceError {
         match self {
             SourceError::Setup(_) | SourceError::SlotLost(_) => false,
             SourceError::PublicationChanged(_) => true,
-            SourceError::SlotBusy { .. } => true,
+            SourceError::SlotBusy { .. } | SourceError::Unanswered { .. } => true,
             SourceError::Replication { source, .. } => source.is_retryable(),
             SourceError::Postgres { source, .. } => match source.code() {
                 // No SQLSTATE: retry when the connection itself broke (refused, reset,

@@ -51,6 +51,12 @@ pub struct KafkaOptions {
     /// Quick start (C1 compiler only) over peak throughput: right for tests, wrong for
     /// the benchmark.
     pub quick_jit: bool,
+    /// Proxy ports, one per node: each node gets a second listener, `PROXIED` (its port
+    /// is [`Kafka::proxied_port`]), that advertises the given port instead of its own, so
+    /// a client bootstrapping there (the relay) goes through a [`super::proxy::Proxy`]
+    /// for every request. [`Kafka::brokers`] and the brokers' own traffic stay direct: a
+    /// test's consumer sees what was published while the proxy black-holes the relay.
+    pub advertised_ports: Vec<u16>,
 }
 
 impl Default for KafkaOptions {
@@ -60,6 +66,7 @@ impl Default for KafkaOptions {
             properties: Vec::new(),
             heap_mib: 512,
             quick_jit: true,
+            advertised_ports: Vec::new(),
         }
     }
 }
@@ -67,6 +74,7 @@ impl Default for KafkaOptions {
 struct Node {
     id: u32,
     port: u16,
+    proxied_port: Option<u16>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -118,6 +126,11 @@ impl Kafka {
         let ports: Vec<(u16, u16)> = (0..n)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<std::io::Result<_>>()?;
+        let proxied: Vec<(u16, u16)> = options
+            .advertised_ports
+            .iter()
+            .map(|&advertised| Ok((free_port()?, advertised)))
+            .collect::<std::io::Result<_>>()?;
         let voters = ports
             .iter()
             .enumerate()
@@ -133,15 +146,23 @@ impl Kafka {
             let node_dir = dir.path().join(format!("node-{id}"));
             fs::create_dir_all(node_dir.join("data"))?;
             let mut props = fs::File::create(node_dir.join("server.properties"))?;
+            let (listeners, advertised, protocols) = match proxied.get(i) {
+                Some((own, advertised)) => (
+                    format!(",PROXIED://127.0.0.1:{own}"),
+                    format!(",PROXIED://127.0.0.1:{advertised}"),
+                    ",PROXIED:PLAINTEXT",
+                ),
+                None => Default::default(),
+            };
             writeln!(
                 props,
                 "process.roles=broker,controller\n\
                  node.id={id}\n\
                  controller.quorum.voters={voters}\n\
-                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}{listeners}\n\
+                 advertised.listeners=PLAINTEXT://127.0.0.1:{port}{advertised}\n\
                  controller.listener.names=CONTROLLER\n\
-                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{protocols}\n\
                  inter.broker.listener.name=PLAINTEXT\n\
                  log.dirs={data}\n\
                  num.partitions=1\n\
@@ -168,6 +189,7 @@ impl Kafka {
             nodes.push(Node {
                 id,
                 port: *port,
+                proxied_port: proxied.get(i).map(|(own, _)| *own),
                 dir: node_dir,
                 child: None,
             });
@@ -268,6 +290,12 @@ impl Kafka {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The port of node `node`'s `PROXIED` listener (see
+    /// [`KafkaOptions::advertised_ports`]): where its proxy forwards to.
+    pub fn proxied_port(&self, node: usize) -> Option<u16> {
+        self.nodes[node].proxied_port
     }
 
     pub fn node_count(&self) -> usize {

@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod netfault;
 pub mod postgres;
 mod process;
+pub mod proxy;
 pub mod registry;
 pub mod tansu;
 

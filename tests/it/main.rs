@@ -15,6 +15,7 @@ mod faults;
 mod kafka_sink;
 mod logical;
 mod logical_process;
+mod network;
 mod observability;
 mod operator_changes;
 mod operator_edges;

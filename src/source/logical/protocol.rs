@@ -444,15 +444,20 @@ pub fn fuzz_stream_bytes(data: &[u8]) {
 
 impl StreamWriter {
     /// Standby status update: everything up to `flushed` may be forgotten by the slot.
-    /// It never asks the server for a reply: the relay has no use for one.
-    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), ReplicationError> {
+    /// `reply` asks the server to answer at once (with a keepalive): the periodic updates
+    /// do, so that silence on the stream means a silent link.
+    pub async fn send_status(
+        &mut self,
+        flushed: Lsn,
+        reply: bool,
+    ) -> Result<(), ReplicationError> {
         let mut data = BytesMut::with_capacity(34);
         data.put_u8(b'r');
         data.put_u64(flushed.0); // written
         data.put_u64(flushed.0); // flushed
         data.put_u64(flushed.0); // applied
         data.put_i64(pg_now());
-        data.put_u8(0); // no reply requested
+        data.put_u8(u8::from(reply));
         let mut buf = BytesMut::new();
         frontend::CopyData::new(data.freeze())?.write(&mut buf);
         self.sink.send(buf.freeze()).await?;

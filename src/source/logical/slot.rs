@@ -221,6 +221,7 @@ impl LogicalSource {
             feedback_rx,
             queued.clone(),
             logical.status_interval,
+            logical.wal_sender_timeout,
             self.telemetry.clone(),
         ));
         self.phase = Phase::Streaming(Streaming {

@@ -69,6 +69,7 @@ pub async fn run(
     mut feedback: watch::Receiver<Feedback>,
     queued: Arc<Queued>,
     status_interval: Duration,
+    silence: Duration,
     telemetry: Telemetry,
 ) -> Result<(), SourceError> {
     let ReplicationStream {
@@ -87,11 +88,21 @@ pub async fn run(
     // The current transaction, from its Begin.
     let mut txn: Option<Txn> = None;
     let repl = SourceError::repl;
+    // When the server last said anything. Each periodic status update asks it for a
+    // reply, so a live server speaks at least twice per `silence` (status_interval is at
+    // most half of it): longer quiet while reading means a silent link (a hung proxy or
+    // pooler) that the sockets' keepalives cannot see.
+    let mut heard = tokio::time::Instant::now();
 
     loop {
         // Over budget, nothing more goes into the channel (and nothing more is read):
         // status updates still go out while the relay catches up.
         let room = queued.bytes.load(Ordering::Acquire) < queued.budget;
+        let reading = chunk.len() < CHUNK && chunk_bytes < chunk_budget;
+        if !reading {
+            // Not reading is not hearing nothing: unread messages wait in the socket.
+            heard = tokio::time::Instant::now();
+        }
         tokio::select! {
             biased;
             changed = feedback.changed() => {
@@ -100,7 +111,7 @@ pub async fn run(
                     return Ok(());
                 }
                 let Feedback { flushed, finishing } = *feedback.borrow_and_update();
-                writer.send_status(flushed).await.map_err(repl("sending status"))?;
+                writer.send_status(flushed, false).await.map_err(repl("sending status"))?;
                 telemetry.metrics.last_acked_lsn.set(flushed.0 as i64);
                 if finishing {
                     // The final acknowledgement is out, but not yet read by the server.
@@ -123,12 +134,22 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
+                if heard.elapsed() > silence {
+                    return Err(SourceError::Unanswered {
+                        what: "streaming (no message, not even a keepalive reply)",
+                        after: heard.elapsed(),
+                    });
+                }
                 let flushed = feedback.borrow().flushed;
-                writer.send_status(flushed).await.map_err(repl("sending status"))?;
+                writer
+                    .send_status(flushed, true)
+                    .await
+                    .map_err(repl("sending status"))?;
             }
             // Reading goes first: what the socket already holds joins the chunk, and the
             // chunk is handed over when reading would wait or the chunk is full.
-            msg = reader.next(), if chunk.len() < CHUNK && chunk_bytes < chunk_budget => {
+            msg = reader.next(), if reading => {
+                heard = tokio::time::Instant::now();
                 let mut msg = msg;
                 loop {
                     match msg.map_err(repl("reading the replication stream"))? {
@@ -141,7 +162,7 @@ pub async fn run(
                         StreamMessage::Keepalive { wal_end, reply } => {
                             if reply {
                                 let flushed = feedback.borrow().flushed;
-                                writer.send_status(flushed).await.map_err(repl("sending status"))?;
+                                writer.send_status(flushed, false).await.map_err(repl("sending status"))?;
                             }
                             // Inside a transaction the WAL end says nothing about its commit.
                             if txn.is_none() {
