@@ -1,7 +1,11 @@
 //! `status`: what an operator (or an exec probe) wants at a glance, read from PostgreSQL
-//! itself: who leads, how much is waiting, how old the oldest waiting event is.
+//! itself: who leads, how much is waiting, how old the oldest waiting event is; and, from
+//! the relay beside it (`/readyz` at `http.listen`), which of its links is down.
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
 use crate::source::polling::LOCK_CLASS;
@@ -11,7 +15,28 @@ use crate::source::{quote_ident, Mode};
 /// Prints the status and returns whether the relay is healthy.
 pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
     let src = &config.source;
-    let client = table::connect(src).await?;
+    let relay = ask_relay(config.http.listen).await;
+    // A probe must answer even when the server does not (a hung pooler accepts and
+    // says nothing): the same deadline the relay gives its round trips.
+    let connected = tokio::time::timeout(src.query_timeout, table::connect(src))
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::source::SourceError::Unanswered {
+                what: "connecting",
+                after: src.query_timeout,
+            })
+        });
+    let client = match connected {
+        Ok(client) => client,
+        Err(e) => {
+            // The database is what status reads; without it, the relay's own view is all
+            // there is to say.
+            println!("postgres: unreachable from here: {e}");
+            print_relay(&relay, &mut Vec::new());
+            println!("status:   UNHEALTHY: PostgreSQL unreachable");
+            return Ok(false);
+        }
+    };
     println!(
         "mode:     {}",
         match src.mode {
@@ -124,10 +149,81 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
             );
         }
     }
+    print_relay(&relay, &mut problems);
     if problems.is_empty() {
         println!("status:   healthy");
     } else {
         println!("status:   UNHEALTHY: {}", problems.join("; "));
     }
     Ok(problems.is_empty())
+}
+
+/// What the relay beside this command says on `/readyz`.
+enum RelayView {
+    Ready,
+    NotReady(String),
+    /// Nothing answered at the address (no relay there, or another host's).
+    Unreachable(SocketAddr, String),
+    /// `http.listen` names port 0: the relay's port is chosen when it starts.
+    Unknown,
+}
+
+/// Asks `/readyz` on the relay's monitoring address (loopback for a wildcard address),
+/// within two seconds.
+async fn ask_relay(listen: SocketAddr) -> RelayView {
+    if listen.port() == 0 {
+        return RelayView::Unknown;
+    }
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let asked = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), asked).await {
+        Ok(Ok(answer)) => {
+            let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+            if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                RelayView::Ready
+            } else {
+                let why = body.strip_prefix("not ready: ").unwrap_or(body);
+                RelayView::NotReady(why.to_owned())
+            }
+        }
+        Ok(Err(e)) => RelayView::Unreachable(addr, e.to_string()),
+        Err(_) => RelayView::Unreachable(addr, "no answer within 2 s".into()),
+    }
+}
+
+/// Prints the relay's view, naming the link that is down, and adds it to `problems`.
+fn print_relay(view: &RelayView, problems: &mut Vec<String>) {
+    match view {
+        RelayView::Ready => println!("relay:    ready (postgres and kafka reachable)"),
+        RelayView::NotReady(why) => {
+            println!("relay:    not ready: {why}");
+            let link = ["postgres", "kafka", "schema registry"]
+                .into_iter()
+                .find(|link| why.starts_with(&format!("{link}:")));
+            if let Some(link) = link {
+                println!("down:     the relay's link to {link}");
+                problems.push(format!("the relay's link to {link} is down"));
+            }
+        }
+        RelayView::Unreachable(addr, e) => {
+            println!("relay:    no answer on {addr} ({e}): not on this host, or not running")
+        }
+        RelayView::Unknown => {
+            println!("relay:    not asked (http.listen port 0: chosen when the relay starts)")
+        }
+    }
 }

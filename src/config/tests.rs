@@ -568,3 +568,29 @@ fn exactly_once_delivery_is_chosen_and_its_keys_checked() {
     );
     assert!(text.contains("use sink.kafka.transactional_id"), "{text}");
 }
+
+#[test]
+fn query_timeout_defaults_to_ten_seconds_and_is_bounded() {
+    assert_eq!(
+        load_str(VALID, &[]).unwrap().source.query_timeout,
+        Duration::from_secs(10)
+    );
+    let with = |v: &str| {
+        VALID.replace(
+            "table = \"public.outbox\"\n",
+            &format!("table = \"public.outbox\"\nquery_timeout = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(
+        load_str(&with("30s"), &[]).unwrap().source.query_timeout,
+        Duration::from_secs(30)
+    );
+    for bad in ["0s", "500ms", "11m", "soon"] {
+        assert_eq!(
+            problem_keys(load_str(&with(bad), &[])),
+            ["source.query_timeout"],
+            "{bad}"
+        );
+    }
+    assert!(problem_text(load_str(&with("11m"), &[])).contains("between 1s and 10m"));
+}

@@ -97,8 +97,12 @@ impl<K: Sink> Pump<'_, K> {
         };
         loop {
             if let Some(control) = &mut self.control {
-                answered(self.answer_within, "looking for operator requests", control.look())
-                    .await?;
+                answered(
+                    self.answer_within,
+                    "looking for operator requests",
+                    control.look(),
+                )
+                .await?;
             }
             // Paused, or an operator's request waits for nothing to be in flight.
             let holding = self.control.as_ref().is_some_and(Control::holds_reading);

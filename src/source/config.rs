@@ -234,7 +234,9 @@ impl RawSourceConfig {
         let query_timeout = problems
             .positive_duration(
                 "source.query_timeout",
-                self.query_timeout.as_deref().unwrap_or(DEFAULT_QUERY_TIMEOUT),
+                self.query_timeout
+                    .as_deref()
+                    .unwrap_or(DEFAULT_QUERY_TIMEOUT),
             )
             .filter(|t| {
                 let ok = (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(600))

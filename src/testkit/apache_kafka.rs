@@ -57,6 +57,10 @@ pub struct KafkaOptions {
     /// for every request. [`Kafka::brokers`] and the brokers' own traffic stay direct: a
     /// test's consumer sees what was published while the proxy black-holes the relay.
     pub advertised_ports: Vec<u16>,
+    /// Each node runs as a user of its own ([`Kafka::node_uid`]), so that nftables can
+    /// tell its packets from its peers' on the shared loopback
+    /// ([`super::netfault::Cut::process`]): a partition of one node. Needs root.
+    pub own_users: bool,
 }
 
 impl Default for KafkaOptions {
@@ -67,6 +71,7 @@ impl Default for KafkaOptions {
             heap_mib: 512,
             quick_jit: true,
             advertised_ports: Vec::new(),
+            own_users: false,
         }
     }
 }
@@ -74,6 +79,9 @@ impl Default for KafkaOptions {
 struct Node {
     id: u32,
     port: u16,
+    controller: u16,
+    /// The user the node runs as, when not this process's.
+    uid: Option<u32>,
     proxied_port: Option<u16>,
     dir: PathBuf,
     child: Option<Child>,
@@ -186,13 +194,26 @@ impl Kafka {
             }
             drop(props);
             format_storage(&libs, &node_dir, &cluster_id)?;
+            // A user per node, unique while its port is taken (so tests running at once
+            // never share one).
+            let uid = options.own_users.then(|| 100_000 + u32::from(*port));
+            if let Some(uid) = uid {
+                chown_tree(&node_dir, uid)?;
+            }
             nodes.push(Node {
                 id,
                 port: *port,
+                controller: *controller,
+                uid,
                 proxied_port: proxied.get(i).map(|(own, _)| *own),
                 dir: node_dir,
                 child: None,
             });
+        }
+        if options.own_users {
+            // tempfile makes the directory private to this process's user.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         }
         let mut kafka = Kafka {
             nodes,
@@ -224,6 +245,10 @@ impl Kafka {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(uid) = n.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
         die_with_parent(&mut cmd);
         n.child = Some(cmd.spawn()?);
         Ok(())
@@ -296,6 +321,20 @@ impl Kafka {
     /// [`KafkaOptions::advertised_ports`]): where its proxy forwards to.
     pub fn proxied_port(&self, node: usize) -> Option<u16> {
         self.nodes[node].proxied_port
+    }
+
+    /// The user node `node` runs as ([`KafkaOptions::own_users`]).
+    pub fn node_uid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].uid
+    }
+
+    /// Every port node `node` listens on: clients', the controller's, the proxied one.
+    pub fn node_ports(&self, node: usize) -> Vec<u16> {
+        let n = &self.nodes[node];
+        [Some(n.port), Some(n.controller), n.proxied_port]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     pub fn node_count(&self) -> usize {
@@ -490,4 +529,15 @@ pub fn libs_dir() -> std::io::Result<PathBuf> {
         "Apache Kafka {VERSION} not found in {}: run scripts/install (or set KAFKA_LIBS)",
         local.display()
     )))
+}
+
+/// Gives `path` and everything under it to user and group `uid`.
+fn chown_tree(path: &Path, uid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+    if path.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    Ok(())
 }

@@ -66,6 +66,13 @@ fn nft(args: &[&str], script: Option<&str>) -> io::Result<String> {
 impl Cut {
     /// Drops every packet between `addr` and TCP port `port` on this machine, both ways.
     pub fn link(addr: Ipv4Addr, port: u16) -> io::Result<Cut> {
+        Cut::install(&format!(
+            "    ip daddr {addr} tcp dport {port} drop\n    ip saddr {addr} tcp sport {port} drop\n"
+        ))
+    }
+
+    /// A table of its own with `rules` in an output chain.
+    fn install(rules: &str) -> io::Result<Cut> {
         SWEPT.call_once(|| {
             let _ = sweep();
         });
@@ -76,10 +83,25 @@ impl Cut {
         );
         // Loopback traffic passes the output hook both ways: one chain covers it.
         let script = format!(
-            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {addr} tcp dport {port} drop\n    ip saddr {addr} tcp sport {port} drop\n  }}\n}}\n"
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n{rules}  }}\n}}\n"
         );
         nft(&["-f", "-"], Some(&script))?;
         Ok(Cut { table })
+    }
+
+    /// Cuts a process off: drops every packet its user's sockets send (`uid` must be
+    /// its own: see `KafkaOptions::own_users`) and every packet to its `ports`. On the
+    /// shared loopback this is the only way to tell a node's outgoing connections from
+    /// its peers'.
+    pub fn process(uid: u32, ports: &[u16]) -> io::Result<Cut> {
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Cut::install(&format!(
+            "    meta skuid {uid} drop\n    tcp dport {{ {ports} }} drop\n"
+        ))
     }
 
     /// Lets packets through again.

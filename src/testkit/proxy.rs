@@ -336,7 +336,10 @@ mod tests {
 
         proxy.set(Fault::Latency(Duration::from_millis(100)));
         let took = round_trip(&mut s, Duration::from_secs(2)).await.unwrap();
-        assert!(took >= Duration::from_millis(200), "100 ms each way: {took:?}");
+        assert!(
+            took >= Duration::from_millis(200),
+            "100 ms each way: {took:?}"
+        );
 
         // Dropping the answers only: the request is still read (the echo sees it).
         proxy.set(Fault::Drop(Direction::ToClient));

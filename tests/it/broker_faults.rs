@@ -7,6 +7,9 @@
 //!   relay must say it is not ready, hold its memory, lose nothing, and go on once they
 //!   are back;
 //! - a node paused (SIGSTOP), like a frozen VM, then resumed;
+//! - the leader of a busy partition cut off from everyone by the kernel (nftables drops
+//!   every packet its user sends and every packet to its ports): a network partition of
+//!   one node, during which delivery must go on once Kafka elected new leaders;
 //! - the whole cluster killed and restarted with its data.
 //!
 //! Afterwards every event written must be in Kafka, each aggregate's in order, read back
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use outbox_relay::testkit::apache_kafka::{Kafka, KafkaOptions};
 use outbox_relay::testkit::kafka::{partition_leader, under_replicated, Reader};
+use outbox_relay::testkit::netfault::Cut;
 use outbox_relay::testkit::{free_port, http_get};
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
@@ -66,6 +70,20 @@ enum Fault {
     TwoDown,
     Pause,
     FullRestart,
+    CutOff,
+}
+
+/// What happened while one node was cut off.
+#[derive(Default, Debug)]
+struct Partitioned {
+    /// How long `/readyz` answered 503 (polled every 500 ms), and its first reason.
+    not_ready_for: Duration,
+    not_ready: Option<String>,
+    /// Events that arrived after the first 12 s of the cut (the 9 s session timeout and
+    /// an election), and events Kafka acknowledged to the relay meanwhile: delivery
+    /// must have gone on.
+    delivered_after_election: usize,
+    published_after_election: u64,
 }
 
 /// What the relay said while two nodes were down.
@@ -112,6 +130,7 @@ async fn broker_fault_suite(mode: &'static str) {
         &["synchronous_commit=on"],
         BrokerKind::OwnKafka(KafkaOptions {
             nodes: 3,
+            own_users: true,
             ..KafkaOptions::default()
         }),
     )
@@ -164,7 +183,12 @@ async fn broker_fault_suite(mode: &'static str) {
     ));
 
     let mut faults: Vec<Fault> = std::iter::repeat_n(Fault::KillLeader, plan.kills)
-        .chain([Fault::TwoDown, Fault::Pause, Fault::FullRestart])
+        .chain([
+            Fault::TwoDown,
+            Fault::Pause,
+            Fault::FullRestart,
+            Fault::CutOff,
+        ])
         .collect();
     for i in (1..faults.len()).rev() {
         faults.swap(i, rng.random_range(0..=i));
@@ -173,6 +197,7 @@ async fn broker_fault_suite(mode: &'static str) {
         unreachable!()
     };
     let mut outage = Outage::default();
+    let mut partitioned = Partitioned::default();
     let mut peak_rss_before_outage = 0;
     let mut elections = Vec::new();
     for fault in &faults {
@@ -229,6 +254,40 @@ async fn broker_fault_suite(mode: &'static str) {
                 tokio::time::sleep(plan.pause).await;
                 kafka.resume(node);
                 tokio::task::block_in_place(|| wait_in_sync(kafka, &topic));
+            }
+            Fault::CutOff => {
+                let partition = rng.random_range(0..PARTITIONS);
+                let node = tokio::task::block_in_place(|| leader_node(kafka, &topic, partition));
+                let uid = kafka
+                    .node_uid(node)
+                    .expect("nodes run as users of their own");
+                let cut = Cut::process(uid, &kafka.node_ports(node)).expect("cut the node off");
+                let until = Instant::now() + plan.outage;
+                let elected = at + Duration::from_secs(12);
+                let mut published_at_election = None;
+                while Instant::now() < until {
+                    if let Some((503, body)) = relay_get(http, "/readyz").await {
+                        partitioned.not_ready.get_or_insert(body);
+                        partitioned.not_ready_for += Duration::from_millis(500);
+                    }
+                    if published_at_election.is_none() && Instant::now() >= elected {
+                        published_at_election = Some(published(http).await);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                partitioned.published_after_election =
+                    published(http).await - published_at_election.unwrap_or_default();
+                partitioned.delivered_after_election = arrivals
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|a| a.3 > elected)
+                    .count();
+                drop(cut);
+                tokio::task::block_in_place(|| {
+                    kafka.wait_all_ready().unwrap();
+                    wait_in_sync(kafka, &topic);
+                });
             }
             Fault::FullRestart => {
                 for n in 0..3 {
@@ -319,7 +378,12 @@ async fn broker_fault_suite(mode: &'static str) {
         outage.back_ready_after,
         slowest_election,
     );
+    eprintln!("one node cut off for {:?}: {partitioned:?}", plan.outage);
     assert!(written > 0, "the writer wrote nothing");
+    assert!(
+        partitioned.published_after_election > 0,
+        "delivery goes on while one node of three is cut off: {partitioned:?}"
+    );
     assert_eq!(written.saturating_sub(delivered), 0, "events lost");
     assert_eq!(reordered, 0, "events reordered");
     assert_eq!(
@@ -341,6 +405,19 @@ async fn broker_fault_suite(mode: &'static str) {
         peak_rss >> 20,
         peak_rss_before_outage >> 20
     );
+}
+
+/// Events Kafka acknowledged to the relay so far (`outbox_relay_events_published_total`).
+async fn published(http: u16) -> u64 {
+    let metrics = relay_get(http, "/metrics")
+        .await
+        .map(|m| m.1)
+        .unwrap_or_default();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(outbox_relay::metrics::EVENTS_PUBLISHED))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// Producer replacements after a stall (`outbox_relay_failures_total{reason="stalled"}`).

@@ -105,7 +105,7 @@ struct Rig {
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     reading: CancellationToken,
     reader: Option<std::thread::JoinHandle<()>>,
-    _file: tempfile::NamedTempFile,
+    file: tempfile::NamedTempFile,
 }
 
 impl Rig {
@@ -180,7 +180,7 @@ impl Rig {
             arrivals,
             reading,
             reader: Some(reader),
-            _file: file,
+            file,
         }
     }
 
@@ -215,7 +215,10 @@ impl Rig {
             if fresh {
                 return;
             }
-            assert!(start.elapsed() < within, "no fresh delivery within {within:?}");
+            assert!(
+                start.elapsed() < within,
+                "no fresh delivery within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -252,6 +255,19 @@ impl Rig {
                 if phase == Phase::KafkaBlackHole {
                     acked_at_drop = Some(self.acked().await);
                 }
+                let link = match phase {
+                    Phase::PostgresBlackHole => Some("postgres"),
+                    Phase::KafkaBlackHole => Some("kafka"),
+                    _ => None,
+                };
+                if let Some(link) = link {
+                    let (code, text) = self.status().await;
+                    assert_eq!(code, Some(1), "{text}");
+                    assert!(
+                        text.contains(&format!("down:     the relay's link to {link}")),
+                        "status names the link that is down: {text}"
+                    );
+                }
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -274,12 +290,14 @@ impl Rig {
         let healed = Instant::now();
         let mut first_delivery_after_heal = None;
         while healed.elapsed() < Duration::from_secs(60) {
-            let a = self.arrivals.lock().unwrap();
-            if let Some(first) = a.iter().rev().take_while(|x| x.4 >= healed).last() {
-                first_delivery_after_heal = Some(first.4 - healed);
+            let first = (self.arrivals.lock().unwrap().iter().rev())
+                .take_while(|x| x.4 >= healed)
+                .last()
+                .map(|x| x.4);
+            if let Some(first) = first {
+                first_delivery_after_heal = Some(first - healed);
                 break;
             }
-            drop(a);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut sorted = during.clone();
@@ -291,6 +309,26 @@ impl Rig {
             delivered_during: during.len(),
             p99: (!sorted.is_empty()).then(|| sorted[(sorted.len() * 99).div_ceil(100) - 1]),
         }
+    }
+
+    /// `outbox-relay status` with the relay's own configuration (its database URL names
+    /// the proxy too): exit code and output.
+    async fn status(&self) -> (Option<i32>, String) {
+        let path = self.file.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .args(["status", "--config"])
+                .arg(path)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        })
+        .await
+        .unwrap()
     }
 
     /// What the relay acknowledged to PostgreSQL: the outbox's lowest `seq` (polling
@@ -361,8 +399,10 @@ async fn through_the_faults(mode: &'static str, exactly_once: bool) -> Vec<Phase
     rig.reading.cancel();
     rig.reader.take().unwrap().join().unwrap();
     let seen = rig.arrivals.lock().unwrap().clone();
-    let (distinct, reordered) =
-        first_occurrences(seen.iter().map(|(k, n, id, _, _)| (k.as_str(), *n, id.as_str())));
+    let (distinct, reordered) = first_occurrences(
+        seen.iter()
+            .map(|(k, n, id, _, _)| (k.as_str(), *n, id.as_str())),
+    );
     let duplicates = seen.len() - distinct;
     eprintln!(
         "{mode} exactly_once={exactly_once}: written {written}, distinct {distinct}, \
@@ -408,4 +448,14 @@ async fn polling_at_least_once_through_black_holes_latency_and_resets() {
 async fn log_mode_exactly_once_through_black_holes_latency_and_resets() {
     let reports = through_the_faults("logical", true).await;
     assert_phases(&reports);
+}
+
+/// The other two pairings, on demand (`OUTBOX_RELAY_LONG=1`): CI's two cover both modes
+/// and both deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polling_exactly_once_and_log_mode_at_least_once_through_the_faults() {
+    if std::env::var("OUTBOX_RELAY_LONG").is_ok_and(|v| v == "1") {
+        assert_phases(&through_the_faults("polling", true).await);
+        assert_phases(&through_the_faults("logical", false).await);
+    }
 }

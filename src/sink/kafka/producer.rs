@@ -12,7 +12,7 @@ use super::{KafkaMessage, KafkaSinkConfig};
 
 /// Producer settings the relay's guarantees rest on; `[sink.kafka.librdkafka]` is
 /// applied after them and can override them (at the operator's own risk).
-const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
+const PRODUCER_DEFAULTS: [(&str, &str); 10] = [
     ("enable.idempotence", "true"),
     // Retry inside librdkafka until delivered. A finite timeout lets a partition end up
     // with 1, 4, 5 after an outage (librdkafka INTRODUCTION.md, "Message timeout
@@ -28,6 +28,15 @@ const PRODUCER_DEFAULTS: [(&str, &str); 7] = [
     // `max.message.bytes` is the limit that matters: let it decide (this is
     // librdkafka's maximum).
     ("message.max.bytes", "1000000000"),
+    // A broker cut off by the network keeps its sockets open and answers nothing. The
+    // client's own deadline on a request (produce requests included) is
+    // `socket.timeout.ms`, 60 s by default: a batch on the cut-off leader's partition
+    // would hold every batch behind it (they are acknowledged in order) that long, long
+    // after Kafka elected a new leader (~10 s). 10 s bounds that wait; the message is
+    // then retried (idempotently: same sequence numbers) on the new leader.
+    ("socket.timeout.ms", "10000"),
+    ("socket.connection.setup.timeout.ms", "10000"),
+    ("socket.keepalive.enable", "true"),
 ];
 
 /// How long to wait before retrying an enqueue that found the local queue full.

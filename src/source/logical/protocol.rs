@@ -446,11 +446,7 @@ impl StreamWriter {
     /// Standby status update: everything up to `flushed` may be forgotten by the slot.
     /// `reply` asks the server to answer at once (with a keepalive): the periodic updates
     /// do, so that silence on the stream means a silent link.
-    pub async fn send_status(
-        &mut self,
-        flushed: Lsn,
-        reply: bool,
-    ) -> Result<(), ReplicationError> {
+    pub async fn send_status(&mut self, flushed: Lsn, reply: bool) -> Result<(), ReplicationError> {
         let mut data = BytesMut::with_capacity(34);
         data.put_u8(b'r');
         data.put_u64(flushed.0); // written
