@@ -10,8 +10,8 @@ use crate::sink::kafka::schema::ContractError;
 use crate::sink::kafka::KafkaSink;
 use crate::source::logical;
 use crate::source::polling::PollingSource;
-use crate::source::table;
 use crate::source::Mode;
+use crate::source::{dead_letter_table, table};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -121,8 +121,8 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 return Err(logical::missing_publication(publication).into());
             }
             if let Some(t) = &src.dead_letter_table {
-                table::check_dead_letter_table(&client, t).await?;
-                what.push_str(&format!(", dead-letter table {t} writable"));
+                let found = dead_letter_table::check(&client, t).await?;
+                what.push_str(&format!(", dead-letter table {t} {found}"));
             }
             // Read only: check never creates the relay's tables.
             what.push_str(&format!(

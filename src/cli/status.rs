@@ -31,6 +31,9 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
         Err(e) => {
             // The database is what status reads; without it, the relay's own view is all
             // there is to say.
+            // On stderr too, as an ERROR line: with `--log-format json` that is where a
+            // probe's reader looks for the reason.
+            tracing::error!(error = %e, "status: PostgreSQL unreachable");
             println!("postgres: unreachable from here: {e}");
             print_relay(&relay, &mut Vec::new());
             println!("status:   UNHEALTHY: PostgreSQL unreachable");

@@ -1,5 +1,5 @@
 //! Loading and validating the relay's configuration
-//! ([design §9](../../docs/design.md#9-configuration); every key is in the README).
+//! ([design §9](../../docs/design.md#9-configuration); every key is in docs/configuration.md).
 //!
 //! Configuration is read in two stages, so that an operator sees every problem in one
 //! go instead of fixing them one restart at a time:
@@ -216,11 +216,11 @@ fn validate(
                 o.key(),
                 o.shown(),
                 "names no configuration key: remove the variable or fix its name (every key \
-                 is listed in the README, \"Configuration\")",
+                 is listed in docs/configuration.md)",
             ),
             None => problems.push(
                 key,
-                "unknown key: remove it or fix its spelling (every key is listed in the README, \"Configuration\")",
+                "unknown key: remove it or fix its spelling (every key is listed in docs/configuration.md)",
             ),
         }
     }

@@ -1,7 +1,7 @@
 //! Telemetry shared by every component: Prometheus metrics ([design §10](../../docs/design.md#10-monitoring)) and the readiness
 //! state behind `/readyz`.
 //!
-//! All metric names live here, as constants, so the README table, the Grafana dashboard
+//! All metric names live here, as constants, so the metrics table of docs/monitoring.md, the Grafana dashboard
 //! and the alert rules can be checked against one list ([`NAMES`]).
 
 mod health;

@@ -6,6 +6,7 @@
 //! advances the slot's flushed LSN.
 
 pub(crate) mod config;
+pub mod dead_letter_table;
 pub mod dead_letters;
 pub mod deadlines;
 mod error;

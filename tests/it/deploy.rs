@@ -1,5 +1,5 @@
 //! The shipped monitoring material refers only to metrics the relay exports, the rules
-//! pass `promtool`, and the README documents every metric.
+//! pass `promtool`, and the guide's monitoring page documents every metric and alert.
 
 use std::path::Path;
 use std::process::Command;
@@ -82,12 +82,41 @@ fn alert_rules_pass_promtool() {
 }
 
 #[test]
-fn the_readme_documents_every_metric() {
-    let readme = repo("README.md");
+fn the_monitoring_page_documents_every_metric_and_no_other() {
+    let page = repo("docs/monitoring.md");
     for name in NAMES {
         assert!(
-            readme.contains(&format!("`{name}`")),
-            "README does not document {name}"
+            page.contains(&format!("| `{name}` |")),
+            "docs/monitoring.md does not document {name} in its metrics table"
+        );
+    }
+    for name in metric_names(&page) {
+        assert!(
+            NAMES.contains(&name.as_str()),
+            "docs/monitoring.md names {name}, which the relay does not export"
+        );
+    }
+}
+
+#[test]
+fn the_monitoring_page_has_a_runbook_for_every_alert() {
+    let page = repo("docs/monitoring.md");
+    let rules = repo("deploy/prometheus/alerts.yml");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "only {} alerts found", alerts.len());
+    for alert in &alerts {
+        assert!(
+            page.contains(&format!("| `{alert}` |")),
+            "docs/monitoring.md has no row for the alert {alert}"
+        );
+    }
+    for named in page.split('`').filter(|t| t.starts_with("OutboxRelay")) {
+        assert!(
+            alerts.contains(&named),
+            "docs/monitoring.md names the alert {named}, which alerts.yml does not define"
         );
     }
 }

@@ -201,6 +201,70 @@ async fn runs_as_the_least_privilege_role() {
     assert_eq!(env.outbox_count().await, 0);
 }
 
+/// After an upgrade from a version without `source.dead_letter_table`, the relay makes
+/// the table itself where its role may (the shipped definition), and where it may not,
+/// refuses to start naming the table and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_table_is_created_at_start_or_refused_with_the_fix() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    // PostgreSQL 15's default, stated for the older majors: only owners create in public.
+    db.batch_execute(
+        "DROP TABLE outbox_relay_dead_letter; REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+    )
+    .await
+    .unwrap();
+    let least = env
+        .config_toml("polling", "", "")
+        .replace("postgres://postgres@", "postgres://outbox_relay@");
+    let e = crate::support::run_error(crate::support::load_toml(&least)).await;
+    assert!(
+        e.contains(
+            "dead-letter table public.outbox_relay_dead_letter does not exist \
+             (source.dead_letter_table) and this role may not create it in schema public: \
+             create it with sql/004_dead_letter.sql"
+        ),
+        "{e}"
+    );
+
+    insert_event(&db, "order", "o-1", "Placed", "{}").await;
+    let relay = RunningRelay::start(crate::support::load_toml(
+        &env.config_toml("polling", "", ""),
+    ));
+    let got = env.consume(&["outbox.order"], 1, 20).await;
+    relay.stop().await;
+    assert_eq!(got.len(), 1, "the relay runs once the table is made");
+    let columns: Vec<String> = db
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = 'outbox_relay_dead_letter' \
+             ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "id",
+            "dead_lettered_at",
+            "source_position",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "headers",
+            "error",
+            "body"
+        ],
+        "the shipped definition"
+    );
+}
+
 /// Another table layout: Debezium-style names, a `bytea` payload passed through byte for
 /// byte, no headers or created_at column, and a per-row topic column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -472,7 +472,7 @@ impl crate::source::Source for LogicalSource {
         events: &[(&OutboxEvent, &str)],
     ) -> Result<(), SourceError> {
         let table = self.config.dead_letter_table.as_ref();
-        table::keep_dead_letters(&self.sql, table, events).await
+        crate::source::dead_letter_table::keep_dead_letters(&self.sql, table, events).await
     }
 
     fn rewind(&mut self, unacknowledged: Vec<OutboxEvent>) {

@@ -165,7 +165,7 @@ impl LogicalSource {
         let mut repl = self.replication_client().await?;
         // Checked once replication is known to work: that problem comes first.
         if let Some(t) = &self.config.dead_letter_table {
-            crate::source::table::check_dead_letter_table(&self.sql, t).await?;
+            crate::source::dead_letter_table::ensure(&self.sql, t).await?;
         }
         // Which server and timeline this stream comes from, for the operator's logs.
         let system = repl

@@ -112,7 +112,7 @@ impl PollingSource {
         let statements = prepare(&client, table, &config.columns, &shape).await?;
         let fence = Fence::prepare(&client, table, &config.columns.seq, shape.oid).await?;
         if let Some(t) = &config.dead_letter_table {
-            table::check_dead_letter_table(&client, t).await?;
+            super::dead_letter_table::ensure(&client, t).await?;
         }
         Ok(PollingSource {
             client,
@@ -267,7 +267,12 @@ impl super::Source for PollingSource {
         &mut self,
         events: &[(&OutboxEvent, &str)],
     ) -> Result<(), SourceError> {
-        table::keep_dead_letters(&self.client, self.dead_letter_table.as_ref(), events).await
+        super::dead_letter_table::keep_dead_letters(
+            &self.client,
+            self.dead_letter_table.as_ref(),
+            events,
+        )
+        .await
     }
 
     fn rewind(&mut self, _unacknowledged: Vec<OutboxEvent>) {
