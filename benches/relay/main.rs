@@ -7,6 +7,9 @@
 //!
 //! * `pg_recvlogical` draining the backlog from a slot to /dev/null (the ceiling the
 //!   server's logical decoding sets);
+//! * the polling floor: the relay's own batch read and DELETE looped inside the server
+//!   by a `DO` block, nothing sent out (the ceiling of polling: the database's own
+//!   SELECT and DELETE rate);
 //! * the relay binary in log mode draining the same backlog into the broker, timed from
 //!   process start until the slot's flushed position passed the last commit (so every
 //!   event was acknowledged by Kafka first);
@@ -219,6 +222,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         rows: a.rows,
         runs: a.runs,
         pg_recvlogical: Vec::new(),
+        polling_floor: Vec::new(),
         brokers: targets
             .iter()
             .map(|t| BrokerReport {
@@ -312,6 +316,15 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 );
             }
         }
+        reset(&db).await;
+        load(&db, a.rows).await;
+        report
+            .polling_floor
+            .push(polling_floor(&db, &url, a.rows).await);
+        eprintln!(
+            "  polling SQL alone {:.0}/s",
+            report.polling_floor[run].events_per_second
+        );
         for (t, b) in targets.iter().zip(&mut report.brokers) {
             if let (Some(bin), true) = (&a.baseline, baseline_first) {
                 b.baseline_polling
@@ -359,6 +372,13 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
     let recv = median(
         report
             .pg_recvlogical
+            .iter()
+            .map(|d| d.events_per_second)
+            .collect(),
+    );
+    let floor = median(
+        report
+            .polling_floor
             .iter()
             .map(|d| d.events_per_second)
             .collect(),
@@ -428,6 +448,8 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             polling_events_per_second: polling,
             log_ratio_to_pg_recvlogical: log / recv,
             polling_ratio_to_pg_recvlogical: polling / recv,
+            polling_floor_events_per_second: floor,
+            polling_ratio_to_floor: polling / floor,
             peak_rss_mb: b
                 .relay_log
                 .iter()

@@ -33,6 +33,9 @@ pub(crate) struct Report {
     pub(crate) rows: usize,
     pub(crate) runs: usize,
     pub(crate) pg_recvlogical: Vec<Drain>,
+    /// The relay's polling statements looped inside the server (no client): the
+    /// polling mode's own limit, as `pg_recvlogical` is log mode's.
+    pub(crate) polling_floor: Vec<Drain>,
     /// One per broker, measured in this run.
     pub(crate) brokers: Vec<BrokerReport>,
 }
@@ -127,6 +130,9 @@ pub(crate) struct Medians {
     pub(crate) polling_events_per_second: f64,
     pub(crate) log_ratio_to_pg_recvlogical: f64,
     pub(crate) polling_ratio_to_pg_recvlogical: f64,
+    pub(crate) polling_floor_events_per_second: f64,
+    /// Polling against its SQL alone (the target: ≥ 0.9).
+    pub(crate) polling_ratio_to_floor: f64,
     pub(crate) peak_rss_mb: f64,
     pub(crate) first_event_ms: f64,
     pub(crate) log_cpu_us_per_event: f64,
@@ -196,6 +202,10 @@ pub(crate) fn print_table(r: &Report) {
         );
     };
     row("pg_recvlogical → /dev/null", &r.pg_recvlogical);
+    row(
+        "polling SQL alone, looped in the server (backend CPU)",
+        &r.polling_floor,
+    );
     for b in &r.brokers {
         row(
             &format!("relay, log mode → {} (acked)", b.broker),
@@ -226,6 +236,17 @@ pub(crate) fn print_table(r: &Report) {
             "  ratio to pg_recvlogical (of the medians): log mode {:.2}x, polling mode {:.2}x; \
              run by run: log {llo:.2}–{lhi:.2}x, polling {plo:.2}–{phi:.2}x",
             m.log_ratio_to_pg_recvlogical, m.polling_ratio_to_pg_recvlogical
+        );
+        let floor_ratios = spread(
+            b.relay_polling
+                .iter()
+                .zip(&r.polling_floor)
+                .map(|(x, p)| x.events_per_second / p.events_per_second),
+        );
+        println!(
+            "  polling vs its SQL alone (of the medians): {:.2}x (target ≥ 0.9x); run by run \
+             {:.2}–{:.2}x",
+            m.polling_ratio_to_floor, floor_ratios.0, floor_ratios.1
         );
         let avro_ratios = spread(
             b.avro_log

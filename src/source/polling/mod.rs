@@ -308,12 +308,60 @@ impl super::Source for PollingSource {
     }
 }
 
+/// The text of the polling statements for one outbox table.
+struct Texts {
+    batch: String,
+    raw_row: String,
+    delete: String,
+    backlog: String,
+}
+
+/// The batch read and the delete exactly as this relay runs them on `config`'s outbox
+/// (parameters: the batch's `$1` lower and `$2` upper `seq` bounds, `$3` rows and `$4`
+/// bytes at most; the delete's `$1` array of `seq`s): the benchmark loops them inside the
+/// server for the polling floor, an upper bound no client beats.
+#[cfg(feature = "testkit")]
+pub async fn batch_and_delete_sql(config: &SourceConfig) -> Result<(String, String), SourceError> {
+    let client = table::connect(config).await?;
+    let table = config.outbox_table()?;
+    let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
+    let t = texts(table, &config.columns, &shape);
+    Ok((t.batch, t.delete))
+}
+
 async fn prepare(
     client: &Client,
     t: &TableName,
     c: &Columns,
     shape: &TableShape,
 ) -> Result<Statements, SourceError> {
+    let Texts {
+        batch,
+        raw_row,
+        delete,
+        backlog,
+    } = texts(t, c, shape);
+    Ok(Statements {
+        backlog: client
+            .prepare(&backlog)
+            .await
+            .map_err(SourceError::pg("preparing the backlog count"))?,
+        batch: client
+            .prepare(&batch)
+            .await
+            .map_err(SourceError::pg("preparing the batch query"))?,
+        raw_row: client
+            .prepare(&raw_row)
+            .await
+            .map_err(SourceError::pg("preparing the raw row query"))?,
+        delete: client
+            .prepare(&delete)
+            .await
+            .map_err(SourceError::pg("preparing the delete"))?,
+    })
+}
+
+fn texts(t: &TableName, c: &Columns, shape: &TableShape) -> Texts {
     let q = |name: &str| crate::source::quote_ident(name);
     // At most $3 rows, and of those only the prefix whose payloads fit in $4 bytes, with
     // at least one row: a batch of large events stays small in memory. (The length of
@@ -348,22 +396,10 @@ async fn prepare(
         "SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT $1) backlog",
         table = t.quoted()
     );
-    Ok(Statements {
-        backlog: client
-            .prepare(&backlog)
-            .await
-            .map_err(SourceError::pg("preparing the backlog count"))?,
-        batch: client
-            .prepare(&select)
-            .await
-            .map_err(SourceError::pg("preparing the batch query"))?,
-        raw_row: client
-            .prepare(&raw_row)
-            .await
-            .map_err(SourceError::pg("preparing the raw row query"))?,
-        delete: client
-            .prepare(&delete)
-            .await
-            .map_err(SourceError::pg("preparing the delete"))?,
-    })
+    Texts {
+        batch: select,
+        raw_row,
+        delete,
+        backlog,
+    }
 }
