@@ -20,23 +20,21 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_relay::testkit::apache_kafka::{Kafka, KafkaOptions};
-use outbox_relay::testkit::kafka::{partition_leader, under_replicated, Reader};
+use outbox_relay::testkit::kafka::{partition_leader, under_replicated};
 use outbox_relay::testkit::netfault::Cut;
 use outbox_relay::testkit::{free_port, http_get};
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::{first_occurrences, write_until};
-use crate::support::{spawn_relay, Broker, BrokerKind, Env};
+use crate::support::{spawn_relay, ArrivalReader, Broker, BrokerKind, Env};
 
 const PARTITIONS: i32 = 4;
 
 /// One message read back: key, the event's `n`, its id, and when it arrived.
-type Arrival = (String, u64, String, Instant);
 /// Far more than the run writes: the writer is stopped when the faults are over.
 const WRITE_LIMIT: usize = 10_000_000;
 
@@ -154,26 +152,12 @@ async fn broker_fault_suite(mode: &'static str) {
     let relay = spawn_relay(file.path());
 
     // The independent consumer reads all along, so stalls are seen when they happen.
-    let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-    let reading = CancellationToken::new();
-    let reader = std::thread::spawn({
-        let (brokers, topic) = (env.kafka.brokers(), topic.clone());
-        let (arrivals, reading) = (arrivals.clone(), reading.clone());
-        move || {
-            let reader = Reader::new(&brokers, &[&topic]).unwrap();
-            while !reading.is_cancelled() {
-                if let Ok(Some(m)) = reader.next(Duration::from_millis(200)) {
-                    let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
-                    let id = m.header("id").unwrap().to_owned();
-                    let n = v["n"].as_u64().unwrap();
-                    arrivals
-                        .lock()
-                        .unwrap()
-                        .push((m.key_str().to_owned(), n, id, Instant::now()));
-                }
-            }
-        }
-    });
+    let mut reader = ArrivalReader::start(
+        env.kafka.brokers(),
+        topic.clone(),
+        Duration::from_millis(200),
+    );
+    let arrivals = reader.seen.clone();
     let stop_writing = CancellationToken::new();
     let writer = tokio::spawn(write_until(
         env.db_url.clone(),
@@ -281,7 +265,7 @@ async fn broker_fault_suite(mode: &'static str) {
                     .lock()
                     .unwrap()
                     .iter()
-                    .filter(|a| a.3 > elected)
+                    .filter(|a| a.at > elected)
                     .count();
                 drop(cut);
                 tokio::task::block_in_place(|| {
@@ -327,7 +311,7 @@ async fn broker_fault_suite(mode: &'static str) {
             .lock()
             .unwrap()
             .iter()
-            .map(|a| a.2.clone())
+            .map(|a| a.id.clone())
             .collect();
         if ids.len() >= written || Instant::now() > deadline {
             break;
@@ -340,19 +324,18 @@ async fn broker_fault_suite(mode: &'static str) {
         .unwrap_or_default();
     let stalled = stalled_count(&metrics);
     let peak_rss = relay.peak_rss();
-    reading.cancel();
-    reader.join().unwrap();
+    reader.stop();
     drop(relay);
 
     let arrivals = arrivals.lock().unwrap();
     let (delivered, reordered) = first_occurrences(
         arrivals
             .iter()
-            .map(|(k, n, id, _)| (k.as_str(), *n, id.as_str())),
+            .map(|a| (a.key.as_str(), a.n, a.id.as_str())),
     );
     let longest_stall = arrivals
         .windows(2)
-        .map(|w| w[1].3.duration_since(w[0].3))
+        .map(|w| w[1].at.duration_since(w[0].at))
         .max()
         .unwrap_or_default();
     let slowest_election = elections.iter().max().copied().unwrap_or_default();

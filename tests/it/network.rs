@@ -13,24 +13,21 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outbox_relay::testkit::apache_kafka::KafkaOptions;
-use outbox_relay::testkit::kafka::Reader;
 use outbox_relay::testkit::proxy::{Fault, Proxy};
 use outbox_relay::testkit::{free_port, http_get};
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::first_occurrences;
-use crate::support::{spawn_relay, Broker, BrokerKind, Env, RelayProcess};
+use crate::support::{spawn_relay, Arrival, ArrivalReader, Broker, BrokerKind, Env, RelayProcess};
 
 const AGGREGATES: i64 = 8;
 const PER_TXN: i64 = 4;
 
 /// One event as the consumer saw it: key, n, id, when it was written (ms since the
 /// epoch, from the payload), when it arrived.
-type Arrival = (String, u64, String, u64, Instant);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -51,6 +48,11 @@ struct PhaseReport {
     delivered_during: usize,
     /// 99th percentile of write-to-arrival, for events that arrived during the fault.
     p99: Option<Duration>,
+}
+
+/// When the scenario's writer wrote `a` (its payloads all carry `at`).
+fn written(a: &Arrival) -> u64 {
+    a.written_ms.expect("the writer's payloads carry `at`")
 }
 
 fn now_ms() -> u64 {
@@ -102,9 +104,7 @@ struct Rig {
     kafka: Proxy,
     http: u16,
     relay: RelayProcess,
-    arrivals: Arc<Mutex<Vec<Arrival>>>,
-    reading: CancellationToken,
-    reader: Option<std::thread::JoinHandle<()>>,
+    arrivals: ArrivalReader,
     file: tempfile::NamedTempFile,
 }
 
@@ -150,27 +150,11 @@ impl Rig {
         file.write_all(toml.as_bytes()).unwrap();
         let relay = spawn_relay(file.path());
 
-        let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-        let reading = CancellationToken::new();
-        let reader = std::thread::spawn({
-            let brokers = env.kafka.brokers();
-            let (arrivals, reading) = (arrivals.clone(), reading.clone());
-            move || {
-                let reader = Reader::new(&brokers, &["outbox.order"]).unwrap();
-                while !reading.is_cancelled() {
-                    if let Ok(Some(m)) = reader.next(Duration::from_millis(100)) {
-                        let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
-                        arrivals.lock().unwrap().push((
-                            m.key_str().to_owned(),
-                            v["n"].as_u64().unwrap(),
-                            m.header("id").unwrap().to_owned(),
-                            v["at"].as_u64().unwrap(),
-                            Instant::now(),
-                        ));
-                    }
-                }
-            }
-        });
+        let arrivals = ArrivalReader::start(
+            env.kafka.brokers(),
+            "outbox.order".to_owned(),
+            Duration::from_millis(100),
+        );
         Rig {
             env,
             pg,
@@ -178,8 +162,6 @@ impl Rig {
             http,
             relay,
             arrivals,
-            reading,
-            reader: Some(reader),
             file,
         }
     }
@@ -208,9 +190,9 @@ impl Rig {
     async fn wait_caught_up(&self, within: Duration) {
         let start = Instant::now();
         loop {
-            let fresh = self.arrivals.lock().unwrap().last().is_some_and(|a| {
-                let arrived_ms = now_ms() - a.4.elapsed().as_millis() as u64;
-                a.4 > start && arrived_ms.saturating_sub(a.3) < 1000
+            let fresh = self.arrivals.seen.lock().unwrap().last().is_some_and(|a| {
+                let arrived_ms = now_ms() - a.at.elapsed().as_millis() as u64;
+                a.at > start && arrived_ms.saturating_sub(written(a)) < 1000
             });
             if fresh {
                 return;
@@ -224,7 +206,7 @@ impl Rig {
     }
 
     fn arrived(&self) -> usize {
-        self.arrivals.lock().unwrap().len()
+        self.arrivals.seen.lock().unwrap().len()
     }
 
     /// Runs `phase` for `length`, watching readiness, then heals and waits for the first
@@ -278,11 +260,11 @@ impl Rig {
                 "nothing is acknowledged to PostgreSQL while Kafka answers nothing"
             );
         }
-        let during: Vec<Duration> = self.arrivals.lock().unwrap()[before..]
+        let during: Vec<Duration> = self.arrivals.seen.lock().unwrap()[before..]
             .iter()
             .map(|a| {
-                let arrived_ms = now_ms() - a.4.elapsed().as_millis() as u64;
-                Duration::from_millis(arrived_ms.saturating_sub(a.3))
+                let arrived_ms = now_ms() - a.at.elapsed().as_millis() as u64;
+                Duration::from_millis(arrived_ms.saturating_sub(written(a)))
             })
             .collect();
         self.pg.set(Fault::Pass);
@@ -290,10 +272,10 @@ impl Rig {
         let healed = Instant::now();
         let mut first_delivery_after_heal = None;
         while healed.elapsed() < Duration::from_secs(60) {
-            let first = (self.arrivals.lock().unwrap().iter().rev())
-                .take_while(|x| x.4 >= healed)
+            let first = (self.arrivals.seen.lock().unwrap().iter().rev())
+                .take_while(|x| x.at >= healed)
                 .last()
-                .map(|x| x.4);
+                .map(|x| x.at);
             if let Some(first) = first {
                 first_delivery_after_heal = Some(first - healed);
                 break;
@@ -384,10 +366,11 @@ async fn through_the_faults(mode: &'static str, exactly_once: bool) -> Vec<Phase
     loop {
         let distinct: HashSet<String> = rig
             .arrivals
+            .seen
             .lock()
             .unwrap()
             .iter()
-            .map(|a| a.2.clone())
+            .map(|a| a.id.clone())
             .collect();
         if distinct.len() >= written || Instant::now() > deadline {
             break;
@@ -396,13 +379,10 @@ async fn through_the_faults(mode: &'static str, exactly_once: bool) -> Vec<Phase
     }
     // Time for late duplicates to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rig.reading.cancel();
-    rig.reader.take().unwrap().join().unwrap();
-    let seen = rig.arrivals.lock().unwrap().clone();
-    let (distinct, reordered) = first_occurrences(
-        seen.iter()
-            .map(|(k, n, id, _, _)| (k.as_str(), *n, id.as_str())),
-    );
+    rig.arrivals.stop();
+    let seen = rig.arrivals.seen.lock().unwrap().clone();
+    let (distinct, reordered) =
+        first_occurrences(seen.iter().map(|a| (a.key.as_str(), a.n, a.id.as_str())));
     let duplicates = seen.len() - distinct;
     eprintln!(
         "{mode} exactly_once={exactly_once}: written {written}, distinct {distinct}, \

@@ -443,3 +443,67 @@ pub async fn insert_events(db: &tokio_postgres::Client, rows: &[(String, String)
     .await
     .expect("insert events");
 }
+
+/// One event as an independent test reader saw it (the writers' payloads carry `n`,
+/// the key's own sequence, and some `at`, the Unix milliseconds when written).
+#[derive(Clone)]
+pub struct Arrival {
+    pub key: String,
+    pub n: u64,
+    /// The `id` header.
+    pub id: String,
+    pub written_ms: Option<u64>,
+    pub at: std::time::Instant,
+}
+
+/// A reader on a thread of its own that records every event of a topic as it arrives,
+/// so stalls are seen when they happen; [`ArrivalReader::stop`] (or a drop) ends it.
+pub struct ArrivalReader {
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ArrivalReader {
+    pub fn start(brokers: String, topic: String, poll: Duration) -> ArrivalReader {
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>> = Default::default();
+        let stop = CancellationToken::new();
+        let thread = std::thread::spawn({
+            let (seen, stop) = (seen.clone(), stop.clone());
+            move || {
+                let reader = kafka::Reader::new(&brokers, &[&topic]).unwrap();
+                while !stop.is_cancelled() {
+                    if let Ok(Some(m)) = reader.next(poll) {
+                        let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+                        seen.lock().unwrap().push(Arrival {
+                            key: m.key_str().to_owned(),
+                            n: v["n"].as_u64().unwrap(),
+                            id: m.header("id").unwrap().to_owned(),
+                            written_ms: v["at"].as_u64(),
+                            at: std::time::Instant::now(),
+                        });
+                    }
+                }
+            }
+        });
+        ArrivalReader {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Ends the reader and waits for its thread.
+    pub fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for ArrivalReader {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
