@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod deadlines;
 mod error;
 pub mod logical;
+mod names;
 pub mod polling;
 pub mod standby;
 pub mod state;

@@ -36,6 +36,7 @@ fn raw_structs() -> BTreeMap<String, Vec<(String, String)>> {
         let mut lines = text.lines();
         while let Some(line) = lines.next() {
             let Some(rest) = line
+                .trim_start_matches("pub(crate) ")
                 .trim_start_matches("pub ")
                 .strip_prefix("struct Raw")
                 .and_then(|r| r.strip_suffix(" {"))

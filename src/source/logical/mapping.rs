@@ -254,7 +254,7 @@ mod tests {
     use super::*;
 
     fn mapper() -> Mapper {
-        let raw: crate::source::config::RawColumnsForTest = Default::default();
+        let raw: crate::source::names::RawColumnsForTest = Default::default();
         Mapper::new(None, raw.into_columns(), "outbox".into())
     }
 
