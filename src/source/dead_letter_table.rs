@@ -180,3 +180,22 @@ pub async fn keep_dead_letters(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_the_shipped_one_under_the_configured_name_without_the_grant() {
+        let sql = ddl(&TableName::parse("audit.Dead Letters").unwrap());
+        assert!(
+            sql.contains("CREATE TABLE IF NOT EXISTS \"audit\".\"Dead Letters\" ("),
+            "{sql}"
+        );
+        assert!(!sql.contains(SHIPPED_NAME), "{sql}");
+        assert!(!sql.contains("GRANT"), "{sql}");
+        for column in ["source_position", "event_id", "error", "body"] {
+            assert!(sql.contains(column), "{column} in {sql}");
+        }
+    }
+}
