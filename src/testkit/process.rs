@@ -35,13 +35,27 @@ impl RelayProcess {
     }
 
     fn spawn_with(mut command: Command, config: &Path) -> RelayProcess {
-        let child = command
+        command
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn outbox-relay");
+            // OUTBOX_RELAY_TEST_RELAY_LOG raises the level when a run needs explaining.
+            .env(
+                "RUST_LOG",
+                std::env::var("OUTBOX_RELAY_TEST_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        // OUTBOX_RELAY_TEST_RELAY_LOG_DIR: each relay's log in a file named after its
+        // config, so the relays of one test can be told apart.
+        if let Ok(dir) = std::env::var("OUTBOX_RELAY_TEST_RELAY_LOG_DIR") {
+            let name = config.file_name().unwrap_or_default().to_string_lossy();
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(&dir).join(format!("{name}.log")))
+                .expect("open the relay's log file");
+            command.stderr(file);
+        }
+        let child = command.spawn().expect("spawn outbox-relay");
         RelayProcess {
             child,
             wrapped: false,

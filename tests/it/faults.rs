@@ -84,8 +84,11 @@ pub async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> O
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted"
     } else {
+        // During a first start the leader holds the temporary slot it reads the
+        // snapshot through; the real slot exists only once that is published.
         "SELECT a.application_name FROM pg_replication_slots s JOIN pg_stat_activity a \
-         ON a.pid = s.active_pid WHERE s.slot_name = 'outbox_relay'"
+         ON a.pid = s.active_pid \
+         WHERE s.slot_name = 'outbox_relay' OR s.slot_name LIKE 'outbox\\_relay\\_init\\_%'"
     };
     db.query_opt(sql, &[])
         .await

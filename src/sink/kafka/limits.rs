@@ -10,7 +10,7 @@
 //! the broker (then its aggregate parks late; see the dead-letters page).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -19,7 +19,8 @@ use rdkafka::ClientConfig;
 
 use super::message::KafkaMessage;
 
-/// How long a topic's limit is trusted before it is read again.
+/// How long a topic's limit is trusted before it is read again (in the background:
+/// only a topic's first event waits for the answer).
 const FRESH_FOR: Duration = Duration::from_secs(60);
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A v2 record batch's fixed header.
@@ -73,9 +74,24 @@ pub struct TopicLimits {
     codec: Codec,
     /// The producer's `batch.size`: what one produce request may carry per partition.
     batch_size: usize,
-    admin: OnceLock<Option<AdminClient<DefaultClientContext>>>,
-    /// Per topic: its limit (`None`: unknown) and when it was read.
-    known: Mutex<HashMap<String, (Option<usize>, Instant)>>,
+    admin: Arc<OnceLock<Option<AdminClient<DefaultClientContext>>>>,
+    known: Arc<Mutex<Known>>,
+}
+
+/// What was read of each topic.
+#[derive(Default)]
+struct Known {
+    topics: HashMap<String, Entry>,
+    /// Counts [`TopicLimits::forget`]s: a refresh begun before one must not bring back
+    /// what it forgot.
+    generation: u64,
+}
+
+struct Entry {
+    /// `None`: unknown (sizes are judged by the broker).
+    limit: Option<usize>,
+    read_at: Instant,
+    refreshing: bool,
 }
 
 impl TopicLimits {
@@ -87,14 +103,16 @@ impl TopicLimits {
                 .get("batch.size")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_BATCH_SIZE),
-            admin: OnceLock::new(),
-            known: Mutex::new(HashMap::new()),
+            admin: Arc::new(OnceLock::new()),
+            known: Arc::new(Mutex::new(Known::default())),
         }
     }
 
     /// Forgets what was read (an operator raised a limit and redrives).
     pub fn forget(&self) {
-        self.known.lock().unwrap().clear();
+        let mut known = self.known.lock().unwrap();
+        known.topics.clear();
+        known.generation += 1;
     }
 
     /// How `msg` goes out: with the others, alone, or not at all (too large).
@@ -124,24 +142,54 @@ impl TopicLimits {
         }
     }
 
+    /// A topic's limit. Only its first event waits for the broker's answer (up to
+    /// DESCRIBE_TIMEOUT); later reads happen in the background while the last answer
+    /// holds, so the pipeline never stalls on a refresh (and, stalled, would not notice
+    /// a lost PostgreSQL either).
     async fn limit(&self, topic: &str) -> Option<usize> {
-        if let Some((limit, at)) = self.known.lock().unwrap().get(topic) {
-            if at.elapsed() < FRESH_FOR {
-                return *limit;
+        let generation = {
+            let mut known = self.known.lock().unwrap();
+            let generation = known.generation;
+            if let Some(entry) = known.topics.get_mut(topic) {
+                if entry.read_at.elapsed() >= FRESH_FOR && !entry.refreshing {
+                    entry.refreshing = true;
+                    let (admin, known) = (self.admin.clone(), self.known.clone());
+                    let (client, topic) = (self.client.clone(), topic.to_owned());
+                    tokio::spawn(async move {
+                        let limit = describe(&admin, &client, &topic).await;
+                        remember(&known, generation, topic, limit);
+                    });
+                }
+                return entry.limit;
             }
-        }
-        let limit = self.describe(topic).await;
-        self.known
-            .lock()
-            .unwrap()
-            .insert(topic.to_owned(), (limit, Instant::now()));
+            generation
+        };
+        let limit = describe(&self.admin, &self.client, topic).await;
+        remember(&self.known, generation, topic.to_owned(), limit);
         limit
     }
+}
 
-    async fn describe(&self, topic: &str) -> Option<usize> {
-        let admin = self
-            .admin
-            .get_or_init(|| match self.client.create::<AdminClient<_>>() {
+/// Records what was read, unless a `forget` came in between.
+fn remember(known: &Mutex<Known>, generation: u64, topic: String, limit: Option<usize>) {
+    let mut known = known.lock().unwrap();
+    if known.generation == generation {
+        let entry = Entry {
+            limit,
+            read_at: Instant::now(),
+            refreshing: false,
+        };
+        known.topics.insert(topic, entry);
+    }
+}
+
+async fn describe(
+    admin: &OnceLock<Option<AdminClient<DefaultClientContext>>>,
+    client: &ClientConfig,
+    topic: &str,
+) -> Option<usize> {
+    let admin = admin
+            .get_or_init(|| match client.create::<AdminClient<_>>() {
                 Ok(admin) => Some(admin),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create a Kafka admin client to read topics' max.message.bytes: sizes are judged by the broker only");
@@ -149,23 +197,22 @@ impl TopicLimits {
                 }
             })
             .as_ref()?;
-        let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
-        let answer = admin
-            .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
-            .await;
-        let found = match answer.as_deref() {
-            Ok([Ok(resource)]) => resource
-                .get("max.message.bytes")
-                .and_then(|e| e.value.as_deref())
-                .and_then(|v| v.parse().ok()),
-            _ => None,
-        };
-        if found.is_none() {
-            // A topic not created yet (auto-creation), or no DescribeConfigs right.
-            tracing::debug!(topic, answer = ?answer.map(|_| ()), "topic's max.message.bytes unknown: its events' sizes are judged by the broker");
-        }
-        found
+    let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
+    let answer = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+        .await;
+    let found = match answer.as_deref() {
+        Ok([Ok(resource)]) => resource
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse().ok()),
+        _ => None,
+    };
+    if found.is_none() {
+        // A topic not created yet (auto-creation), or no DescribeConfigs right.
+        tracing::debug!(topic, answer = ?answer.map(|_| ()), "topic's max.message.bytes unknown: its events' sizes are judged by the broker");
     }
+    found
 }
 
 /// Bytes of a zig-zag varint.
