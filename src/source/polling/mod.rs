@@ -31,13 +31,25 @@
 //! One relay per outbox holds a session-level advisory lock on its connection; the same
 //! connection reads and deletes, so a relay that lost its connection (and with it the
 //! lock) cannot delete anything. Others wait as standbys and retry.
+//!
+//! # Reading ahead
+//!
+//! While a backlog drains, the server would idle whenever the relay converts a batch,
+//! hands it to Kafka or waits for an acknowledgement. So after a full batch the next
+//! read is sent at once, on the same connection (its requests are pipelined: the DELETE
+//! of an acknowledged batch queues behind it), and the next `next_batch` takes its
+//! rows. It reads above the batch just returned, below the same fence, so it covers
+//! exactly what the next read would; when the cursor moved meanwhile (a rewind, or
+//! everything acknowledged so reads start from the bottom again) it is dropped.
 
 mod config;
 mod fence;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, Statement};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Row, Statement};
 
 pub use config::{PollingConfig, RawPollingConfig};
 
@@ -58,7 +70,7 @@ const BACKLOG_INTERVAL: Duration = Duration::from_secs(2);
 const BACKLOG_CAP: i64 = 1_000_000;
 
 pub struct PollingSource {
-    client: Client,
+    client: Arc<Client>,
     statements: Statements,
     fence: Fence,
     config: PollingConfig,
@@ -78,6 +90,15 @@ pub struct PollingSource {
     unacked: usize,
     /// Highest seq acknowledged so far, to notice such a late row.
     acked_upto: i64,
+    /// The next batch's read, sent after a full batch (see "Reading ahead").
+    ahead: Option<ReadAhead>,
+}
+
+struct ReadAhead {
+    /// The cursor it reads above, and its row limit: used only if both still hold.
+    from: i64,
+    limit: i64,
+    rows: JoinHandle<Result<Vec<Row>, tokio_postgres::Error>>,
 }
 
 struct Statements {
@@ -115,7 +136,7 @@ impl PollingSource {
             super::dead_letter_table::ensure(&client, t).await?;
         }
         Ok(PollingSource {
-            client,
+            client: Arc::new(client),
             statements,
             fence,
             config: config.polling.clone(),
@@ -129,6 +150,7 @@ impl PollingSource {
             max_batch_bytes: i64::try_from(config.max_batch_bytes).unwrap_or(i64::MAX),
             unacked: 0,
             acked_upto: 0,
+            ahead: None,
         })
     }
 
@@ -181,6 +203,44 @@ impl PollingSource {
         }
     }
 
+    /// Sends the read of the batch after the one just returned (see "Reading ahead").
+    fn read_ahead(&mut self, max: usize) {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let (from, fence, bytes) = (self.returned_upto, self.fence.seq(), self.max_batch_bytes);
+        let (client, batch) = (self.client.clone(), self.statements.batch.clone());
+        let rows =
+            tokio::spawn(
+                async move { client.query(&batch, &[&from, &fence, &limit, &bytes]).await },
+            );
+        self.ahead = Some(ReadAhead { from, limit, rows });
+    }
+
+    /// The rows read ahead, if they are what a read now would return. Any error (a row
+    /// the server cannot send, say) leaves the work to [`Self::read`], which narrows
+    /// such a read down.
+    ///
+    /// When these rows are a full batch too, the read after them is sent before they
+    /// are converted, so the server works while the relay does.
+    async fn take_ahead(&mut self, max: usize) -> Option<Vec<OutboxEvent>> {
+        let ahead = self.ahead.take()?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        if ahead.from != self.returned_upto || ahead.limit != limit {
+            ahead.rows.abort();
+            return None;
+        }
+        let rows = ahead.rows.await.ok()?.ok()?;
+        let last = rows.last().and_then(|r| r.try_get::<_, i64>(0).ok());
+        if let (true, Some(seq)) = (rows.len() >= max, last) {
+            self.returned_upto = seq;
+            self.read_ahead(max);
+        }
+        Some(
+            rows.iter()
+                .map(|row| table::row_to_event(row, self.payload_is_json))
+                .collect(),
+        )
+    }
+
     /// The first row above the cursor, which the server cannot send as text: its raw
     /// bytes, and why, for the dead-letter topic.
     async fn read_unreadable(
@@ -201,6 +261,15 @@ impl PollingSource {
             .iter()
             .map(|row| table::raw_row_to_event(row, &why))
             .collect())
+    }
+}
+
+impl Drop for PollingSource {
+    fn drop(&mut self) {
+        // The read holds the connection (and with it the leader lock) while it runs.
+        if let Some(ahead) = self.ahead.take() {
+            ahead.rows.abort();
+        }
     }
 }
 
@@ -234,7 +303,10 @@ impl super::Source for PollingSource {
     ) -> Result<Vec<OutboxEvent>, SourceError> {
         // Everything here only reads, so dropping the future (shutdown) is harmless.
         self.count_backlog().await?;
-        let mut batch = self.read(max).await?;
+        let mut batch = match self.take_ahead(max).await {
+            Some(batch) => batch,
+            None => self.read(max).await?,
+        };
         if batch.is_empty() {
             self.fence
                 .advance(&self.client, self.config.interval)
@@ -260,6 +332,10 @@ impl super::Source for PollingSource {
             _ => {}
         }
         self.unacked += batch.len();
+        if batch.len() >= max && self.ahead.is_none() {
+            // A backlog: more is likely there.
+            self.read_ahead(max);
+        }
         Ok(batch)
     }
 
@@ -277,6 +353,9 @@ impl super::Source for PollingSource {
 
     fn rewind(&mut self, _unacknowledged: Vec<OutboxEvent>) {
         // The rows are still in the table: read them again from the start.
+        if let Some(ahead) = self.ahead.take() {
+            ahead.rows.abort();
+        }
         self.returned_upto = 0;
         self.unacked = 0;
     }
