@@ -41,6 +41,11 @@
 //! rows. It reads above the batch just returned, below the same fence, so it covers
 //! exactly what the next read would; when the cursor moved meanwhile (a rewind, or
 //! everything acknowledged so reads start from the bottom again) it is dropped.
+//!
+//! For the same reason an acknowledgement sends its DELETE without waiting for it. One
+//! is outstanding at most: the next acknowledgement, a read from the bottom of the table
+//! (which could otherwise see the rows being deleted) and a graceful stop wait for it
+//! first, and its error surfaces there. Reads above the cursor never see those rows.
 
 mod config;
 mod fence;
@@ -92,6 +97,8 @@ pub struct PollingSource {
     acked_upto: i64,
     /// The next batch's read, sent after a full batch (see "Reading ahead").
     ahead: Option<ReadAhead>,
+    /// The last acknowledgement's DELETE, sent and not answered yet.
+    deleting: Option<JoinHandle<Result<u64, tokio_postgres::Error>>>,
 }
 
 struct ReadAhead {
@@ -151,6 +158,7 @@ impl PollingSource {
             unacked: 0,
             acked_upto: 0,
             ahead: None,
+            deleting: None,
         })
     }
 
@@ -241,6 +249,20 @@ impl PollingSource {
         )
     }
 
+    /// Waits for the outstanding DELETE, if any (see "Reading ahead").
+    async fn settle_delete(&mut self) -> Result<(), SourceError> {
+        let Some(deleting) = self.deleting.take() else {
+            return Ok(());
+        };
+        let deleted = deleting
+            .await
+            .map_err(|e| SourceError::Setup(format!("deleting published rows failed: {e}")))?
+            .map_err(SourceError::pg("deleting published rows"))?;
+        let backlog = &self.telemetry.metrics.backlog_rows;
+        backlog.set((backlog.get() - deleted as i64).max(0));
+        Ok(())
+    }
+
     /// The first row above the cursor, which the server cannot send as text: its raw
     /// bytes, and why, for the dead-letter topic.
     async fn read_unreadable(
@@ -266,7 +288,8 @@ impl PollingSource {
 
 impl Drop for PollingSource {
     fn drop(&mut self) {
-        // The read holds the connection (and with it the leader lock) while it runs.
+        // The read holds the connection (and with it the leader lock) while it runs. An
+        // outstanding DELETE is left to finish: its rows were acknowledged by Kafka.
         if let Some(ahead) = self.ahead.take() {
             ahead.rows.abort();
         }
@@ -302,6 +325,10 @@ impl super::Source for PollingSource {
         wait: bool,
     ) -> Result<Vec<OutboxEvent>, SourceError> {
         // Everything here only reads, so dropping the future (shutdown) is harmless.
+        if self.returned_upto == 0 {
+            // From the bottom: the rows being deleted must be gone first.
+            self.settle_delete().await?;
+        }
         self.count_backlog().await?;
         let mut batch = match self.take_ahead(max).await {
             Some(batch) => batch,
@@ -361,6 +388,7 @@ impl super::Source for PollingSource {
     }
 
     async fn ack(&mut self, events: &[OutboxEvent]) -> Result<(), SourceError> {
+        self.settle_delete().await?;
         self.unacked = self.unacked.saturating_sub(events.len());
         if self.unacked == 0 {
             self.returned_upto = 0;
@@ -376,14 +404,15 @@ impl super::Source for PollingSource {
             return Ok(());
         }
         self.acked_upto = self.acked_upto.max(seqs.iter().copied().max().unwrap_or(0));
-        let deleted = self
-            .client
-            .execute(&self.statements.delete, &[&seqs])
-            .await
-            .map_err(SourceError::pg("deleting published rows"))?;
-        let backlog = &self.telemetry.metrics.backlog_rows;
-        backlog.set((backlog.get() - deleted as i64).max(0));
+        let (client, delete) = (self.client.clone(), self.statements.delete.clone());
+        self.deleting = Some(tokio::spawn(async move {
+            client.execute(&delete, &[&seqs]).await
+        }));
         Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), SourceError> {
+        self.settle_delete().await
     }
 }
 
