@@ -131,6 +131,85 @@ async fn a_row_committed_early_does_not_overtake_a_lower_seq_still_open() {
     assert_eq!(env.outbox_count().await, 0);
 }
 
+/// The batch read stays an index scan that stops after one batch whatever the planner
+/// knows of the table. With the fence inside the index condition, a table never analyzed
+/// (a new outbox, a burst before autovacuum's ANALYZE) or a generic plan got a bitmap
+/// scan of the whole backlog and a sort for every batch: a drain quadratic in its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_read_is_an_index_scan_without_statistics_and_as_a_generic_plan() {
+    let env = Env::start().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "ALTER TABLE outbox SET (autovacuum_enabled = false); \
+         INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'order', 'o-' || (i % 100), 'Tick', jsonb_build_object('n', i) \
+         FROM generate_series(1, 50000) i",
+    )
+    .await
+    .unwrap();
+    let analyzed: i64 = db
+        .query_one(
+            "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables \
+             WHERE relname = 'outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        analyzed, 0,
+        "the table must have no statistics for this test"
+    );
+    let config = env.config("");
+    let (batch, _) = outbox_relay::source::polling::batch_and_delete_sql(&config.source)
+        .await
+        .unwrap();
+    db.batch_execute(&format!("PREPARE batch(int8, int8, int8, int8) AS {batch}"))
+        .await
+        .unwrap();
+    // From the bottom and from the middle, each as a custom and as a generic plan.
+    for (mode, from) in [
+        ("force_custom_plan", 0),
+        ("force_custom_plan", 25_000),
+        ("force_generic_plan", 0),
+        ("force_generic_plan", 25_000),
+    ] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let plan: Vec<String> = db
+            .query(
+                &format!("EXPLAIN EXECUTE batch({from}, 50000, 1000, 4194304)"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Scan") && !plan.contains("Bitmap"),
+            "{mode} from {from}: the batch read must be an index scan:\n{plan}"
+        );
+    }
+    let seqs = |sql: &'static str| {
+        let db = &db;
+        async move {
+            let rows = db.query(sql, &[]).await.unwrap();
+            rows.iter().map(|r| r.get(0)).collect::<Vec<i64>>()
+        }
+    };
+    let read = seqs("EXECUTE batch(25000, 25500, 1000, 4194304)").await;
+    let expected =
+        seqs("SELECT seq FROM outbox WHERE seq > 25000 AND seq <= 25500 ORDER BY seq").await;
+    assert!(!expected.is_empty());
+    assert_eq!(
+        read, expected,
+        "a LIMIT reaching past the fence returns the rows up to the fence, in order"
+    );
+}
+
 /// Rolled-back transactions leave gaps in `seq`; they must not stall the relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_from_rolled_back_transactions_do_not_stall() {

@@ -480,11 +480,20 @@ fn texts(t: &TableName, c: &Columns, shape: &TableShape) -> Texts {
     } else {
         format!("octet_length({}::text)", q(&c.payload))
     };
+    // The fence ($2) bounds the rows outside the LIMIT, not in the index condition: a
+    // range on `seq` gets the planner's default 0.5 % selectivity when the table has no
+    // statistics yet (a new outbox, a burst before autovacuum's ANALYZE) or in a generic
+    // plan, and with it a bitmap scan of the whole range and a sort for every batch —
+    // 67 ms instead of 2 ms per 1,000 rows of a 100,000-row backlog, a drain quadratic
+    // in its size. `seq > $1 ORDER BY seq LIMIT n` is an index scan that stops after n
+    // rows whatever the estimates. A batch whose LIMIT reaches past the fence is only
+    // shorter: the rows are in `seq` order, so what is left is still a prefix.
     let select = format!(
         "SELECT * FROM (SELECT {list}, outbox_relay_size, \
            sum(outbox_relay_size) OVER (ORDER BY {seq}) AS outbox_relay_running \
            FROM (SELECT *, COALESCE({size}, 0) AS outbox_relay_size FROM {table} \
-                 WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT $3) outbox_rows) batch \
+                 WHERE {seq} > $1::int8 ORDER BY {seq} LIMIT $3) outbox_rows \
+           WHERE {seq} <= $2::int8) batch \
          WHERE outbox_relay_running - outbox_relay_size < $4::int8 ORDER BY 1",
         list = table::select_list(c, shape),
         seq = q(&c.seq),
