@@ -80,7 +80,9 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
         Mode::Logical => {
             let mut problems = 0;
             for host in src.each_host() {
-                problems += report_on(host).await;
+                for shard in logical::shard_configs(&host) {
+                    problems += report_on(shard).await;
+                }
             }
             let client = table::connect(src).await?;
             logical::require_logical_wal(&client).await?;
@@ -110,25 +112,31 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 what.push_str(&format!(", table {t} readable"));
                 ours = logical::outbox_relations(&client, t).await?;
             }
-            let publication = &src.logical.publication;
-            if logical::publication_ready(&client, src, &ours).await? {
-                what.push_str(&format!(", publication {publication} carries it"));
-            } else if src.logical.create_if_missing {
-                what.push_str(&format!(
-                    ", publication {publication} missing (the relay creates it at start)"
-                ));
-            } else {
-                return Err(logical::missing_publication(publication).into());
+            logical::require_matching_slots(&client, &src.logical).await?;
+            let shards = logical::shard_configs(src);
+            for shard in &shards {
+                let publication = &shard.logical.publication;
+                if logical::publication_ready(&client, shard, &ours).await? {
+                    what.push_str(&format!(", publication {publication} carries it"));
+                } else if src.logical.create_if_missing {
+                    what.push_str(&format!(
+                        ", publication {publication} missing (the relay creates it at start)"
+                    ));
+                } else {
+                    return Err(logical::missing_publication(publication).into());
+                }
             }
             if let Some(t) = &src.dead_letter_table {
                 let found = dead_letter_table::check(&client, t).await?;
                 what.push_str(&format!(", dead-letter table {t} {found}"));
             }
             // Read only: check never creates the relay's tables.
-            what.push_str(&format!(
-                ", {}",
-                logical::describe_carriage(&client, src, server).await?
-            ));
+            for shard in &shards {
+                what.push_str(&format!(
+                    ", {}",
+                    logical::describe_carriage(&client, shard, server).await?
+                ));
+            }
             anyhow::ensure!(problems == 0, "{problems} problem(s) in the report above");
             Ok(what)
         }

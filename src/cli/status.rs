@@ -102,31 +102,38 @@ pub async fn run(config: &Config, max_lag: Duration) -> anyhow::Result<bool> {
             }
         }
         Mode::Logical => {
-            let slot = client
-                .query_opt(
-                    "SELECT active, active_pid, \
-                       pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
-                     FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&src.logical.slot],
-                )
-                .await?;
-            match slot {
-                Some(row) => {
-                    let (active, pid, lag): (bool, Option<i32>, Option<i64>) =
-                        (row.get(0), row.get(1), row.get(2));
-                    let holder = pid.map_or("none".to_owned(), |p| format!("pid {p}"));
-                    println!("leader:   {holder}");
-                    println!("slot lag: {} bytes", lag.unwrap_or(0));
-                    if !active {
-                        problems.push(format!(
-                            "slot {} is not in use by any relay",
-                            src.logical.slot
-                        ));
+            let sharded = src.logical.shards > 1;
+            for shard in src.logical.shards() {
+                let name = &shard.slot;
+                // Unsharded, the lines stay as scripts know them.
+                let of = if sharded {
+                    format!(" (slot {name})")
+                } else {
+                    String::new()
+                };
+                let slot = client
+                    .query_opt(
+                        "SELECT active, active_pid, \
+                           pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[name],
+                    )
+                    .await?;
+                match slot {
+                    Some(row) => {
+                        let (active, pid, lag): (bool, Option<i32>, Option<i64>) =
+                            (row.get(0), row.get(1), row.get(2));
+                        let holder = pid.map_or("none".to_owned(), |p| format!("pid {p}"));
+                        println!("leader:   {holder}{of}");
+                        println!("slot lag: {} bytes{of}", lag.unwrap_or(0));
+                        if !active {
+                            problems.push(format!("slot {name} is not in use by any relay"));
+                        }
                     }
-                }
-                None => {
-                    println!("leader:   none");
-                    problems.push(format!("slot {} does not exist", src.logical.slot));
+                    None => {
+                        println!("leader:   none{of}");
+                        problems.push(format!("slot {name} does not exist"));
+                    }
                 }
             }
         }

@@ -284,6 +284,24 @@ fn validate_raw(raw: RawConfig, problems: &mut Problems, base: &Path) -> Option<
     let http = raw.http.validate(problems);
 
     match (source, sink, relay, http) {
+        (Some(source), Some(sink), Some(_), Some(_))
+            if source.mode == crate::source::Mode::Logical
+                && source.logical.shards > 1
+                && sink.delivery == crate::sink::kafka::DeliveryMode::ExactlyOnce =>
+        {
+            // The checkpoint holds one position per outbox; a sharded outbox has one per
+            // slot.
+            problems.push(
+                "source.logical.shards",
+                format!(
+                    "{} shards with sink.kafka.delivery = \"exactly_once\": exactly-once \
+                     keeps one log position per outbox in its checkpoint and cannot yet keep \
+                     one per shard; use shards = 1 with exactly-once, or at_least_once",
+                    source.logical.shards
+                ),
+            );
+            None
+        }
         (Some(source), Some(mut sink), Some(relay), Some(http)) => {
             // A body too large for the dead-letter topic has somewhere to go only with a
             // dead-letter table: without one the sink must not report it dead-lettered.

@@ -299,6 +299,24 @@ impl RawSourceConfig {
         };
         let polling = self.polling.validate(problems);
         let logical = self.logical.validate(problems);
+        if let (Some(Mode::Logical), Some(None), Some(l)) = (mode, &table, &logical) {
+            if l.shards > 1 {
+                problems.push(
+                    "source.logical.shards",
+                    "a table-less outbox cannot be sharded: shards split the outbox table's rows \
+                     by row filters, which logical decoding messages ignore; keep shards = 1",
+                );
+                return None;
+            }
+            if l.message_prefix.is_empty() {
+                problems.push(
+                    "source.logical.message_prefix",
+                    "is empty (messages off) and source.table is empty: the relay would have \
+                     nothing to publish; name the outbox table, or a message prefix",
+                );
+                return None;
+            }
+        }
         Some(SourceConfig {
             mode: mode?,
             pg: pg?,

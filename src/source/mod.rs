@@ -84,6 +84,8 @@ pub trait Source: Send {
 pub enum AnySource {
     Polling(polling::PollingSource),
     Logical(logical::LogicalSource),
+    /// Log mode with `shards > 1`.
+    Sharded(logical::ShardedSource),
 }
 
 /// What names an outbox across its replicas, for exactly-once delivery.
@@ -122,6 +124,7 @@ impl AnySource {
         let (client, name, epoch) = match self {
             AnySource::Polling(s) => (s.client(), s.table_name(), s.table_oid().to_string()),
             AnySource::Logical(s) => (s.client(), format!("slot:{}", s.slot()), String::new()),
+            AnySource::Sharded(s) => (s.client(), format!("slots:{}", s.slots()), String::new()),
         };
         let (system_identifier, database) = cluster_identity(client).await?;
         Ok(Identity {
@@ -140,6 +143,9 @@ impl AnySource {
             Mode::Polling => {
                 AnySource::Polling(polling::PollingSource::connect(config, telemetry).await?)
             }
+            Mode::Logical if config.logical.shards > 1 => {
+                AnySource::Sharded(logical::ShardedSource::connect(config, telemetry).await?)
+            }
             Mode::Logical => {
                 AnySource::Logical(logical::LogicalSource::connect(config, telemetry).await?)
             }
@@ -157,6 +163,7 @@ impl AnySource {
         match self {
             AnySource::Polling(s) => standby::lead(s, retry, telemetry, shutdown).await,
             AnySource::Logical(s) => standby::lead(s, retry, telemetry, shutdown).await,
+            AnySource::Sharded(s) => standby::lead(s, retry, telemetry, shutdown).await,
         }
     }
 }
@@ -170,6 +177,7 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.next_batch(max, wait).await,
             AnySource::Logical(s) => s.next_batch(max, wait).await,
+            AnySource::Sharded(s) => s.next_batch(max, wait).await,
         }
     }
 
@@ -177,6 +185,7 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.rewind(unacknowledged),
             AnySource::Logical(s) => s.rewind(unacknowledged),
+            AnySource::Sharded(s) => s.rewind(unacknowledged),
         }
     }
 
@@ -184,6 +193,7 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.ack(events).await,
             AnySource::Logical(s) => s.ack(events).await,
+            AnySource::Sharded(s) => s.ack(events).await,
         }
     }
 
@@ -194,6 +204,7 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.keep_dead_letters(events).await,
             AnySource::Logical(s) => s.keep_dead_letters(events).await,
+            AnySource::Sharded(s) => s.keep_dead_letters(events).await,
         }
     }
 
@@ -201,6 +212,7 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.mid_transaction(),
             AnySource::Logical(s) => s.mid_transaction(),
+            AnySource::Sharded(s) => s.mid_transaction(),
         }
     }
 
@@ -208,6 +220,7 @@ impl Source for AnySource {
         match self {
             AnySource::Polling(s) => s.finish().await,
             AnySource::Logical(s) => s.finish().await,
+            AnySource::Sharded(s) => s.finish().await,
         }
     }
 }

@@ -32,4 +32,5 @@ mod schema_access;
 mod schema_gate;
 mod schemas;
 mod secrets;
+mod shards;
 mod slot_lost;

@@ -50,11 +50,14 @@ impl Carriage {
     }
 }
 
-/// Reads the carriage from the catalog.
+/// Reads the carriage from the catalog. `shard_filter` is the row filter a shard's
+/// publication must have ([`super::setup::shard_filter`]); unsharded, any row filter
+/// means rows the server skips.
 pub(super) async fn read(
     sql: &Client,
     config: &SourceConfig,
     server: ServerVersion,
+    shard_filter: Option<&str>,
 ) -> Result<Carriage, SourceError> {
     let name = &config.logical.publication;
     let table = config.table.as_ref().map(|t| t.quoted());
@@ -67,17 +70,17 @@ pub(super) async fn read(
         "NULL::text"
     };
     let row_filter = if server.major() >= 15 {
-        "(SELECT r.prqual IS NOT NULL FROM pg_publication_rel r \
+        "(SELECT pg_get_expr(r.prqual, r.prrelid) FROM pg_publication_rel r \
           WHERE r.prpubid = p.oid AND r.prrelid = $2::text::regclass)"
     } else {
-        "false"
+        "NULL::text"
     };
     let query = format!(
         "SELECT p.oid::text || ':' || p.xmin::text, p.pubinsert, \
            CASE WHEN $2::text IS NULL THEN 'table-less' ELSE \
              COALESCE((SELECT 'table ' || r.oid::text || '.' || r.xmin::text FROM pg_publication_rel r \
                        WHERE r.prpubid = p.oid AND r.prrelid = $2::text::regclass), {by_schema}) END, \
-           CASE WHEN $2::text IS NULL THEN false ELSE COALESCE({row_filter}, false) END \
+           CASE WHEN $2::text IS NULL THEN NULL ELSE {row_filter} END \
          FROM pg_publication p WHERE p.pubname = $1"
     );
     let row = sql
@@ -89,8 +92,13 @@ pub(super) async fn read(
     let Some(row) = row else {
         return Ok(Carriage::NoPublication);
     };
-    let (publication, inserts, member, filtered): (String, bool, Option<String>, bool) =
+    let (publication, inserts, member, filter): (String, bool, Option<String>, Option<String>) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
+    let unexpected_filter = match (&filter, shard_filter) {
+        (None, None) => None,
+        (Some(found), Some(expected)) if super::setup::same_filter(found, expected) => None,
+        (found, expected) => Some((found.as_deref().unwrap_or("none"), expected)),
+    };
     let target = config.table_label();
     Ok(match member {
         None => Carriage::NotCarried(format!(
@@ -101,11 +109,23 @@ pub(super) async fn read(
             "publication {name} does not publish inserts: ALTER PUBLICATION {name} SET \
              (publish = 'insert, update, delete')"
         )),
-        Some(_) if filtered => Carriage::NotCarried(format!(
-            "publication {name} publishes {target} with a row filter (WHERE …), so the server \
-             skips the rows it filters out: ALTER PUBLICATION {name} SET TABLE {}",
-            table.as_deref().unwrap_or("?")
-        )),
+        Some(_) if unexpected_filter.is_some() => {
+            let (found, expected) = unexpected_filter.unwrap_or_default();
+            Carriage::NotCarried(match expected {
+                None => format!(
+                    "publication {name} publishes {target} with a row filter (WHERE {found}), so \
+                     the server skips the rows it filters out: ALTER PUBLICATION {name} SET \
+                     TABLE {}",
+                    table.as_deref().unwrap_or("?")
+                ),
+                Some(expected) => format!(
+                    "publication {name} is a shard's, but its row filter on {target} is {found}, \
+                     not WHERE ({expected}): ALTER PUBLICATION {name} SET TABLE {} WHERE \
+                     ({expected})",
+                    table.as_deref().unwrap_or("?")
+                ),
+            })
+        }
         Some(member) => Carriage::Carried(format!("{publication}:{member}")),
     })
 }
@@ -151,7 +171,8 @@ pub async fn describe(
             m.first_started_at, m.vouched_at, config.logical.on_slot_lost
         )));
     }
-    let now = read(sql, config, server).await?;
+    let filter = super::setup::shard_filter(sql, config).await?;
+    let now = read(sql, config, server, filter.as_deref()).await?;
     let changed = match now {
         Carriage::Carried(identity) if identity == m.carried_by => "",
         Carriage::Carried(_) => {
@@ -170,7 +191,13 @@ impl LogicalSource {
     /// Checks that the outbox is carried as it was when this process started (or last
     /// repaired): the error says what to do when it is not.
     pub(super) async fn check_carriage(&mut self) -> Result<(), SourceError> {
-        let now = read(&self.sql, &self.config, self.server).await?;
+        let now = read(
+            &self.sql,
+            &self.config,
+            self.server,
+            self.shard_filter.as_deref(),
+        )
+        .await?;
         match now {
             Carriage::Carried(identity) if identity == self.carried_by => Ok(()),
             Carriage::Carried(_) => Err(SourceError::PublicationChanged(format!(

@@ -20,6 +20,7 @@ pub struct RawLogicalConfig {
     failover: bool,
     on_slot_lost: String,
     wal_sender_timeout: String,
+    shards: u32,
 }
 
 impl Default for RawLogicalConfig {
@@ -39,6 +40,7 @@ impl Default for RawLogicalConfig {
                 "{}s",
                 crate::source::deadlines::DEFAULT_WAL_SENDER_TIMEOUT.as_secs()
             ),
+            shards: 1,
         }
     }
 }
@@ -62,6 +64,70 @@ pub struct LogicalConfig {
     /// The walsender's own `wal_sender_timeout`, set on the replication connection: a
     /// relay silent this long is cut off and its slot freed for a standby.
     pub wal_sender_timeout: Duration,
+    /// Slots (and publications, and walsenders) the outbox is split over by a hash of the
+    /// aggregate id; 1 is one slot under the configured names.
+    pub shards: u32,
+    /// Set on the configuration of one shard when `shards > 1` ([`super::shards`]): its
+    /// slot and publication are named for it and carry its aggregates only.
+    pub shard: Option<Shard>,
+}
+
+impl LogicalConfig {
+    /// Every slot of the outbox this configuration belongs to: its own, or all its
+    /// shards'.
+    pub fn all_slots(&self) -> Vec<String> {
+        let Some(shard) = self.shard else {
+            return vec![self.slot.clone()];
+        };
+        (0..shard.count)
+            .map(|i| shard_name(self.base_slot(), i, shard.count))
+            .collect()
+    }
+
+    /// The configured slot name (a shard's own has a suffix).
+    pub fn base_slot(&self) -> &str {
+        match self.shard {
+            Some(shard) => {
+                let suffix = format!("_{}_of_{}", shard.index, shard.count);
+                self.slot.strip_suffix(&suffix).unwrap_or(&self.slot)
+            }
+            None => &self.slot,
+        }
+    }
+
+    /// The configuration of each shard: itself when `shards = 1`.
+    pub fn shards(&self) -> Vec<LogicalConfig> {
+        if self.shards <= 1 {
+            return vec![self.clone()];
+        }
+        (0..self.shards)
+            .map(|index| LogicalConfig {
+                slot: shard_name(&self.slot, index, self.shards),
+                publication: shard_name(&self.publication, index, self.shards),
+                shard: Some(Shard {
+                    index,
+                    count: self.shards,
+                }),
+                ..self.clone()
+            })
+            .collect()
+    }
+}
+
+/// One shard of a sharded outbox: `index` of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+/// The most shards: each is a walsender process, a slot and a replication connection,
+/// and PostgreSQL's defaults allow 10 of each.
+pub const MAX_SHARDS: u32 = 16;
+
+/// The name of shard `index` of `count` for a configured slot or publication name.
+pub fn shard_name(base: &str, index: u32, count: u32) -> String {
+    format!("{base}_{index}_of_{count}")
 }
 
 impl std::fmt::Display for OnSlotLost {
@@ -88,6 +154,25 @@ pub enum OnSlotLost {
 impl RawLogicalConfig {
     pub fn validate(self, problems: &mut Problems) -> Option<LogicalConfig> {
         let mut ok = true;
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
+            problems.push(
+                "source.logical.shards",
+                format!(
+                    "must be between 1 and {MAX_SHARDS}, got {} (each shard is a replication \
+                     slot, a walsender and a connection)",
+                    self.shards
+                ),
+            );
+            ok = false;
+        }
+        // The longest name a shard gets, checked like the configured one.
+        let longest = |base: &str| {
+            if self.shards > 1 {
+                shard_name(base, self.shards - 1, self.shards)
+            } else {
+                base.to_owned()
+            }
+        };
         // PostgreSQL accepts only these characters in slot names, and we hold
         // publication names to the same rule so they never need quoting.
         for (key, value) in [
@@ -95,22 +180,40 @@ impl RawLogicalConfig {
             ("source.logical.publication", &self.publication),
         ] {
             let valid = !value.is_empty()
-                && value.len() <= 63
+                && longest(value).len() <= 63
                 && value
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
             if !valid {
                 problems.push(
                     key,
-                    format!("{value:?} is not allowed: use 1 to 63 characters of a-z, 0-9 and _"),
+                    if self.shards > 1 && value.len() <= 63 {
+                        format!(
+                            "{value:?} is too long for {} shards: shard names add a suffix \
+                             ({:?}), and PostgreSQL allows 63 characters",
+                            self.shards,
+                            longest(value)
+                        )
+                    } else {
+                        format!(
+                            "{value:?} is not allowed: use 1 to 63 characters of a-z, 0-9 and _"
+                        )
+                    },
                 );
                 ok = false;
             }
         }
-        if self.message_prefix.is_empty() {
+        if self.shards > 1 && !self.message_prefix.is_empty() {
+            // Row filters do not apply to logical decoding messages.
             problems.push(
                 "source.logical.message_prefix",
-                "must not be empty (the default is \"outbox\")",
+                format!(
+                    "{:?} with shards = {}: logical decoding messages pass no row filter, so \
+                     every shard's slot would receive each one and it would be published {} \
+                     times; set message_prefix = \"\" (messages off) to shard a table outbox, \
+                     or keep shards = 1 for messages",
+                    self.message_prefix, self.shards, self.shards
+                ),
             );
             ok = false;
         }
@@ -174,6 +277,8 @@ impl RawLogicalConfig {
                 failover: self.failover,
                 wal_sender_timeout: wal_sender_timeout?,
                 on_slot_lost: on_slot_lost?,
+                shards: self.shards,
+                shard: None,
             })
         } else {
             None

@@ -173,7 +173,8 @@ impl Mapper {
         position: Position,
         timestamp_ms: Option<i64>,
     ) -> Option<OutboxEvent> {
-        if prefix != self.prefix {
+        // An empty configured prefix turns messages off.
+        if self.prefix.is_empty() || prefix != self.prefix {
             return None;
         }
         let mut event = match parse_envelope(content) {

@@ -36,6 +36,7 @@ mod repair;
 pub mod report;
 mod row_change;
 mod setup;
+pub mod shards;
 mod slot;
 mod snapshot;
 mod stream;
@@ -54,8 +55,9 @@ pub use protocol::fuzz_stream_bytes;
 pub use protocol::ReplicationError;
 pub use setup::{
     missing_publication, outbox_relations, publication_ready, require_logical_wal,
-    require_supported, server_version,
+    require_supported, server_version, shard_filter,
 };
+pub use shards::{require_matching_slots, shard_configs, ShardedSource};
 pub use slot::slot_exists;
 
 use crate::event::OutboxEvent;
@@ -93,8 +95,11 @@ pub struct LogicalSource {
     partitions: Vec<(String, String)>,
     payload_is_json: bool,
     select_sql: Option<String>,
-    /// `select_sql` without its ORDER BY, for the repair's WHERE.
+    /// `select_sql` without its ORDER BY and shard filter, for the repair's WHERE.
     select_base: Option<String>,
+    /// This shard's row filter ([`setup::shard_filter`]), which the first-start snapshot
+    /// and the repair read through too; `None` unsharded.
+    shard_filter: Option<String>,
     /// The relay's own tables, and what they say of this slot.
     state: State,
     memory: Option<SlotMemory>,
@@ -163,19 +168,26 @@ impl LogicalSource {
         require_logical_wal(&sql).await?;
         let server = server_version(&sql).await?;
         setup::require_supported(server, config)?;
+        if logical_shard_index(config) == 0 {
+            shards::require_matching_slots(&sql, &config.logical).await?;
+        }
         let standby = setup::require_standby_ready(&sql, server, config).await?;
         let logical = &config.logical;
         let (mut cleanup, mut payload_is_json, mut select_sql) = (None, true, None);
         let mut select_base = None;
         let mut partitions = Vec::new();
+        let shard_filter = setup::shard_filter(&sql, config).await?;
         if let Some(t) = &config.table {
             let checks = Checks::logical(logical.cleanup);
             let shape = table::describe(&sql, t, &config.columns, checks).await?;
             partitions = setup::outbox_relations(&sql, t).await?;
             payload_is_json = shape.payload_is_json;
             let base = table::select_sql(t, &config.columns, &shape);
+            let filter = shard_filter
+                .as_ref()
+                .map_or_else(String::new, |f| format!(" WHERE {f}"));
             select_sql = Some(format!(
-                "{base} ORDER BY {}",
+                "{base}{filter} ORDER BY {}",
                 table::order_key(&config.columns)
             ));
             select_base = Some(base);
@@ -197,7 +209,8 @@ impl LogicalSource {
         // it was missing were skipped, and re-creating it would hide that.
         let history = memory.as_ref().filter(|m| m.forgotten_at.is_none());
         setup::ensure_publication(&sql, config, &partitions, server, history).await?;
-        let carried_by = match carriage::read(&sql, config, server).await? {
+        let carried_by = match carriage::read(&sql, config, server, shard_filter.as_deref()).await?
+        {
             carriage::Carriage::Carried(identity) => identity,
             carriage::Carriage::NotCarried(why) => return Err(SourceError::Setup(why)),
             carriage::Carriage::NoPublication => {
@@ -240,6 +253,7 @@ impl LogicalSource {
             payload_is_json,
             select_sql,
             select_base,
+            shard_filter,
             state,
             memory,
             carried_by,
@@ -331,19 +345,41 @@ impl LogicalSource {
             return Ok(());
         }
         self.lag_measured = Some(std::time::Instant::now());
+        if self.config.logical.shard.is_some_and(|s| s.index > 0) {
+            // The first shard measures the largest lag of all.
+            return Ok(());
+        }
         let lag: Option<i64> = self
             .sql
-            .query_opt(
-                "SELECT pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                   ELSE pg_current_wal_lsn() END, confirmed_flush_lsn)::int8 \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.config.logical.slot],
+            .query_one(
+                "SELECT max(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                   ELSE pg_current_wal_lsn() END, confirmed_flush_lsn))::int8 \
+                 FROM pg_replication_slots WHERE slot_name = ANY($1)",
+                &[&self.config.logical.all_slots()],
             )
             .await
             .map_err(SourceError::pg("measuring the slot's lag"))?
-            .and_then(|r| r.get(0));
+            .get(0);
         self.telemetry.metrics.slot_lag_bytes.set(lag.unwrap_or(0));
         Ok(())
+    }
+
+    /// Waits until `next_batch` has something to take at once: a chunk from the stream
+    /// (kept for it), or any phase but streaming, or the stream's end. Cancel-safe, so
+    /// a sharded source can wait on every shard at once.
+    pub(super) async fn wait_for_items(&mut self) {
+        if self.ledger.has_replay() {
+            return;
+        }
+        let Phase::Streaming(s) = &mut self.phase else {
+            return;
+        };
+        if s.carry.len() > 0 {
+            return;
+        }
+        if let Some(chunk) = s.rx.recv().await {
+            s.carry = chunk.into_iter();
+        }
     }
 
     async fn next_stream_batch(
@@ -518,6 +554,11 @@ impl Drop for LogicalSource {
             s.task.abort();
         }
     }
+}
+
+/// Which shard `config` is (0 unsharded).
+fn logical_shard_index(config: &SourceConfig) -> u32 {
+    config.logical.shard.map_or(0, |s| s.index)
 }
 
 /// Why the stream task stopped, once its channel is closed.

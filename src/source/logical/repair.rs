@@ -59,7 +59,11 @@ impl LogicalSource {
             .expect("a table outbox has its SELECT");
         // 32 bits of the 64-bit id, compared by age: rows of that transaction or newer.
         let xid32 = (from_xmin as u64 & 0xffff_ffff).to_string();
-        let newer = format!("age(xmin) <= age('{xid32}'::xid)");
+        let mut newer = format!("age(xmin) <= age('{xid32}'::xid)");
+        if let Some(filter) = &self.shard_filter {
+            // This shard's rows only: the others' are their shards' to republish.
+            newer = format!("{newer} AND {filter}");
+        }
         let order = table::order_key(&self.config.columns);
         let reader = table::connect(&self.config).await?;
         reader

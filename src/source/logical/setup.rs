@@ -33,6 +33,14 @@ pub fn require_supported(server: ServerVersion, config: &SourceConfig) -> Result
              server is {server}: use an outbox table (source.table), or upgrade"
         )));
     }
+    if config.logical.shards > 1 && server.0 < ROW_FILTERS_SINCE {
+        return Err(SourceError::Setup(format!(
+            "source.logical.shards = {} needs PostgreSQL 15 or later, whose publications have \
+             row filters (each shard's publication carries the aggregates of its hash); this \
+             server is {server}: set shards = 1, or upgrade",
+            config.logical.shards
+        )));
+    }
     if config.logical.failover && server.0 < FAILOVER_SINCE {
         return Err(SourceError::Setup(format!(
             "source.logical.failover = true needs PostgreSQL 17 or later, which has failover \
@@ -40,6 +48,107 @@ pub fn require_supported(server: ServerVersion, config: &SourceConfig) -> Result
         )));
     }
     Ok(())
+}
+
+/// The first major whose publications have row filters, which shards are made of.
+const ROW_FILTERS_SINCE: u32 = 150000;
+
+/// The row filter of a shard's publication, which is also the WHERE of its first-start
+/// snapshot and repair: the rows whose aggregate id hashes to this shard. `None` for an
+/// unsharded outbox.
+///
+/// The hash is the type's own built-in hash function, the only kind PostgreSQL allows in a
+/// row filter (no casts through text, which are not immutable for every type); a NULL
+/// aggregate id goes to shard 0, never to no shard. `& 2147483647` rather than `abs()`,
+/// which fails on the lowest integer.
+pub async fn shard_filter(
+    sql: &Client,
+    config: &SourceConfig,
+) -> Result<Option<String>, SourceError> {
+    let (Some(shard), Some(t)) = (config.logical.shard, &config.table) else {
+        return Ok(None);
+    };
+    let column = &config.columns.aggregate_id;
+    let ty: Option<String> = sql
+        .query_opt(
+            "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a \
+             WHERE a.attrelid = $1::text::regclass AND a.attname = $2 AND NOT a.attisdropped",
+            &[&t.quoted(), column],
+        )
+        .await
+        .map_err(SourceError::pg("reading the aggregate id column's type"))?
+        .map(|r| r.get(0));
+    let col = quote_ident(column);
+    let hash = match ty.as_deref() {
+        Some("text" | "character varying" | "character") => format!("hashtext({col})"),
+        Some("uuid") => format!("uuid_hash({col})"),
+        Some("bigint") => format!("hashint8({col})"),
+        Some("integer" | "smallint") => format!("hashint4({col})"),
+        other => {
+            return Err(SourceError::Setup(format!(
+                "source.logical.shards splits the outbox by a hash of {t}.{column}, whose type \
+                 ({}) has no hash function PostgreSQL allows in a publication's row filter: \
+                 use a text, varchar, uuid, bigint or integer aggregate id, or shards = 1",
+                other.unwrap_or("missing")
+            )))
+        }
+    };
+    Ok(Some(format!(
+        "(COALESCE({hash}, 0) & 2147483647) % {} = {}",
+        shard.count, shard.index
+    )))
+}
+
+/// Whether a row filter the server shows is `expected`: it gives it back with its own
+/// parentheses, casts, quoting and spacing.
+pub(super) fn same_filter(found: &str, expected: &str) -> bool {
+    normalized_filter(found) == normalized_filter(expected)
+}
+
+fn normalized_filter(filter: &str) -> String {
+    filter
+        .to_lowercase()
+        .replace("::text", "")
+        .replace("::integer", "")
+        .chars()
+        .filter(|c| !c.is_whitespace() && !matches!(c, '(' | ')' | '"'))
+        .collect()
+}
+
+/// A shard's publication must filter exactly its aggregates: without the filter (or with
+/// another shard count's) an aggregate would reach two shards, and its events two
+/// streams whose order nothing keeps.
+async fn require_shard_filter(sql: &Client, config: &SourceConfig) -> Result<(), SourceError> {
+    let (Some(shard), Some(t), Some(expected)) = (
+        config.logical.shard,
+        &config.table,
+        shard_filter(sql, config).await?,
+    ) else {
+        return Ok(());
+    };
+    let name = &config.logical.publication;
+    let found: Option<String> = sql
+        .query_opt(
+            "SELECT rowfilter FROM pg_publication_tables \
+             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[name, &t.schema, &t.name],
+        )
+        .await
+        .map_err(SourceError::pg("reading the publication's row filter"))?
+        .and_then(|r| r.get(0));
+    if found.as_deref().is_some_and(|f| same_filter(f, &expected)) {
+        return Ok(());
+    }
+    Err(SourceError::Setup(format!(
+        "publication {name} is shard {} of {} but its row filter on {t} is {}, not WHERE \
+         ({expected}): its slot would receive other shards' aggregates, whose order across \
+         two streams nothing keeps. Drop it (DROP PUBLICATION {name}; the relay creates it) \
+         or ALTER PUBLICATION {name} SET TABLE {} WHERE ({expected})",
+        shard.index,
+        shard.count,
+        found.map_or("none".to_owned(), |f| format!("WHERE {f}")),
+        t.quoted()
+    )))
 }
 
 /// The first major that decodes on a hot standby.
@@ -213,6 +322,7 @@ pub async fn publication_ready(
                  their own names: ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"
             )));
         }
+        require_shard_filter(sql, config).await?;
     }
     Ok(true)
 }
@@ -263,7 +373,10 @@ pub(super) async fn ensure_publication(
         return Err(missing_publication(name));
     }
     // Via the root: a partitioned outbox's rows then arrive as the outbox's own.
-    let target = table_clause(config.table.as_ref());
+    let mut target = table_clause(config.table.as_ref());
+    if let Some(filter) = shard_filter(sql, config).await? {
+        target.push_str(&format!(" WHERE ({filter})"));
+    }
     let options = match &config.table {
         Some(t) => format!(
             "publish = '{}', publish_via_partition_root = true",
@@ -317,7 +430,19 @@ async fn publish_for(
     config: &SourceConfig,
     server: ServerVersion,
 ) -> Result<&'static str, SourceError> {
-    if !has_replica_identity(sql, table).await? {
+    if config.logical.shard.is_some() && !has_replica_identity(sql, table, true).await? {
+        // A row filter's columns must be in the replica identity of a publication that
+        // publishes updates or deletes, or PostgreSQL refuses the application's UPDATEs and
+        // the cleanup's DELETEs of outbox rows.
+        tracing::info!(
+            table = %table,
+            "sharded: the shards' publications carry inserts only, so an UPDATE or DELETE of \
+             an outbox row goes unseen (row filters need the whole row as replica identity to \
+             publish them: ALTER TABLE … REPLICA IDENTITY FULL before the first start)"
+        );
+        return Ok("insert");
+    }
+    if !has_replica_identity(sql, table, false).await? {
         tracing::warn!(
             table = %table,
             "the outbox has no replica identity (no primary key, REPLICA IDENTITY NOTHING): \
@@ -333,8 +458,13 @@ async fn publish_for(
     })
 }
 
-/// Whether the server can send the old key of an UPDATE or DELETE of `table`.
-async fn has_replica_identity(sql: &Client, table: &TableName) -> Result<bool, SourceError> {
+/// Whether the server can send the old key of an UPDATE or DELETE of `table` (with
+/// `whole_row`, the whole old row, which a sharded publication's row filter needs).
+async fn has_replica_identity(
+    sql: &Client,
+    table: &TableName,
+    whole_row: bool,
+) -> Result<bool, SourceError> {
     let row = sql
         .query_one(
             "SELECT c.relreplident, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
@@ -347,7 +477,7 @@ async fn has_replica_identity(sql: &Client, table: &TableName) -> Result<bool, S
     let (identity, index): (i8, bool) = (row.get(0), row.get(1));
     Ok(match identity as u8 {
         b'f' => true,
-        b'd' | b'i' => index,
+        b'd' | b'i' => index && !whole_row,
         _ => false,
     })
 }
@@ -382,12 +512,16 @@ async fn check_row_changes(
         );
     }
     if !updates || (!deletes && (server.has_messages() || !config.logical.cleanup)) {
-        let publish = if has_replica_identity(sql, table).await? {
+        let sharded = config.logical.shard.is_some();
+        let publish = if has_replica_identity(sql, table, sharded).await? {
             if config.logical.cleanup && !server.has_messages() {
                 "insert, update"
             } else {
                 "insert, update, delete"
             }
+        } else if sharded {
+            "insert (a shard's row filter needs the whole row as replica identity: ALTER TABLE \
+             … REPLICA IDENTITY FULL first)"
         } else {
             "insert (the table has no replica identity: add a primary key first)"
         };

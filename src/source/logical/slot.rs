@@ -238,6 +238,8 @@ impl LogicalSource {
             Some(_) if self.standby => tracing::info!(
                 "decoding on a standby: no heartbeat messages (they would be writes)"
             ),
+            // Every slot decodes the one message: the first shard writes it for all.
+            Some(_) if logical.shard.is_some_and(|s| s.index > 0) => {}
             Some(every) => self.spawn_heartbeat(every),
             None => {}
         }
