@@ -85,10 +85,14 @@ pub async fn leader(env: &Env, db: &mut tokio_postgres::Client, mode: &str) -> O
          WHERE l.locktype = 'advisory' AND l.granted"
     } else {
         // During a first start the leader holds the temporary slot it reads the
-        // snapshot through; the real slot exists only once that is published.
+        // snapshot through; the real slot exists only once that is published. With
+        // shards, the leader holds every shard's slot (a relay holding some lets go).
         "SELECT a.application_name FROM pg_replication_slots s JOIN pg_stat_activity a \
          ON a.pid = s.active_pid \
-         WHERE s.slot_name = 'outbox_relay' OR s.slot_name LIKE 'outbox\\_relay\\_init\\_%'"
+         WHERE s.slot_name ~ '^outbox_relay(_[0-9]+_of_[0-9]+)?$' \
+            OR s.slot_name LIKE 'outbox\\_relay%\\_init\\_%' \
+         GROUP BY 1 HAVING count(*) >= GREATEST(1, (SELECT count(*) FROM pg_replication_slots \
+           WHERE slot_name ~ '^outbox_relay(_[0-9]+_of_[0-9]+)?$'))"
     };
     db.query_opt(sql, &[])
         .await
@@ -180,7 +184,8 @@ pub async fn write_until(
     n
 }
 
-async fn fault_suite(mode: &'static str) {
+/// `sharded`: log mode over two slots (PostgreSQL 15+; one slot before).
+async fn fault_suite(mode: &'static str, sharded: bool) {
     let plan = plan();
     // A commit the writer saw must survive an immediate restart: the testkit's default
     // synchronous_commit=off could lose it in PostgreSQL itself, before any relay.
@@ -194,7 +199,12 @@ async fn fault_suite(mode: &'static str) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    eprintln!("fault suite ({mode}): seed {seed}");
+    let shards = if sharded && env.pg_major().await >= 15 {
+        "shards = 2\nmessage_prefix = \"\"\n"
+    } else {
+        ""
+    };
+    eprintln!("fault suite ({mode}): seed {seed}; {shards:?}");
 
     let config = |name: &str| {
         let toml = env
@@ -204,7 +214,7 @@ async fn fault_suite(mode: &'static str) {
             .replace("standby_retry = \"100ms\"", "standby_retry = \"300ms\"")
             .replace(
                 "[source.polling]",
-                "[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n\n[source.polling]",
+                &format!("[source.logical]\nstatus_interval = \"1s\"\nheartbeat_interval = \"0s\"\n{shards}\n[source.polling]"),
             );
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(toml.as_bytes()).unwrap();
@@ -338,10 +348,11 @@ async fn fault_suite(mode: &'static str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_suite_polling() {
-    fault_suite("polling").await;
+    fault_suite("polling", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_suite_logical() {
-    fault_suite("logical").await;
+    // Over two slots: every guarantee of the suite holds with shards too.
+    fault_suite("logical", true).await;
 }
