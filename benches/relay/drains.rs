@@ -205,21 +205,39 @@ pub(crate) async fn drain_log(
     rows: usize,
     perf: Option<&Path>,
 ) -> Drain {
+    drain_log_slots(config, db, &[slot.to_owned()], end, rows, perf)
+        .await
+        .0
+}
+
+/// Runs the relay with `config` until every one of `slots` flushed past `end`; also
+/// returns the CPU seconds of the walsenders that served them.
+pub(crate) async fn drain_log_slots(
+    config: &ConfigFile,
+    db: &Client,
+    slots: &[String],
+    end: &str,
+    rows: usize,
+    perf: Option<&Path>,
+) -> (Drain, f64) {
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     let profile = perf.map(|out| Profile::attach(relay.id(), out));
     let counter = CallCounter::attach(relay.id());
+    let mut walsenders = std::collections::BTreeSet::new();
     loop {
-        let done: bool = db
+        let row = db
             .query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots \
-                 WHERE slot_name = $2",
-                &[&end, &slot],
+                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) \
+                   AND count(*) = cardinality($2::text[]), \
+                   array_remove(array_agg(active_pid), NULL) \
+                 FROM pg_replication_slots WHERE slot_name = ANY($2::text[])",
+                &[&end, &slots],
             )
             .await
-            .unwrap()
-            .get(0);
-        if done {
+            .unwrap();
+        walsenders.extend(row.get::<_, Vec<i32>>(1));
+        if row.get::<_, bool>(0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -229,11 +247,16 @@ pub(crate) async fn drain_log(
         p.finish();
     }
     let calls = counter.map(|c| c.finish(rows));
+    // Read while the relay still streams: a walsender's figures go when it exits.
+    let walsender_cpu = walsenders.iter().map(|&pid| measure(pid as u32).1).sum();
     let (rss, cpu) = stop_measured(relay);
-    Drain {
-        calls,
-        ..drain(elapsed, rows, rss, cpu)
-    }
+    (
+        Drain {
+            calls,
+            ..drain(elapsed, rows, rss, cpu)
+        },
+        walsender_cpu,
+    )
 }
 
 pub(crate) async fn relay_polling(

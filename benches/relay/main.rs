@@ -43,11 +43,13 @@ use tokio_postgres::Client;
 mod drains;
 mod perf;
 mod report;
+mod shards;
 mod steady;
 
 use drains::*;
 use perf::*;
 use report::*;
+use shards::*;
 use steady::*;
 
 const PER_TXN: usize = 1000;
@@ -217,12 +219,14 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+    create_shard_publications(&db).await;
     let mut report = Report {
         machine: machine(),
         rows: a.rows,
         runs: a.runs,
         pg_recvlogical: Vec::new(),
         polling_floor: Vec::new(),
+        recv_shards: Vec::new(),
         brokers: targets
             .iter()
             .map(|t| BrokerReport {
@@ -236,6 +240,7 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                 librdkafka_cpu_us_per_event: Vec::new(),
                 baseline_log: Vec::new(),
                 baseline_polling: Vec::new(),
+                shards: Vec::new(),
                 median: Medians::default(),
                 exactly_once: t.transactions.then(|| ExactlyOnce {
                     batch_size: a.eos_batch_size,
@@ -249,12 +254,15 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
         // One backlog, read by pg_recvlogical and by the relay (once per broker) through
         // slots created before it was written.
         reset(&db).await;
-        let slots = std::iter::once("bench_recv".to_owned()).chain(targets.iter().flat_map(|t| {
-            std::iter::once(t.slot.clone())
-                .chain(t.transactions.then(|| eos_slot(t)))
-                .chain(std::iter::once(avro_slot(t)))
-                .chain(a.baseline.is_some().then(|| baseline_slot(t)))
-        }));
+        let slots = std::iter::once("bench_recv".to_owned())
+            .chain(targets.iter().flat_map(|t| {
+                std::iter::once(t.slot.clone())
+                    .chain(t.transactions.then(|| eos_slot(t)))
+                    .chain(std::iter::once(avro_slot(t)))
+                    .chain(a.baseline.is_some().then(|| baseline_slot(t)))
+            }))
+            .chain(SHARD_COUNTS.into_iter().flat_map(shard_slots))
+            .chain(SHARD_COUNTS.into_iter().flat_map(recv_slots));
         for slot in slots {
             db.execute(
                 "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -271,6 +279,14 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
             "  pg_recvlogical {:.0}/s",
             report.pg_recvlogical[run].events_per_second
         );
+        for n in SHARD_COUNTS {
+            let d = recvlogical_sharded(pg, &db, n, &end, a.rows).await;
+            eprintln!(
+                "  {n} filtered pg_recvlogical(s) {:.0}/s",
+                d.events_per_second
+            );
+            report.recv_shards.push(d);
+        }
         // The baseline goes first in every other run: neither build always gets the
         // second, warmer drain.
         let baseline_first = run % 2 == 1;
@@ -314,6 +330,17 @@ async fn run(a: &Args, pg: &Postgres, targets: &[Target]) -> Report {
                     "  {}: relay log mode, exactly once {:.0}/s",
                     t.name, eos.relay_log[run].events_per_second
                 );
+            }
+        }
+        // Scaling past one walsender, into the first broker (the same backlog).
+        if let (Some(t), Some(b)) = (targets.first(), report.brokers.first_mut()) {
+            for n in SHARD_COUNTS {
+                let d = relay_log_sharded(&db, &url, &t.brokers, n, &end, a.rows).await;
+                eprintln!(
+                    "  {}: relay log mode, {n} shard(s) {:.0}/s",
+                    t.name, d.drain.events_per_second
+                );
+                b.shards.push(d);
             }
         }
         reset(&db).await;

@@ -36,6 +36,8 @@ pub(crate) struct Report {
     /// The relay's polling statements looped inside the server (no client): the
     /// polling mode's own limit, as `pg_recvlogical` is log mode's.
     pub(crate) polling_floor: Vec<Drain>,
+    /// Filtered `pg_recvlogical`s, one per shard, for 1, 2 and 4 shards, every run.
+    pub(crate) recv_shards: Vec<super::shards::RecvDrain>,
     /// One per broker, measured in this run.
     pub(crate) brokers: Vec<BrokerReport>,
 }
@@ -44,6 +46,8 @@ pub(crate) struct Report {
 #[derive(Serialize)]
 pub(crate) struct BrokerReport {
     pub(crate) broker: String,
+    /// Log mode with 1, 2 and 4 shards (the first broker only), every run.
+    pub(crate) shards: Vec<super::shards::ShardDrain>,
     pub(crate) relay_log: Vec<Drain>,
     pub(crate) relay_polling: Vec<Drain>,
     /// Log mode with every event Avro-encoded through the schema registry.
@@ -293,6 +297,7 @@ pub(crate) fn print_table(r: &Report) {
             w = s.rss_window_seconds
         );
         println!("  peak RSS over all relay runs: {:.1} MB", m.peak_rss_mb);
+        super::shards::print_scaling(r, b);
         let floor = &b.librdkafka_cpu_us_per_event;
         let (flo, fhi) = spread(floor.iter().copied());
         println!(
