@@ -194,7 +194,7 @@ async fn a_slot_dropped_under_the_relay_is_a_loss_it_reports_or_recreates() {
 
 /// Terminates the slot's walsender and drops the slot before the relay reconnects
 /// (it may win the race a few times: then again).
-async fn drop_under_the_relay(db: &tokio_postgres::Client, slot: &str) {
+pub async fn drop_under_the_relay(db: &tokio_postgres::Client, slot: &str) {
     for _ in 0..100 {
         db.execute(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
