@@ -18,6 +18,9 @@
 //! * a steady state: a writer at a fixed rate while the relay (log mode) runs, with
 //!   end-to-end events/s and commit→ack p50/p99 from the relay's own histogram;
 //! * peak RSS and CPU seconds of the relay process in each drain;
+//! * the same backlog in log mode with `source.logical.shards` = 1, 2 and 4 (into the
+//!   first broker), and with 1, 2 and 4 filtered `pg_recvlogical`s at once, each with
+//!   the CPU of the walsenders that served it (scaling past one walsender);
 //! * the log-mode drain again with the events Avro-encoded (`[[sink.kafka.schemas]]`,
 //!   a schema registered in an Apicurio Registry the bench starts): its rate beside the
 //!   pass-through drain of the same run (target ≥ 0.8x) and its CPU per event.
