@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::config::{shard_name, LogicalConfig};
+use super::config::LogicalConfig;
 use super::LogicalSource;
 use crate::event::OutboxEvent;
 use crate::metrics::Telemetry;
@@ -60,13 +60,16 @@ impl ShardedSource {
         self.shards[0].client()
     }
 
-    /// What names the sharded outbox (the configured slot name and the count).
+    /// The shards' slots, for the log and the outbox's identity.
     pub(crate) fn slots(&self) -> String {
-        format!(
-            "{} ({} shards)",
-            shard_name(&self.config.logical.slot, 0, self.shards.len() as u32),
-            self.shards.len()
-        )
+        let names: Vec<String> = self
+            .config
+            .logical
+            .shards()
+            .into_iter()
+            .map(|l| l.slot)
+            .collect();
+        names.join(", ")
     }
 
     pub async fn connect(
@@ -199,6 +202,15 @@ impl Source for ShardedSource {
         let mut events = unacknowledged.into_iter();
         for (shard, len) in std::mem::take(&mut self.runs) {
             per_shard[shard].extend(events.by_ref().take(len));
+        }
+        let strays = events.count();
+        if strays > 0 {
+            // More than was handed out: a bug. Handing them to a guessed shard could
+            // reorder an aggregate; say so loudly instead.
+            tracing::error!(
+                strays,
+                "rewound more events than the shards handed out; they are not replayed"
+            );
         }
         for (shard, events) in self.shards.iter_mut().zip(per_shard) {
             shard.rewind(events);
