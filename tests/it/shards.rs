@@ -141,6 +141,32 @@ async fn two_shards_carry_every_aggregate_once_in_order_and_restart_where_they_s
     .await;
     assert!(error.contains("source.logical.shards = 3"), "{error}");
     assert!(error.contains("changing the number of shards"), "{error}");
+    // `check` says the same, and passes the configuration the slots were made for.
+    let check = |toml: &str| {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, toml.as_bytes()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .args(["check", "--config", f.path().to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = check(&one);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("of another shard count"), "{text}");
+    let (code, text) = check(&config);
+    assert!(
+        text.contains("publication outbox_relay_0_of_2 carries it")
+            && text.contains("publication outbox_relay_1_of_2 carries it"),
+        "{text}"
+    );
+    assert_eq!(code, Some(0), "{text}");
     let slots: i64 = db
         .query_one(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'outbox_relay%'",

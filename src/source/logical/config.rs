@@ -76,12 +76,12 @@ impl LogicalConfig {
     /// Every slot of the outbox this configuration belongs to: its own, or all its
     /// shards'.
     pub fn all_slots(&self) -> Vec<String> {
-        let Some(shard) = self.shard else {
-            return vec![self.slot.clone()];
-        };
-        (0..shard.count)
-            .map(|i| shard_name(self.base_slot(), i, shard.count))
-            .collect()
+        match self.shard {
+            Some(shard) => (0..shard.count)
+                .map(|i| shard_name(self.base_slot(), i, shard.count))
+                .collect(),
+            None => self.shards().into_iter().map(|l| l.slot).collect(),
+        }
     }
 
     /// The configured slot name (a shard's own has a suffix).
