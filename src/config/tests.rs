@@ -625,7 +625,11 @@ fn shards_are_checked_with_everything_they_cannot_hold() {
             format!("outbox_relay_{i}_of_3")
         ))
     );
-    assert_eq!(c.source.logical.all_slots().len(), 3, "from the configured one too");
+    assert_eq!(
+        c.source.logical.all_slots().len(),
+        3,
+        "from the configured one too"
+    );
     let third = &c.source.logical.shards()[2];
     assert_eq!(third.base_slot(), "outbox_relay");
     assert_eq!(third.all_slots().len(), 3);
