@@ -113,6 +113,16 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
                 ours = logical::outbox_relations(&client, t).await?;
             }
             logical::require_matching_slots(&client, &src.logical).await?;
+            let leftovers = logical::other_shard_publications(&client, &src.logical).await?;
+            anyhow::ensure!(
+                leftovers.is_empty(),
+                "publication(s) {} belong to another source.logical.shards count than {}: \
+                 they carry nothing to this configuration; finish the change of shards with \
+                 DROP PUBLICATION {}",
+                leftovers.join(", "),
+                src.logical.shards,
+                leftovers.join(", ")
+            );
             let shards = logical::shard_configs(src);
             for shard in &shards {
                 let publication = &shard.logical.publication;

@@ -160,6 +160,21 @@ async fn two_shards_carry_every_aggregate_once_in_order_and_restart_where_they_s
     let (code, text) = check(&one);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("of another shard count"), "{text}");
+    // A shard publication of another count: the relay would start, `check` fails.
+    db.batch_execute(
+        "CREATE PUBLICATION outbox_relay_0_of_3 FOR TABLE outbox WITH (publish = 'insert')",
+    )
+    .await
+    .unwrap();
+    let (code, text) = check(&config);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("publication(s) outbox_relay_0_of_3 belong to another source.logical.shards count than 2"),
+        "{text}"
+    );
+    db.batch_execute("DROP PUBLICATION outbox_relay_0_of_3")
+        .await
+        .unwrap();
     let (code, text) = check(&config);
     assert!(
         text.contains("publication outbox_relay_0_of_2 carries it")

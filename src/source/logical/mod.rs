@@ -57,7 +57,7 @@ pub use setup::{
     missing_publication, outbox_relations, publication_ready, require_logical_wal,
     require_supported, server_version, shard_filter,
 };
-pub use shards::{require_matching_slots, shard_configs, ShardedSource};
+pub use shards::{other_shard_publications, require_matching_slots, shard_configs, ShardedSource};
 pub use slot::slot_exists;
 
 use crate::event::OutboxEvent;

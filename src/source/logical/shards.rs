@@ -267,3 +267,31 @@ pub async fn require_matching_slots(
         others.join(", ")
     )))
 }
+
+/// Publications named for shards of another count (`<publication>_<i>_of_<m>`, m not
+/// the configured count): `check` fails naming them. They carry nothing to this
+/// configuration, so the relay itself starts beside them, but one left from a change of
+/// `shards` is a change half done.
+pub async fn other_shard_publications(
+    sql: &Client,
+    logical: &LogicalConfig,
+) -> Result<Vec<String>, SourceError> {
+    let expected: Vec<String> = logical
+        .shards()
+        .into_iter()
+        .map(|l| l.publication)
+        .collect();
+    let rows = sql
+        .query(
+            "SELECT pubname::text FROM pg_publication \
+             WHERE pubname ~ ('^' || $1 || '_[0-9]+_of_[0-9]+$') ORDER BY 1",
+            &[&logical.publication],
+        )
+        .await
+        .map_err(SourceError::pg("listing the outbox's publications"))?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|p| !expected.contains(p))
+        .collect())
+}
