@@ -342,16 +342,7 @@ async fn a_second_relay_waits_for_the_slot_and_takes_over() {
         telemetry.clone(),
         shutdown.clone(),
     ));
-    let mut reason = String::new();
-    for _ in 0..100 {
-        if let outbox_relay::metrics::Readiness::NotReady(why) = telemetry.health.readiness() {
-            reason = why;
-            if reason.contains("standby") {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reason = crate::support::standby_reason(&telemetry).await;
     assert!(
         reason.contains("standby: replication slot outbox_relay is in use"),
         "{reason}"

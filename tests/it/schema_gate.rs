@@ -5,13 +5,12 @@
 //! start, and both versions decode.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::schemas::{decode_independently, entry, registry_toml, shared_registry, write_file};
-use crate::support::{insert_event, load_toml, run_error, spawn_relay, Env, RunningRelay};
+use crate::support::{cli, insert_event, load_toml, run_error, spawn_relay, Env, RunningRelay};
 use outbox_relay::testkit::kafka::Consumed;
 use outbox_relay::testkit::registry;
 
@@ -26,20 +25,6 @@ const V2_COMPATIBLE: &str = r#"{"type": "record", "name": "Order", "namespace": 
 /// V1 with `qty` retyped: readers of V1 data break.
 const V2_BREAKING: &str = r#"{"type": "record", "name": "Order", "namespace": "shop",
   "fields": [{"name": "id", "type": "string"}, {"name": "qty", "type": "string"}]}"#;
-
-/// Runs the relay binary with `args`; its exit code and what it printed.
-fn cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// A plain HTTP client for the registry's own API (reqwest is built without a default
 /// crypto provider: the relay hands it one).

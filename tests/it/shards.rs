@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::logical::logical_toml;
 use crate::support::{
-    insert_event, insert_events, load_toml, run_error, start_with_telemetry, Env, RunningRelay,
+    cli, insert_event, insert_events, load_toml, run_error, standby_reason, start_with_telemetry,
+    Env, RunningRelay,
 };
 
 const SHARDED: &str = "shards = 2\nmessage_prefix = \"\"";
@@ -145,17 +146,8 @@ async fn two_shards_carry_every_aggregate_once_in_order_and_restart_where_they_s
     let check = |toml: &str| {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         std::io::Write::write_all(&mut f, toml.as_bytes()).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-            .args(["check", "--config", f.path().to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        let (code, text) = cli(&["check", "--config", f.path().to_str().unwrap()]);
+        (Some(code), text)
     };
     let (code, text) = check(&one);
     assert_eq!(code, Some(1), "{text}");
@@ -289,16 +281,7 @@ async fn a_relay_leads_every_shard_or_none() {
     );
 
     let (relay, telemetry) = start_with_telemetry(&config);
-    let mut reason = String::new();
-    for _ in 0..100 {
-        if let outbox_relay::metrics::Readiness::NotReady(why) = telemetry.health.readiness() {
-            reason = why;
-            if reason.contains("standby") {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reason = standby_reason(&telemetry).await;
     assert!(
         reason.contains("standby: replication slot outbox_relay_1_of_2 is in use"),
         "{reason}"
@@ -370,15 +353,12 @@ async fn cleanup_row_changes_and_a_lost_shard_slot_with_shards() {
     insert_events(&db, &events(400, 20, &mut sent)).await;
     let got = env.consume(&["outbox.order"], 400, 30).await;
     assert_in_order_once(&got, &sent);
-    let mut left = env.outbox_count().await;
-    for _ in 0..100 {
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = env.outbox_count().await;
-    }
-    assert_eq!(left, 0, "each shard deletes its delivered rows");
+    env.wait_outbox_empty(Duration::from_secs(10)).await;
+    assert_eq!(
+        env.outbox_count().await,
+        0,
+        "each shard deletes its delivered rows"
+    );
     let carried: Vec<(bool, bool)> = db
         .query(
             "SELECT pubupdate, pubdelete FROM pg_publication WHERE pubname LIKE 'outbox_relay_%' \

@@ -419,6 +419,36 @@ pub fn spawn_relay(config: &std::path::Path) -> RelayProcess {
     RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay"), config)
 }
 
+/// Runs the relay binary with `args`; its exit code and what it printed.
+pub fn cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Waits (up to 10 s) until `telemetry` says this relay is a standby; returns its
+/// readiness reason (the last one seen, if it never became one).
+pub async fn standby_reason(telemetry: &outbox_relay::metrics::Telemetry) -> String {
+    let mut reason = String::new();
+    for _ in 0..200 {
+        if let outbox_relay::metrics::Readiness::NotReady(why) = telemetry.health.readiness() {
+            reason = why;
+            if reason.contains("standby") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reason
+}
+
 /// Runs a relay in this process that must fail, and returns its error message.
 pub async fn run_error(config: Config) -> String {
     let run = outbox_relay::run(config, CancellationToken::new());
