@@ -94,6 +94,29 @@ struct Entry {
     refreshing: bool,
 }
 
+/// The limits as one batch sees them: a topic's limit is looked up once per run of its
+/// events (a batch renders each topic once, so a run shares one `Arc`), not per event —
+/// the lookup is a lock, a hash of the name and a clock read.
+pub struct BatchLimits<'a> {
+    limits: &'a TopicLimits,
+    last: Option<(Arc<str>, Option<usize>)>,
+}
+
+impl BatchLimits<'_> {
+    /// How `msg` goes out: with the others, alone, or not at all (too large).
+    pub async fn check(&mut self, msg: &KafkaMessage<'_>) -> Verdict {
+        let limit = match &self.last {
+            Some((topic, limit)) if Arc::ptr_eq(topic, &msg.topic) => *limit,
+            _ => {
+                let limit = self.limits.limit(&msg.topic).await;
+                self.last = Some((msg.topic.clone(), limit));
+                limit
+            }
+        };
+        self.limits.verdict(msg, limit)
+    }
+}
+
 impl TopicLimits {
     pub fn new(client: &ClientConfig) -> TopicLimits {
         TopicLimits {
@@ -115,9 +138,18 @@ impl TopicLimits {
         known.generation += 1;
     }
 
-    /// How `msg` goes out: with the others, alone, or not at all (too large).
-    pub async fn check(&self, msg: &KafkaMessage<'_>) -> Verdict {
-        let Some(limit) = self.limit(&msg.topic).await else {
+    /// A batch's view of the limits (see [`BatchLimits`]).
+    pub fn for_batch(&self) -> BatchLimits<'_> {
+        BatchLimits {
+            limits: self,
+            last: None,
+        }
+    }
+
+    /// How `msg` goes out, given its topic's limit: with the others, alone, or not at
+    /// all (too large).
+    fn verdict(&self, msg: &KafkaMessage<'_>, limit: Option<usize>) -> Verdict {
+        let Some(limit) = limit else {
             return Verdict::Batch;
         };
         let raw = BATCH_HEADER + record_size(msg);

@@ -155,6 +155,7 @@ impl KafkaSink {
         let (mut batched, mut alone) = (0, 0);
         let mut broken = false;
         let mut topics = Topics::default();
+        let mut limits = self.limits.for_batch();
         // Subjects first met in this batch are resolved before anything is handed over;
         // an event whose schema the registry cannot give yet waits, with those behind it.
         let mut waits_from = match &self.config.contracts {
@@ -192,7 +193,7 @@ impl KafkaSink {
                 pending.push(Pending::Held);
                 continue;
             }
-            let one_per_request = match self.limits.check(&msg).await {
+            let one_per_request = match limits.check(&msg).await {
                 Verdict::TooLarge(reason) => {
                     let poison = Poison {
                         kind: "too_large",
