@@ -34,9 +34,12 @@ const LOG_BASELINE: Work = Work {
     allocations: 3.0,
     bytes: 272.0,
 };
+// A row's columns are copied into one buffer and sliced (2026-12-05: 8.2 allocations and
+// 1,833 bytes when each column was copied on its own): the buffer, its shared count, and
+// tokio-postgres's own per row.
 const POLLING_BASELINE: Work = Work {
-    allocations: 8.2,
-    bytes: 1833.0,
+    allocations: 4.2,
+    bytes: 1855.0,
 };
 // The message's header list, the topic name rdkafka copies into a C string per send, and
 // (every other event) the parsed headers column.
@@ -242,7 +245,7 @@ fn log_mode() -> Vec<OutboxEvent> {
         let event = mapper
             .insert(
                 relation,
-                &tuple,
+                tuple,
                 Position::Lsn(outbox_relay::event::Lsn(1)),
                 0,
             )

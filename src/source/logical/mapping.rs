@@ -1,7 +1,7 @@
 //! From pgoutput to [`OutboxEvent`]: outbox-table inserts and transactional logical
 //! messages, mapped so that the sink builds the same Kafka message as in polling mode.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -26,6 +26,9 @@ struct Layout {
     payload_oid: u32,
     headers: Option<usize>,
     topic: Option<usize>,
+    /// No column is mapped twice (the usual case): each value can be moved out of the
+    /// decoded row rather than shared (a shared slice costs two atomic operations).
+    distinct: bool,
 }
 
 pub struct Mapper {
@@ -35,8 +38,9 @@ pub struct Mapper {
     relations: Vec<(String, String)>,
     columns: Columns,
     prefix: String,
-    /// Relation id → layout, for the outbox's relations.
-    layouts: HashMap<u32, Layout>,
+    /// Relation id → layout, for the outbox's relations (looked up per row: a B-tree of a
+    /// few entries compares a handful of integers where a hash map hashes each time).
+    layouts: BTreeMap<u32, Layout>,
     /// Relation id → name, for every other relation the stream described.
     others: HashMap<u32, String>,
 }
@@ -52,7 +56,7 @@ impl Mapper {
             relations,
             columns,
             prefix,
-            layouts: HashMap::new(),
+            layouts: BTreeMap::new(),
             others: HashMap::new(),
         }
     }
@@ -86,7 +90,7 @@ impl Mapper {
         };
         let c = &self.columns;
         let payload = find("payload", &c.payload)?;
-        let layout = Layout {
+        let mut layout = Layout {
             id: find("id", &c.id)?,
             aggregate_type: find("aggregate_type", &c.aggregate_type)?,
             aggregate_id: find("aggregate_id", &c.aggregate_id)?,
@@ -99,7 +103,19 @@ impl Mapper {
                 .map(|h| find("headers", h))
                 .transpose()?,
             topic: c.topic.as_deref().map(|t| find("topic", t)).transpose()?,
+            distinct: false,
         };
+        let mut mapped = vec![
+            layout.id,
+            layout.aggregate_type,
+            layout.aggregate_id,
+            layout.event_type,
+            layout.payload,
+        ];
+        mapped.extend(layout.headers);
+        mapped.extend(layout.topic);
+        mapped.sort_unstable();
+        layout.distinct = mapped.windows(2).all(|w| w[0] != w[1]);
         self.layouts.insert(rel.id, layout);
         Ok(true)
     }
@@ -112,7 +128,7 @@ impl Mapper {
     pub fn insert(
         &self,
         relation: u32,
-        tuple: &[Value],
+        mut tuple: Vec<Value>,
         position: Position,
         timestamp_ms: i64,
     ) -> Result<OutboxEvent, SourceError> {
@@ -132,21 +148,24 @@ impl Mapper {
                  past it"
             )));
         };
-        // Slices of the stream's buffer, not copies. pgoutput sends text in the
-        // database's encoding: a column that is not UTF-8 reads as missing, and the
-        // event goes to the dead-letter topic with its other columns.
-        let text = |i: usize| match tuple.get(i) {
-            Some(Value::Text(b)) => ByteString::try_from(b.clone()).ok(),
+        // Slices of the stream's buffer, not copies.
+        let mut value = |i: usize| match tuple.get_mut(i) {
+            Some(Value::Text(b)) if layout.distinct => Some(std::mem::take(b)),
+            Some(Value::Text(b)) => Some(b.clone()),
             _ => None,
         };
-        let (payload, payload_is_json) = match tuple.get(layout.payload) {
-            Some(Value::Text(b)) => match layout.payload_oid {
-                JSON_OID | JSONB_OID => (Some(b.clone()), true),
-                BYTEA_OID => (decode_bytea(b).map(Bytes::from), false),
-                _ => (Some(b.clone()), false),
+        let (payload, payload_is_json) = match value(layout.payload) {
+            Some(b) => match layout.payload_oid {
+                JSON_OID | JSONB_OID => (Some(b), true),
+                BYTEA_OID => (decode_bytea(&b).map(Bytes::from), false),
+                _ => (Some(b), false),
             },
-            _ => (None, false),
+            None => (None, false),
         };
+        // pgoutput sends text in the database's encoding: a column that is not UTF-8
+        // reads as missing, and the event goes to the dead-letter topic with its other
+        // columns.
+        let mut text = |i: usize| value(i).and_then(|b| ByteString::try_from(b).ok());
         Ok(OutboxEvent {
             position,
             id: text(layout.id),
@@ -155,8 +174,8 @@ impl Mapper {
             event_type: text(layout.event_type),
             payload,
             payload_is_json,
-            headers: layout.headers.and_then(text),
-            topic: layout.topic.and_then(text),
+            headers: layout.headers.and_then(&mut text),
+            topic: layout.topic.and_then(&mut text),
             timestamp_ms: Some(timestamp_ms),
             invalid: None,
             original: None,
@@ -270,11 +289,85 @@ mod tests {
         };
         m.relation(&other).unwrap();
         let pos = Position::Lsn(crate::event::Lsn(5));
-        let e = m.insert(9, &[], pos, 0).unwrap_err().to_string();
+        let e = m.insert(9, Vec::new(), pos, 0).unwrap_err().to_string();
         assert!(e.contains("insert into public.other"), "{e}");
         assert!(e.contains("DROP TABLE public.other"), "{e}");
-        let e = m.insert(10, &[], pos, 0).unwrap_err().to_string();
+        let e = m.insert(10, Vec::new(), pos, 0).unwrap_err().to_string();
         assert!(e.contains("insert into relation 10"), "{e}");
+    }
+
+    /// Values are moved out of the decoded row when no column is mapped twice, and
+    /// shared when one is: both give every field its column.
+    #[test]
+    fn a_column_mapped_twice_fills_both_fields() {
+        let raw: crate::source::names::RawColumnsForTest = Default::default();
+        let defaults = raw.into_columns();
+        let twice = Columns {
+            aggregate_id: defaults.id.clone(),
+            topic: Some(defaults.aggregate_type.clone()),
+            ..defaults.clone()
+        };
+        for columns in [defaults, twice] {
+            let mut distinct = vec![
+                &columns.id,
+                &columns.aggregate_type,
+                &columns.aggregate_id,
+                &columns.event_type,
+                &columns.payload,
+            ];
+            distinct.extend(columns.headers.as_ref());
+            distinct.extend(columns.topic.as_ref());
+            distinct.sort();
+            distinct.dedup();
+            let mut m = Mapper::new(
+                Some(TableName::parse("public.outbox").unwrap()),
+                columns.clone(),
+                "outbox".into(),
+            );
+            let rel = Relation {
+                id: 7,
+                namespace: "public".into(),
+                name: "outbox".into(),
+                columns: distinct
+                    .iter()
+                    .map(|n| crate::source::logical::pgoutput::Column {
+                        name: (*n).clone(),
+                        type_oid: if **n == columns.payload {
+                            JSONB_OID
+                        } else {
+                            25
+                        },
+                    })
+                    .collect(),
+            };
+            assert!(m.relation(&rel).unwrap());
+            let tuple = distinct
+                .iter()
+                .map(|n| Value::Text(Bytes::from(format!("v-{n}"))))
+                .collect();
+            let e = m
+                .insert(7, tuple, Position::Lsn(crate::event::Lsn(5)), 0)
+                .unwrap();
+            let v = |name: &str| format!("v-{name}");
+            assert_eq!(e.id.as_deref(), Some(v(&columns.id).as_str()));
+            assert_eq!(
+                e.aggregate_id.as_deref(),
+                Some(v(&columns.aggregate_id).as_str())
+            );
+            assert_eq!(
+                e.aggregate_type.as_deref(),
+                Some(v(&columns.aggregate_type).as_str())
+            );
+            assert_eq!(
+                e.event_type.as_deref(),
+                Some(v(&columns.event_type).as_str())
+            );
+            assert_eq!(e.payload.as_deref(), Some(v(&columns.payload).as_bytes()));
+            assert_eq!(
+                e.topic.as_deref(),
+                columns.topic.as_deref().map(v).as_deref()
+            );
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl RowChanges {
         kind: Kind,
         mapper: &Mapper,
         relation: u32,
-        tuple: &[Value],
+        tuple: Vec<Value>,
         position: Position,
         timestamp_ms: i64,
     ) -> Result<Option<OutboxEvent>, SourceError> {

@@ -243,7 +243,7 @@ fn handle(
             relation, tuple, ..
         } => {
             let t = txn.ok_or_else(|| unexpected("Insert outside a transaction"))?;
-            let event = mapper.insert(relation, &tuple, Position::Lsn(t.lsn), t.ts)?;
+            let event = mapper.insert(relation, tuple, Position::Lsn(t.lsn), t.ts)?;
             bytes += event.approx_bytes();
             chunk.push(Item::Event(event));
         }
@@ -251,7 +251,7 @@ fn handle(
             let t = txn.ok_or_else(|| unexpected("Update outside a transaction"))?;
             let position = Position::Lsn(t.lsn);
             if let Some(event) =
-                changes.handle(Kind::Update, mapper, relation, &new, position, t.ts)?
+                changes.handle(Kind::Update, mapper, relation, new, position, t.ts)?
             {
                 bytes += event.approx_bytes();
                 chunk.push(Item::Event(event));
@@ -262,7 +262,7 @@ fn handle(
             if !t.cleanup {
                 let position = Position::Lsn(t.lsn);
                 if let Some(event) =
-                    changes.handle(Kind::Delete, mapper, relation, &old, position, t.ts)?
+                    changes.handle(Kind::Delete, mapper, relation, old, position, t.ts)?
                 {
                     bytes += event.approx_bytes();
                     chunk.push(Item::Event(event));
