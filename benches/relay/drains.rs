@@ -128,7 +128,14 @@ pub(crate) async fn load(db: &Client, rows: usize) -> String {
 
 pub(crate) fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> Drain {
     let started = Instant::now();
-    let child = Command::new(bin_dir().unwrap().join("pg_recvlogical"))
+    let child = spawn_recvlogical(pg, slot, "outbox_relay", end);
+    let (rss, cpu) = wait_measured(child);
+    drain(started.elapsed(), rows, rss, cpu)
+}
+
+/// `pg_recvlogical` streaming `slot` through `publication` up to `end`, into /dev/null.
+pub(crate) fn spawn_recvlogical(pg: &Postgres, slot: &str, publication: &str, end: &str) -> Child {
+    Command::new(bin_dir().unwrap().join("pg_recvlogical"))
         .args([
             "-d",
             &pg.url("bench"),
@@ -136,22 +143,12 @@ pub(crate) fn recvlogical(pg: &Postgres, slot: &str, end: &str, rows: usize) -> 
             slot,
             "--start",
             "--no-loop",
-            "-f",
-            "/dev/null",
         ])
-        .args([
-            "--endpos",
-            end,
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=outbox_relay",
-        ])
+        .args(["-f", "/dev/null", "--endpos", end, "-o", "proto_version=1"])
+        .args(["-o", &format!("publication_names={publication}")])
         .stdout(Stdio::null())
         .spawn()
-        .expect("pg_recvlogical");
-    let (rss, cpu) = wait_measured(child);
-    drain(started.elapsed(), rows, rss, cpu)
+        .expect("pg_recvlogical")
 }
 
 // The drain's whole setup, spelled out at each call: a struct would only rename it.

@@ -45,25 +45,7 @@ pub(crate) async fn recvlogical_sharded(
     let mut children: Vec<Child> = recv_slots(n)
         .iter()
         .enumerate()
-        .map(|(i, slot)| {
-            Command::new(bin_dir().unwrap().join("pg_recvlogical"))
-                .args([
-                    "-d",
-                    &pg.url("bench"),
-                    "--slot",
-                    slot,
-                    "--start",
-                    "--no-loop",
-                ])
-                .args(["-f", "/dev/null", "--endpos", end, "-o", "proto_version=1"])
-                .args([
-                    "-o",
-                    &format!("publication_names={}", publication(i as u32, n)),
-                ])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("pg_recvlogical")
-        })
+        .map(|(i, slot)| spawn_recvlogical(pg, slot, &publication(i as u32, n), end))
         .collect();
     // The last figures of every process seen, kept as they exit.
     let mut cpu = std::collections::BTreeMap::new();

@@ -238,22 +238,8 @@ pub async fn require_matching_slots(
     sql: &Client,
     logical: &LogicalConfig,
 ) -> Result<(), SourceError> {
-    let base = logical.base_slot();
     let expected = logical.all_slots();
-    let rows = sql
-        .query(
-            "SELECT slot_name::text FROM pg_replication_slots \
-             WHERE slot_name = $1 OR slot_name ~ ('^' || $1 || '_[0-9]+_of_[0-9]+$') \
-             ORDER BY 1",
-            &[&base],
-        )
-        .await
-        .map_err(SourceError::pg("listing the outbox's replication slots"))?;
-    let others: Vec<String> = rows
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|s| !expected.contains(s))
-        .collect();
+    let others = strays(sql, Catalog::Slots, logical.base_slot(), &expected).await?;
     if others.is_empty() {
         return Ok(());
     }
@@ -281,17 +267,54 @@ pub async fn other_shard_publications(
         .into_iter()
         .map(|l| l.publication)
         .collect();
+    strays(sql, Catalog::Publications, &logical.publication, &expected).await
+}
+
+/// Where [`strays`] looks.
+enum Catalog {
+    /// Replication slots; the unsharded name counts too (a slot of `shards = 1`).
+    Slots,
+    /// Publications; the unsharded one is left alone (it may serve other readers).
+    Publications,
+}
+
+/// The names in `catalog` made for some shard count of `base` (`<base>_<i>_of_<n>`,
+/// and for slots `base` itself) that are not `expected`, in order. The base is matched
+/// as text, not as a pattern: a publication's name may hold any character.
+async fn strays(
+    sql: &Client,
+    catalog: Catalog,
+    base: &str,
+    expected: &[String],
+) -> Result<Vec<String>, SourceError> {
+    let (names, with_base, what) = match catalog {
+        Catalog::Slots => (
+            "SELECT slot_name::text AS name FROM pg_replication_slots",
+            true,
+            "listing the outbox's replication slots",
+        ),
+        Catalog::Publications => (
+            "SELECT pubname::text AS name FROM pg_publication",
+            false,
+            "listing the outbox's publications",
+        ),
+    };
     let rows = sql
         .query(
-            "SELECT pubname::text FROM pg_publication \
-             WHERE pubname ~ ('^' || $1 || '_[0-9]+_of_[0-9]+$') ORDER BY 1",
-            &[&logical.publication],
+            &format!(
+                "SELECT name FROM ({names}) n \
+                 WHERE ($2 AND name = $1) \
+                    OR (starts_with(name, $1 || '_') \
+                        AND substr(name, length($1) + 2) ~ '^[0-9]+_of_[0-9]+$') \
+                 ORDER BY 1"
+            ),
+            &[&base, &with_base],
         )
         .await
-        .map_err(SourceError::pg("listing the outbox's publications"))?;
+        .map_err(SourceError::pg(what))?;
     Ok(rows
         .iter()
         .map(|r| r.get::<_, String>(0))
-        .filter(|p| !expected.contains(p))
+        .filter(|name| !expected.contains(name))
         .collect())
 }
