@@ -104,6 +104,40 @@ async fn a_table_dropped_from_the_publication_and_added_back_is_republished_in_o
     relay.stop().await;
 }
 
+/// The relay checks while the outbox is out of the publication (other tables' traffic
+/// moves the WAL past the change) and the table comes back a moment later: a change in
+/// progress, republished in order, not a stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_between_drop_and_add_waits_for_the_table_to_come_back() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order"], 1).await;
+    let db = env.client().await;
+    let (relay, telemetry) = streaming(&env, &logical_toml(&env, ""), "Before").await;
+    // Committed and flushed at once, so the walsender passes the change promptly and the
+    // relay checks the publication while the outbox is out of it.
+    exec(&db, "SET synchronous_commit = on").await;
+    exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
+    insert_event(&db, "order", "o-1", "WhileOut", "{}").await;
+    exec(
+        &db,
+        "CREATE TABLE busy (x int); INSERT INTO busy VALUES (1)",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    exec(
+        &db,
+        "ALTER PUBLICATION outbox_relay ADD TABLE public.outbox",
+    )
+    .await;
+    insert_event(&db, "order", "o-1", "After", "{}").await;
+
+    let got = distinct(&env, "outbox.order", 3, 40).await;
+    assert_eq!(first_seen(&got), ["Before", "WhileOut", "After"]);
+    assert!(!relay.task.is_finished(), "the relay waited, then repaired");
+    assert!(telemetry.metrics.publication_gap_rows.get() >= 1);
+    relay.stop().await;
+}
+
 /// The table stays out: the relay stops before acknowledging anything past the change,
 /// with the fix; once fixed (and with the relay stopped during another round of it), the
 /// next start publishes what the server skipped, first.

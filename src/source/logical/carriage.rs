@@ -32,6 +32,13 @@ use crate::source::{SourceConfig, SourceError};
 /// How often, at most, the slot's flushed position moves (each move is checked first).
 pub(super) const VOUCH_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long a streaming relay keeps looking at a publication that stopped carrying the
+/// outbox before it stops (at most half of `source.query_timeout`): `DROP TABLE` then
+/// `ADD TABLE`, two statements, leave it without the outbox for a moment, and the relay
+/// should repair that change, not stop in the middle of it.
+const NOT_CARRIED_GRACE: Duration = Duration::from_secs(3);
+const NOT_CARRIED_RECHECK: Duration = Duration::from_millis(200);
+
 /// What the catalog says about the publication and the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Carriage {
@@ -191,13 +198,27 @@ impl LogicalSource {
     /// Checks that the outbox is carried as it was when this process started (or last
     /// repaired): the error says what to do when it is not.
     pub(super) async fn check_carriage(&mut self) -> Result<(), SourceError> {
-        let now = read(
-            &self.sql,
-            &self.config,
-            self.server,
-            self.shard_filter.as_deref(),
-        )
-        .await?;
+        let read_now = || {
+            read(
+                &self.sql,
+                &self.config,
+                self.server,
+                self.shard_filter.as_deref(),
+            )
+        };
+        let mut now = read_now().await?;
+        let grace = NOT_CARRIED_GRACE.min(self.config.query_timeout / 2);
+        let deadline = Instant::now() + grace;
+        while matches!(now, Carriage::NotCarried(_)) && Instant::now() < deadline {
+            tracing::debug!("the publication does not carry the outbox (now): looking again");
+            tokio::time::sleep(NOT_CARRIED_RECHECK).await;
+            now = read_now().await?;
+        }
+        let secs = grace.as_secs_f64();
+        tracing::debug!(
+            unchanged = matches!(&now, Carriage::Carried(identity) if *identity == self.carried_by),
+            "checked the publication"
+        );
         match now {
             Carriage::Carried(identity) if identity == self.carried_by => Ok(()),
             Carriage::Carried(_) => Err(SourceError::PublicationChanged(format!(
@@ -209,8 +230,9 @@ impl LogicalSource {
             ))),
             Carriage::NoPublication => Err(self.publication_dropped()),
             Carriage::NotCarried(why) => Err(SourceError::Setup(format!(
-                "{why}. The publication stopped carrying the outbox while the relay streamed, \
-                 so the server skips its rows: the relay stopped before acknowledging any. \
+                "{why}. The publication stopped carrying the outbox while the relay streamed \
+                 (and still did not {secs:.1} s later), so the server skips its rows: the relay \
+                 stopped before acknowledging any. \
                  After the fix, the next start publishes the rows committed since the relay \
                  last checked from the table (duplicates possible, none lost)"
             ))),

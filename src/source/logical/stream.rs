@@ -141,6 +141,7 @@ pub async fn run(
                     });
                 }
                 let flushed = feedback.borrow().flushed;
+                tracing::debug!(%flushed, reading, room, chunk = chunk.len(), "periodic status update, reply asked");
                 writer
                     .send_status(flushed, true)
                     .await
@@ -160,6 +161,7 @@ pub async fn run(
                             chunk_bytes += handle(decoded, &mut mapper, &mut changes, &mut txn, &mut chunk)?;
                         }
                         StreamMessage::Keepalive { wal_end, reply } => {
+                            tracing::debug!(%wal_end, reply, in_transaction = txn.is_some(), "keepalive");
                             if reply {
                                 let flushed = feedback.borrow().flushed;
                                 writer.send_status(flushed, false).await.map_err(repl("sending status"))?;
@@ -234,6 +236,7 @@ fn handle(
             });
         }
         Message::Relation(rel) => {
+            tracing::debug!(relation = %format!("{}.{}", rel.namespace, rel.name), id = rel.id, "relation described");
             if mapper.relation(&rel)? {
                 // Sent again after the publication changed: check it before what follows.
                 chunk.push(Item::Recheck);
