@@ -43,6 +43,23 @@ async fn distinct(env: &Env, topic: &str, want: usize, secs: u64) -> Vec<Consume
     }
 }
 
+/// Reads until the events of `want` arrived, and asserts that they arrived first in
+/// this order.
+async fn expect_in_order(env: &Env, want: &[&str], secs: u64) {
+    let got = distinct(env, "outbox.order", want.len(), secs).await;
+    assert_eq!(first_seen(&got), want);
+}
+
+const DROP_OUTBOX: &str = "ALTER PUBLICATION outbox_relay DROP TABLE outbox";
+const ADD_OUTBOX_BACK: &str = "ALTER PUBLICATION outbox_relay ADD TABLE public.outbox";
+/// Another table's traffic: it moves the WAL on past a change to the publication.
+const OTHER_TRAFFIC: &str = "CREATE TABLE busy (x int); INSERT INTO busy VALUES (1)";
+
+/// Writes one event of aggregate `o-1`, the aggregate of every test here but one.
+async fn write(db: &tokio_postgres::Client, event_type: &str) {
+    insert_event(db, "order", "o-1", event_type, "{}").await;
+}
+
 async fn exec(db: &tokio_postgres::Client, sql: &str) {
     db.batch_execute(sql)
         .await
@@ -53,11 +70,8 @@ async fn exec(db: &tokio_postgres::Client, sql: &str) {
 /// the slot past it.
 async fn streaming(env: &Env, toml: &str, first: &str) -> (RunningRelay, Telemetry) {
     let (relay, telemetry) = start(toml);
-    insert_event(&env.client().await, "order", "o-1", first, "{}").await;
-    assert_eq!(
-        first_seen(&distinct(env, "outbox.order", 1, 30).await),
-        [first]
-    );
+    write(&env.client().await, first).await;
+    expect_in_order(env, &[first], 30).await;
     for _ in 0..200 {
         if telemetry.metrics.last_acked_lsn.get() > 0 {
             return (relay, telemetry);
@@ -76,31 +90,22 @@ async fn a_table_dropped_from_the_publication_and_added_back_is_republished_in_o
     env.create_topics(&["outbox.order"], 1).await;
     let db = env.client().await;
     let (relay, telemetry) = streaming(&env, &logical_toml(&env, ""), "Gap1").await;
-    insert_event(&db, "order", "o-1", "Gap2", "{}").await;
-    assert_eq!(
-        first_seen(&distinct(&env, "outbox.order", 2, 30).await).len(),
-        2
-    );
+    write(&db, "Gap2").await;
+    expect_in_order(&env, &["Gap1", "Gap2"], 30).await;
 
-    exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
-    insert_event(&db, "order", "o-1", "Gap3", "{}").await;
-    exec(
-        &db,
-        "ALTER PUBLICATION outbox_relay ADD TABLE public.outbox",
-    )
-    .await;
-    insert_event(&db, "order", "o-1", "Gap4", "{}").await;
+    exec(&db, DROP_OUTBOX).await;
+    write(&db, "Gap3").await;
+    exec(&db, ADD_OUTBOX_BACK).await;
+    write(&db, "Gap4").await;
 
-    let got = distinct(&env, "outbox.order", 4, 40).await;
-    assert_eq!(first_seen(&got), ["Gap1", "Gap2", "Gap3", "Gap4"]);
+    expect_in_order(&env, &["Gap1", "Gap2", "Gap3", "Gap4"], 40).await;
     assert!(
         telemetry.metrics.publication_gap_rows.get() >= 1,
         "the republished rows are counted"
     );
     assert!(!relay.task.is_finished(), "the relay recovered by itself");
-    insert_event(&db, "order", "o-1", "Gap5", "{}").await;
-    let got = distinct(&env, "outbox.order", 5, 30).await;
-    assert_eq!(first_seen(&got).last().map(String::as_str), Some("Gap5"));
+    write(&db, "Gap5").await;
+    expect_in_order(&env, &["Gap1", "Gap2", "Gap3", "Gap4", "Gap5"], 30).await;
     relay.stop().await;
 }
 
@@ -116,23 +121,14 @@ async fn a_check_between_drop_and_add_waits_for_the_table_to_come_back() {
     // Committed and flushed at once, so the walsender passes the change promptly and the
     // relay checks the publication while the outbox is out of it.
     exec(&db, "SET synchronous_commit = on").await;
-    exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
-    insert_event(&db, "order", "o-1", "WhileOut", "{}").await;
-    exec(
-        &db,
-        "CREATE TABLE busy (x int); INSERT INTO busy VALUES (1)",
-    )
-    .await;
+    exec(&db, DROP_OUTBOX).await;
+    write(&db, "WhileOut").await;
+    exec(&db, OTHER_TRAFFIC).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    exec(
-        &db,
-        "ALTER PUBLICATION outbox_relay ADD TABLE public.outbox",
-    )
-    .await;
-    insert_event(&db, "order", "o-1", "After", "{}").await;
+    exec(&db, ADD_OUTBOX_BACK).await;
+    write(&db, "After").await;
 
-    let got = distinct(&env, "outbox.order", 3, 40).await;
-    assert_eq!(first_seen(&got), ["Before", "WhileOut", "After"]);
+    expect_in_order(&env, &["Before", "WhileOut", "After"], 40).await;
     assert!(!relay.task.is_finished(), "the relay waited, then repaired");
     assert!(telemetry.metrics.publication_gap_rows.get() >= 1);
     relay.stop().await;
@@ -149,14 +145,10 @@ async fn a_publication_without_the_outbox_stops_the_relay_with_the_fix_and_the_r
     let toml = logical_toml(&env, "");
     let (relay, _) = streaming(&env, &toml, "Before").await;
 
-    exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
-    insert_event(&db, "order", "o-1", "WhileOut", "{}").await;
-    // Other tables' traffic moves the WAL on: the relay must not flush past the change.
-    exec(
-        &db,
-        "CREATE TABLE busy (x int); INSERT INTO busy VALUES (1)",
-    )
-    .await;
+    exec(&db, DROP_OUTBOX).await;
+    write(&db, "WhileOut").await;
+    // The relay must not flush past the change.
+    exec(&db, OTHER_TRAFFIC).await;
     let err = stops_with_error(relay).await;
     for needed in [
         "ALTER PUBLICATION outbox_relay ADD TABLE \"public\".\"outbox\"",
@@ -168,28 +160,17 @@ async fn a_publication_without_the_outbox_stops_the_relay_with_the_fix_and_the_r
     let err = run_error(load_toml(&toml)).await;
     assert!(err.contains("does not publish"), "{err}");
 
-    exec(
-        &db,
-        "ALTER PUBLICATION outbox_relay ADD TABLE public.outbox",
-    )
-    .await;
-    insert_event(&db, "order", "o-1", "AfterFix", "{}").await;
+    exec(&db, ADD_OUTBOX_BACK).await;
+    write(&db, "AfterFix").await;
     // The same with the relay stopped throughout.
-    exec(&db, "ALTER PUBLICATION outbox_relay DROP TABLE outbox").await;
-    insert_event(&db, "order", "o-1", "WhileStopped", "{}").await;
-    exec(
-        &db,
-        "ALTER PUBLICATION outbox_relay ADD TABLE public.outbox",
-    )
-    .await;
-    insert_event(&db, "order", "o-1", "Last", "{}").await;
+    exec(&db, DROP_OUTBOX).await;
+    write(&db, "WhileStopped").await;
+    exec(&db, ADD_OUTBOX_BACK).await;
+    write(&db, "Last").await;
 
     let (relay, telemetry) = start(&toml);
-    let got = distinct(&env, "outbox.order", 5, 40).await;
-    assert_eq!(
-        first_seen(&got),
-        ["Before", "WhileOut", "AfterFix", "WhileStopped", "Last"]
-    );
+    let order = ["Before", "WhileOut", "AfterFix", "WhileStopped", "Last"];
+    expect_in_order(&env, &order, 40).await;
     assert!(telemetry.metrics.publication_gap_rows.get() >= 2);
     relay.stop().await;
 }
@@ -207,12 +188,8 @@ async fn a_dropped_publication_is_never_recreated_silently_and_its_rows_follow_t
     let (relay, _) = streaming(&env, &toml, "Before").await;
 
     exec(&db, "DROP PUBLICATION outbox_relay").await;
-    insert_event(&db, "order", "o-1", "Missing1", "{}").await;
-    exec(
-        &db,
-        "CREATE TABLE busy (x int); INSERT INTO busy VALUES (1)",
-    )
-    .await;
+    write(&db, "Missing1").await;
+    exec(&db, OTHER_TRAFFIC).await;
     let err = stops_with_error(relay).await;
     assert!(err.contains("CREATE PUBLICATION outbox_relay"), "{err}");
     let err = run_error(load_toml(&toml)).await;
@@ -227,22 +204,18 @@ async fn a_dropped_publication_is_never_recreated_silently_and_its_rows_follow_t
         .get(0);
     assert_eq!(publications, 0, "create_if_missing made no publication");
 
-    insert_event(&db, "order", "o-1", "Missing2", "{}").await;
+    write(&db, "Missing2").await;
     exec(
         &db,
         "CREATE PUBLICATION outbox_relay FOR TABLE public.outbox \
          WITH (publish = 'insert, update, delete', publish_via_partition_root = true)",
     )
     .await;
-    insert_event(&db, "order", "o-1", "After", "{}").await;
+    write(&db, "After").await;
     let (relay, telemetry) = start(&toml);
-    let got = distinct(&env, "outbox.order", 4, 40).await;
-    assert_eq!(
-        first_seen(&got),
-        ["Before", "Missing1", "Missing2", "After"]
-    );
+    expect_in_order(&env, &["Before", "Missing1", "Missing2", "After"], 40).await;
     assert!(telemetry.metrics.publication_gap_rows.get() >= 2);
-    insert_event(&db, "order", "o-1", "Streamed", "{}").await;
+    write(&db, "Streamed").await;
     let got = distinct(&env, "outbox.order", 5, 30).await;
     if relay.task.is_finished() {
         let log = env.pg.log();
@@ -327,7 +300,7 @@ async fn a_lost_slot_is_remembered_across_restarts_until_an_operator_forgets_it(
     check("slot outbox_relay forgotten at");
 
     let (relay, telemetry) = start(&toml);
-    insert_event(&db, "order", "o-1", "Second", "{}").await;
+    write(&db, "Second").await;
     let got = distinct(&env, "outbox.order", 2, 30).await;
     assert_eq!(first_seen(&got), ["First", "Second"]);
     assert_eq!(
