@@ -38,6 +38,13 @@ fn shards_are_checked_with_everything_they_cannot_hold() {
         3,
         "from the configured one too"
     );
+    // The shards share `source.max_batch_bytes` (8 MiB by default): each streams and
+    // batches a third of it, so together they hold what one slot would.
+    let shares: Vec<usize> = crate::source::logical::shard_configs(&c.source)
+        .iter()
+        .map(|s| s.max_batch_bytes)
+        .collect();
+    assert_eq!(shares, [8 * 1024 * 1024 / 3; 3]);
     let third = &c.source.logical.shards()[2];
     assert_eq!(third.base_slot(), "outbox_relay");
     assert_eq!(third.all_slots().len(), 3);

@@ -71,7 +71,8 @@ use slot::protocol_error;
 use snapshot::Snapshot;
 use stream::Feedback;
 
-/// Items buffered between the stream task and the relay.
+/// Items buffered between the stream task and the relay (between all shards' streams and
+/// the relay with `shards > 1`).
 const CHANNEL: usize = 4096;
 /// How long `next_batch` waits for the first event before returning an empty batch.
 const IDLE_WAIT: Duration = Duration::from_millis(100);

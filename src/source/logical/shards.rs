@@ -42,14 +42,18 @@ pub struct ShardedSource {
     next: usize,
 }
 
-/// Each shard's source configuration: its slot, publication and filter.
+/// Each shard's source configuration: its slot, publication and filter, and its share of
+/// `source.max_batch_bytes`. A batch takes from every shard in turn and each shard's
+/// stream queues up to its own share, so the shares together keep the bound the option
+/// promises (on a batch, and on the events waiting for the relay) as one slot does.
 pub fn shard_configs(config: &SourceConfig) -> Vec<SourceConfig> {
-    config
-        .logical
-        .shards()
+    let shards = config.logical.shards();
+    let share = (config.max_batch_bytes / shards.len()).max(1);
+    shards
         .into_iter()
         .map(|logical| SourceConfig {
             logical,
+            max_batch_bytes: share,
             ..config.clone()
         })
         .collect()

@@ -198,8 +198,10 @@ impl LogicalSource {
             .start_replication(&command)
             .await
             .map_err(slot_error(&logical.slot))?;
-        // The channel carries chunks of items: about CHANNEL items when they are full.
-        let (tx, rx) = mpsc::channel((CHANNEL / stream::CHUNK).max(2));
+        // The channel carries chunks of items: about CHANNEL items when they are full,
+        // shared among the shards (each one's stream has its own channel).
+        let shards = logical.shard.map_or(1, |s| s.count as usize);
+        let (tx, rx) = mpsc::channel((CHANNEL / stream::CHUNK / shards).max(2));
         let (feedback, feedback_rx) = watch::channel(Feedback::default());
         let mapper = Mapper::new(
             self.config.table.clone(),
