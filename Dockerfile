@@ -9,6 +9,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# librdkafka with the relay's one fix (vendor/README.md).
+COPY vendor ./vendor
 COPY src ./src
 COPY sql ./sql
 COPY tests ./tests

@@ -4,6 +4,7 @@
 //! (also when a test panics).
 
 pub mod apache_kafka;
+pub mod cpu;
 pub mod kafka;
 pub mod netfault;
 pub mod postgres;
