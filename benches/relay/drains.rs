@@ -217,6 +217,7 @@ pub(crate) async fn drain_log_slots(
     rows: usize,
     perf: Option<&Path>,
 ) -> (Drain, f64) {
+    let machine = budget::snapshot();
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     let profile = perf.map(|out| Profile::attach(relay.id(), out));
@@ -240,6 +241,7 @@ pub(crate) async fn drain_log_slots(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
+    let budget = budget::snapshot().since(&machine, relay.id(), rows);
     if let Some(p) = profile {
         p.finish();
     }
@@ -250,6 +252,7 @@ pub(crate) async fn drain_log_slots(
     (
         Drain {
             calls,
+            budget: Some(budget),
             ..drain(elapsed, rows, rss, cpu)
         },
         walsender_cpu,
@@ -272,12 +275,14 @@ pub(crate) async fn relay_polling(
         &format!("[source.polling]\n{batch}"),
         sink,
     );
+    let machine = budget::snapshot();
     let started = Instant::now();
     let relay = spawn_relay(config.path());
     let profile = perf.map(|out| Profile::attach(relay.id(), out));
     let counter = CallCounter::attach(relay.id());
     wait_empty(db, Duration::from_millis(10)).await;
     let elapsed = started.elapsed();
+    let budget = budget::snapshot().since(&machine, relay.id(), rows);
     if let Some(p) = profile {
         p.finish();
     }
@@ -285,6 +290,7 @@ pub(crate) async fn relay_polling(
     let (rss, cpu) = stop_measured(relay);
     Drain {
         calls,
+        budget: Some(budget),
         ..drain(elapsed, rows, rss, cpu)
     }
 }
@@ -496,5 +502,6 @@ pub(crate) fn drain(elapsed: Duration, rows: usize, rss: f64, cpu: f64) -> Drain
         peak_rss_mb: rss,
         cpu_seconds: cpu,
         calls: None,
+        budget: None,
     }
 }

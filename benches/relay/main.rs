@@ -17,7 +17,8 @@
 //! * process start to first event acknowledged (one row, polling mode);
 //! * a steady state: a writer at a fixed rate while the relay (log mode) runs, with
 //!   end-to-end events/s and commit→ack p50/p99 from the relay's own histogram;
-//! * peak RSS and CPU seconds of the relay process in each drain;
+//! * peak RSS and CPU seconds of the relay process in each drain, and where the
+//!   machine's CPU went meanwhile (PostgreSQL, the brokers, the relay, idle);
 //! * the same backlog in log mode with `source.logical.shards` = 1, 2 and 4 (into the
 //!   first broker), and with 1, 2 and 4 filtered `pg_recvlogical`s at once, each with
 //!   the CPU of the walsenders that served it (scaling past one walsender);
@@ -36,6 +37,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outbox_relay::testkit::apache_kafka::{self, Kafka, KafkaOptions};
+use outbox_relay::testkit::cpu::{producer_threads_cpu, stat_cpu};
 use outbox_relay::testkit::postgres::{bin_dir, Postgres};
 use outbox_relay::testkit::registry::Registry;
 use outbox_relay::testkit::tansu::Tansu;
@@ -43,12 +45,14 @@ use outbox_relay::testkit::{free_port, http_get, kafka, RelayProcess};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+mod budget;
 mod drains;
 mod perf;
 mod report;
 mod shards;
 mod steady;
 
+use budget::Budget;
 use drains::*;
 use perf::*;
 use report::*;

@@ -186,42 +186,6 @@ pub(crate) fn librdkafka_floor(brokers: &str, rows: usize) -> f64 {
     (after - before) / rows as f64 * 1e6
 }
 
-/// CPU seconds of this thread and of librdkafka's and rdkafka's threads: not of the
-/// benchmark's other threads (the brokers' log readers, say).
-pub(crate) fn producer_threads_cpu() -> f64 {
-    let me = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let mut total = stat_cpu(&me);
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("rdk:") || comm.starts_with("producer pollin") {
-            total +=
-                stat_cpu(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default());
-        }
-    }
-    total
-}
-
-/// utime + stime of a `/proc/…/stat` line, in seconds.
-pub(crate) fn stat_cpu(stat: &str) -> f64 {
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// `perf record` attached to a running relay (`--perf`): where its CPU goes, with call
 /// stacks (DWARF unwinding: release builds keep no frame pointers).
 pub(crate) struct Profile(pub(crate) Child);

@@ -12,6 +12,8 @@ pub(crate) struct Drain {
     pub(crate) cpu_seconds: f64,
     /// With `--syscalls`: the relay's system calls and context switches per event.
     pub(crate) calls: Option<Calls>,
+    /// Where the machine's CPU went meanwhile, per event.
+    pub(crate) budget: Option<Budget>,
 }
 
 /// System calls and context switches of one relay drain, per event.
@@ -351,6 +353,26 @@ pub(crate) fn print_table(r: &Report) {
                 m(|c| c.context_switches),
             );
         };
+        let budget = |what: &str, d: &[Drain]| {
+            let c: Vec<Budget> = d.iter().filter_map(|x| x.budget).collect();
+            if c.is_empty() {
+                return;
+            }
+            let m = |f: fn(&Budget) -> f64| median(c.iter().map(f).collect());
+            println!(
+                "  {what}, the machine's CPU per event (medians, µs): PostgreSQL {:.2}, \
+                 brokers and registry {:.2}, relay {:.2}, other processes {:.2}, \
+                 unattributed {:.2}; idle {:.2}",
+                m(|c| c.server),
+                m(|c| c.brokers),
+                m(|c| c.relay),
+                m(|c| c.others),
+                m(|c| c.unattributed),
+                m(|c| c.idle),
+            );
+        };
+        budget("log mode", &b.relay_log);
+        budget("polling", &b.relay_polling);
         calls("system calls, log mode", &b.relay_log);
         calls("system calls, polling", &b.relay_polling);
         calls("system calls, baseline log mode", &b.baseline_log);

@@ -57,7 +57,9 @@ pub(crate) async fn steady(
         if tick % 100 == 0 {
             per_second.push(current_rss(relay.id()));
         }
-        if tick >= ticks / 10 && tick % 100 == 0 {
+        // Once a second after the warm-up, and at the last tick, so that a run of a
+        // second or two has a sample too.
+        if tick >= ticks / 10 && (tick % 100 == 0 || tick + 1 == ticks) {
             let rss = current_rss(relay.id());
             rss_min = rss_min.min(rss);
             rss_max = rss_max.max(rss);
