@@ -336,40 +336,31 @@ pub(crate) fn print_table(r: &Report) {
                 cpu(&b.baseline_polling) / r.rows as f64 * 1e6,
             );
         }
-        let calls = |what: &str, d: &[Drain]| {
-            let c: Vec<Calls> = d.iter().filter_map(|x| x.calls).collect();
-            if c.is_empty() {
-                return;
-            }
-            let m = |f: fn(&Calls) -> f64| median(c.iter().map(f).collect());
-            println!(
-                "  {what}, per event (medians): recvfrom {:.3}, send {:.3}, epoll_wait {:.3}, \
-                 poll {:.3}, futex {:.3}, context switches {:.3}",
-                m(|c| c.recvfrom),
-                m(|c| c.send),
-                m(|c| c.epoll_wait),
-                m(|c| c.poll),
-                m(|c| c.futex),
-                m(|c| c.context_switches),
-            );
-        };
         let budget = |what: &str, d: &[Drain]| {
-            let c: Vec<Budget> = d.iter().filter_map(|x| x.budget).collect();
-            if c.is_empty() {
-                return;
+            let fields: [Field<Budget>; 6] = [
+                ("PostgreSQL", |c| c.server),
+                ("brokers and registry", |c| c.brokers),
+                ("relay", |c| c.relay),
+                ("other processes", |c| c.others),
+                ("unattributed", |c| c.unattributed),
+                ("idle", |c| c.idle),
+            ];
+            if let Some(line) = medians(d, |x| x.budget, &fields, 2) {
+                println!("  {what}, the machine's CPU per event (medians, µs): {line}");
             }
-            let m = |f: fn(&Budget) -> f64| median(c.iter().map(f).collect());
-            println!(
-                "  {what}, the machine's CPU per event (medians, µs): PostgreSQL {:.2}, \
-                 brokers and registry {:.2}, relay {:.2}, other processes {:.2}, \
-                 unattributed {:.2}; idle {:.2}",
-                m(|c| c.server),
-                m(|c| c.brokers),
-                m(|c| c.relay),
-                m(|c| c.others),
-                m(|c| c.unattributed),
-                m(|c| c.idle),
-            );
+        };
+        let calls = |what: &str, d: &[Drain]| {
+            let fields: [Field<Calls>; 6] = [
+                ("recvfrom", |c| c.recvfrom),
+                ("send", |c| c.send),
+                ("epoll_wait", |c| c.epoll_wait),
+                ("poll", |c| c.poll),
+                ("futex", |c| c.futex),
+                ("context switches", |c| c.context_switches),
+            ];
+            if let Some(line) = medians(d, |x| x.calls, &fields, 3) {
+                println!("  {what}, per event (medians): {line}");
+            }
         };
         budget("log mode", &b.relay_log);
         budget("polling", &b.relay_polling);
@@ -392,4 +383,29 @@ pub(crate) fn print_table(r: &Report) {
             );
         }
     }
+}
+
+/// A figure's name in a printed line, and how to read it from a measurement.
+type Field<T> = (&'static str, fn(&T) -> f64);
+
+/// "name value, name value, …": the median of each field over the drains that measured
+/// `T` (`None` when none did).
+fn medians<T>(
+    drains: &[Drain],
+    measured: impl Fn(&Drain) -> Option<T>,
+    fields: &[Field<T>],
+    decimals: usize,
+) -> Option<String> {
+    let all: Vec<T> = drains.iter().filter_map(measured).collect();
+    if all.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|(name, field)| {
+            let value = median(all.iter().map(field).collect());
+            format!("{name} {value:.decimals$}")
+        })
+        .collect();
+    Some(parts.join(", "))
 }

@@ -243,3 +243,41 @@ fn the_systemd_unit_is_hardened_and_runs_the_relay() {
     }
     assert!(Path::new(&repo().join("deploy/compose/writer.sh")).exists());
 }
+
+/// The relay is built with librdkafka's busy-loop fix (vendor/README.md): the build uses
+/// the vendored crate, and the vendored source carries every line the patch adds. An
+/// update of rdkafka-sys that forgets to re-apply it fails here, not in production.
+#[test]
+fn librdkafka_is_built_from_the_vendored_copy_with_its_fix() {
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("[patch.crates-io]")
+            && manifest.contains(r#"rdkafka-sys = { path = "vendor/rdkafka-sys" }"#),
+        "Cargo.toml no longer patches rdkafka-sys with vendor/rdkafka-sys"
+    );
+    let lock = read("Cargo.lock");
+    let entry = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"rdkafka-sys\""))
+        .expect("rdkafka-sys in Cargo.lock");
+    assert!(
+        !entry.contains("source = "),
+        "Cargo.lock takes rdkafka-sys from a registry: {entry}"
+    );
+    let patch = read("vendor/idempotent-window-spin.patch");
+    let source = read("vendor/rdkafka-sys/librdkafka/src/rdkafka_broker.c");
+    let added: Vec<&str> = patch
+        .lines()
+        .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+        .map(|l| l[1..].trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(added.len() >= 5, "the patch adds lines: {added:?}");
+    for line in added {
+        assert!(
+            source.lines().any(|s| s.trim() == line),
+            "vendor/rdkafka-sys lacks the patch's line {line:?}: re-apply \
+             vendor/idempotent-window-spin.patch (vendor/README.md)"
+        );
+    }
+}
