@@ -68,13 +68,22 @@ async fn main() {
     }
     let producer: ThreadedProducer<DefaultProducerContext> = client.create().expect("producer");
 
+    // Made beforehand: this thread's CPU counts (it is the one calling librdkafka).
+    let messages: Vec<(String, String)> = (0..MESSAGES)
+        .map(|i| {
+            (
+                format!("00000000-0000-0000-0000-{i:012}"),
+                format!("agg-{}", i % 10_000),
+            )
+        })
+        .collect();
     // Warm the broker (JIT, log segments) with the link undelayed.
-    drain(&producer, MESSAGES / 4);
+    drain(&producer, &messages[..MESSAGES / 4]);
     for delay in delays {
         proxy.set(Fault::Latency(Duration::from_millis(delay)));
         let cpu = producer_threads_cpu();
         let start = Instant::now();
-        drain(&producer, MESSAGES);
+        drain(&producer, &messages);
         let seconds = start.elapsed().as_secs_f64();
         let cpu = producer_threads_cpu() - cpu;
         println!(
@@ -85,22 +94,21 @@ async fn main() {
     }
 }
 
-/// Sends `n` messages of the benchmark's size, up to 8,000 unacknowledged (a relay with a
-/// backlog keeps that many queued), and waits for every acknowledgement.
-fn drain(producer: &ThreadedProducer<DefaultProducerContext>, n: usize) {
+/// Sends `messages` (an id header, a key, a payload of the benchmark's size), up to 8,000
+/// unacknowledged (a relay with a backlog keeps that many queued), and waits for every
+/// acknowledgement.
+fn drain(producer: &ThreadedProducer<DefaultProducerContext>, messages: &[(String, String)]) {
     let payload = format!(r#"{{"n": 0, "pad": "{}"}}"#, "x".repeat(150));
-    for i in 0..n {
+    for (id, key) in messages {
         while producer.in_flight_count() > 8_000 {
             std::thread::sleep(Duration::from_micros(500));
         }
-        let id = format!("00000000-0000-0000-0000-{i:012}");
-        let key = format!("agg-{}", i % 10_000);
         let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
             key: "id",
-            value: Some(&id),
+            value: Some(id),
         });
         let mut record = BaseRecord::to(TOPIC)
-            .key(&key)
+            .key(key)
             .payload(&payload)
             .headers(headers);
         // A full local queue is backpressure: wait and offer again.
