@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use outbox_relay::testkit::cpu::TICKS_PER_SECOND;
 use serde::Serialize;
 
 /// CPU seconds per event of each part of the machine during one drain, in µs.
@@ -39,9 +40,6 @@ enum Part {
     Brokers,
     Other,
 }
-
-/// Ticks of the kernel's clock per second (`/proc` counts in them).
-const TICKS: f64 = 100.0;
 
 pub(crate) fn snapshot() -> Snapshot {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -81,8 +79,8 @@ pub(crate) fn snapshot() -> Snapshot {
         processes.insert(pid, (part, outbox_relay::testkit::cpu::stat_cpu(&line)));
     }
     Snapshot {
-        busy: busy / TICKS,
-        idle: idle / TICKS,
+        busy: busy / TICKS_PER_SECOND,
+        idle: idle / TICKS_PER_SECOND,
         processes,
     }
 }

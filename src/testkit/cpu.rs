@@ -1,5 +1,8 @@
 //! CPU seconds read from `/proc`, for the benchmark and the examples that measure.
 
+/// Ticks of the kernel's clock per second: `/proc` counts CPU time in them.
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
 /// utime + stime of a `/proc/…/stat` line, in seconds.
 pub fn stat_cpu(stat: &str) -> f64 {
     // The command name (field 2) may hold spaces and parentheses: count from its end.
@@ -15,7 +18,7 @@ pub fn stat_cpu(stat: &str) -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) + ticks(12)) / TICKS_PER_SECOND
 }
 
 /// CPU seconds of the calling thread and of librdkafka's and rdkafka's threads in this

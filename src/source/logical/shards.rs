@@ -284,7 +284,7 @@ enum Catalog {
 
 /// The names in `catalog` made for some shard count of `base` (`<base>_<i>_of_<n>`,
 /// and for slots `base` itself) that are not `expected`, in order. The base is matched
-/// as text, not as a pattern: a publication's name may hold any character.
+/// as text, not as a pattern, so no character of it (`_` in a LIKE, say) can match others.
 async fn strays(
     sql: &Client,
     catalog: Catalog,
