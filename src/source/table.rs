@@ -265,7 +265,7 @@ pub fn order_key(c: &Columns) -> String {
     }
 }
 
-/// `SELECT <event columns> FROM <table>`: the columns in the order [`row_to_event`] reads.
+/// `SELECT <event columns> FROM <table>`: the columns in the order [`rows_to_events`] reads.
 ///
 /// Text casts keep the mapping independent of the exact column types (uuid, varchar,
 /// text…), and jsonb's text form is exactly what log mode receives.
@@ -429,34 +429,53 @@ const SELECTED: [&str; 9] = [
     "topic",
 ];
 
-/// Reads a row selected with [`select_sql`].
+/// Reads rows selected with [`select_sql`], in order.
 ///
-/// Never fails and never panics: a value that does not decode makes the event invalid
+/// Never fails and never panics: a value that does not decode makes its event invalid
 /// (it goes to the dead-letter topic with what could be read, the payload's bytes as
 /// they are), so one bad row cannot stop the pipeline. A NULL `seq` (possible only in
 /// log mode's first-start snapshot, which orders by it) sorts last.
-pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
-    // tokio-postgres lends a column only as a borrow of its row, so the columns are
-    // copied once, into one buffer, and the event's fields are slices of it: two
-    // allocations per row (the buffer and its shared count) rather than one per column.
-    let borrowed = VARIABLE.map(|i| {
-        row.try_get::<_, Option<Borrowed>>(i)
-            .ok()
-            .flatten()
-            .map(|b| b.0)
-    });
-    let mut buffer = BytesMut::with_capacity(borrowed.iter().flatten().map(|c| c.len()).sum());
-    for column in borrowed.iter().flatten() {
+///
+/// tokio-postgres lends a column only as a borrow of its row, so the columns are copied
+/// once, all rows into one buffer, and the events' fields are slices of it: two
+/// allocations per batch (the buffer and its shared count) rather than two per row. The
+/// buffer lives as long as the batch's last event; a batch is read, published and
+/// acknowledged as one, so that is the batch's own bytes for the batch's own time.
+pub fn rows_to_events(rows: &[Row], payload_is_json: bool) -> Vec<OutboxEvent> {
+    let borrowed: Vec<[Option<&[u8]>; 7]> = rows.iter().map(borrowed_columns).collect();
+    let columns = || borrowed.iter().flatten().flatten();
+    let mut buffer = BytesMut::with_capacity(columns().map(|c| c.len()).sum());
+    for column in columns() {
         buffer.extend_from_slice(column);
     }
     let buffer = buffer.freeze();
     let mut at = 0;
-    let mut columns = borrowed.map(|column| {
-        column.map(|c| {
-            at += c.len();
-            buffer.slice(at - c.len()..at)
+    rows.iter()
+        .zip(&borrowed)
+        .map(|(row, columns)| {
+            let columns = columns.map(|column| {
+                column.map(|c| {
+                    at += c.len();
+                    buffer.slice(at - c.len()..at)
+                })
+            });
+            row_to_event(row, columns, payload_is_json)
         })
-    });
+        .collect()
+}
+
+/// A row's [`VARIABLE`] columns as the row holds them (NULL, or not there: `None`).
+fn borrowed_columns(row: &Row) -> [Option<&[u8]>; 7] {
+    VARIABLE.map(|i| {
+        row.try_get::<_, Option<Borrowed>>(i)
+            .ok()
+            .flatten()
+            .map(|b| b.0)
+    })
+}
+
+/// One event of [`rows_to_events`]: `columns` are the row's [`VARIABLE`] columns, copied.
+fn row_to_event(row: &Row, mut columns: [Option<Bytes>; 7], payload_is_json: bool) -> OutboxEvent {
     let mut unreadable: Vec<&str> = Vec::new();
     // Every column but `payload` was selected as text, and so is a JSON payload.
     let mut text = |k: usize| -> Option<ByteString> {
@@ -515,7 +534,7 @@ pub fn row_to_event(row: &Row, payload_is_json: bool) -> OutboxEvent {
     }
 }
 
-/// The columns of [`select_sql`] that [`row_to_event`] copies into the event, by index:
+/// The columns of [`select_sql`] that [`rows_to_events`] copies into the events, by index:
 /// `id`, `aggregate_type`, `aggregate_id`, `event_type`, `payload`, `headers`, `topic`.
 const VARIABLE: [usize; 7] = [1, 2, 3, 4, 5, 6, 8];
 

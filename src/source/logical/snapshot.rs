@@ -255,8 +255,8 @@ pub(super) async fn fetch_unframed(
         .query(&format!("FETCH {max} FROM {cursor}"), &[])
         .await
         .map_err(SourceError::pg(context))?;
-    Ok(rows
-        .iter()
-        .map(|r| ledger.take_unframed(table::row_to_event(r, payload_is_json)))
+    Ok(table::rows_to_events(&rows, payload_is_json)
+        .into_iter()
+        .map(|event| ledger.take_unframed(event))
         .collect())
 }

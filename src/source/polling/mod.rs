@@ -198,12 +198,7 @@ impl PollingSource {
                 &self.max_batch_bytes,
             ];
             match self.client.query(&self.statements.batch, &bounds).await {
-                Ok(rows) => {
-                    return Ok(rows
-                        .iter()
-                        .map(|row| table::row_to_event(row, self.payload_is_json))
-                        .collect())
-                }
+                Ok(rows) => return Ok(table::rows_to_events(&rows, self.payload_is_json)),
                 Err(e) if table::is_bad_row(&e) && limit > 1 => limit /= 2,
                 Err(e) if table::is_bad_row(&e) => return self.read_unreadable(e).await,
                 Err(e) => return Err(SourceError::pg("reading outbox rows")(e)),
@@ -242,11 +237,7 @@ impl PollingSource {
             self.returned_upto = seq;
             self.read_ahead(max);
         }
-        Some(
-            rows.iter()
-                .map(|row| table::row_to_event(row, self.payload_is_json))
-                .collect(),
-        )
+        Some(table::rows_to_events(&rows, self.payload_is_json))
     }
 
     /// Waits for the outstanding DELETE, if any (see "Reading ahead").
