@@ -452,14 +452,14 @@ pub fn rows_to_events(rows: &[Row], payload_is_json: bool) -> Vec<OutboxEvent> {
     let mut at = 0;
     rows.iter()
         .zip(&borrowed)
-        .map(|(row, columns)| {
-            let columns = columns.map(|column| {
+        .map(|(row, borrowed)| {
+            let columns = borrowed.map(|column| {
                 column.map(|c| {
                     at += c.len();
                     buffer.slice(at - c.len()..at)
                 })
             });
-            row_to_event(row, columns, payload_is_json)
+            row_to_event(row, columns, borrowed, payload_is_json)
         })
         .collect()
 }
@@ -474,21 +474,25 @@ fn borrowed_columns(row: &Row) -> [Option<&[u8]>; 7] {
     })
 }
 
-/// One event of [`rows_to_events`]: `columns` are the row's [`VARIABLE`] columns, copied.
-fn row_to_event(row: &Row, mut columns: [Option<Bytes>; 7], payload_is_json: bool) -> OutboxEvent {
+/// One event of [`rows_to_events`]: `columns` are the row's [`VARIABLE`] columns, copied,
+/// and `borrowed` the same columns in the row.
+fn row_to_event(
+    row: &Row,
+    mut columns: [Option<Bytes>; 7],
+    borrowed: &[Option<&[u8]>; 7],
+    payload_is_json: bool,
+) -> OutboxEvent {
     let mut unreadable: Vec<&str> = Vec::new();
-    // Every column but `payload` was selected as text, and so is a JSON payload.
+    // Every column but `payload` was selected as text, and so is a JSON payload. A column
+    // that is not UTF-8 is read again from the row, lossily, for the dead-letter topic.
     let mut text = |k: usize| -> Option<ByteString> {
-        let bytes = columns[k].take()?;
-        match ByteString::try_from(bytes.clone()) {
-            Ok(s) => Some(s),
-            Err(_) => {
-                unreadable.push(SELECTED[VARIABLE[k]]);
-                Some(ByteString::from(
-                    String::from_utf8_lossy(&bytes).into_owned(),
-                ))
-            }
-        }
+        ByteString::try_from(columns[k].take()?).ok().or_else(|| {
+            unreadable.push(SELECTED[VARIABLE[k]]);
+            let bytes = borrowed[k].unwrap_or_default();
+            Some(ByteString::from(
+                String::from_utf8_lossy(bytes).into_owned(),
+            ))
+        })
     };
     let id = text(0);
     let aggregate_type = text(1);
