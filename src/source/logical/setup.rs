@@ -513,28 +513,51 @@ async fn check_row_changes(
     }
     if !updates || (!deletes && (server.has_messages() || !config.logical.cleanup)) {
         let sharded = config.logical.shard.is_some();
-        let publish = if has_replica_identity(sql, table, sharded).await? {
-            if config.logical.cleanup && !server.has_messages() {
-                "insert, update"
-            } else {
-                "insert, update, delete"
-            }
-        } else if sharded {
-            "insert (a shard's row filter needs the whole row as replica identity: ALTER TABLE \
-             … REPLICA IDENTITY FULL first)"
+        let publish = if config.logical.cleanup && !server.has_messages() {
+            "insert, update"
         } else {
-            "insert (the table has no replica identity: add a primary key first)"
+            "insert, update, delete"
         };
+        let identity = has_replica_identity(sql, table, sharded).await?;
+        let fix = row_change_fix(name, table, publish, identity, sharded);
         tracing::warn!(
             publication = %name,
             updates,
             deletes,
             "the publication does not carry every UPDATE and DELETE of outbox rows, so such a \
              change goes unseen (rows are immutable once written; source.on_row_change applies \
-             to what is seen): ALTER PUBLICATION {name} SET (publish = '{publish}')"
+             to what is seen): {fix}"
         );
     }
     Ok(())
+}
+
+/// What makes a publication carry `publish`: the table's replica identity first when it
+/// lacks the one PostgreSQL needs (publishing updates and deletes without it would make
+/// the server refuse the application's UPDATEs and DELETEs of outbox rows).
+fn row_change_fix(
+    publication: &str,
+    table: &TableName,
+    publish: &str,
+    identity: bool,
+    sharded: bool,
+) -> String {
+    let first = match (identity, sharded) {
+        (true, _) => String::new(),
+        (false, true) => format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL (a shard's row filter needs the whole old \
+             row), then ",
+            table.quoted()
+        ),
+        (false, false) => format!(
+            "give {} a primary key (or ALTER TABLE … REPLICA IDENTITY FULL), then ",
+            table.quoted()
+        ),
+    };
+    format!(
+        "{first}ALTER PUBLICATION {} SET (publish = '{publish}')",
+        quote_ident(publication)
+    )
 }
 
 /// The error for a publication that is missing and may not be created.
@@ -548,4 +571,37 @@ pub fn missing_publication(name: &str) -> SourceError {
 
 fn table_clause(table: Option<&TableName>) -> String {
     table.map_or_else(String::new, |t| format!("FOR TABLE {}", t.quoted()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_row_change_fix_is_statements_in_the_order_they_can_run() {
+        let table = TableName {
+            schema: "public".into(),
+            name: "outbox".into(),
+        };
+        let set = "ALTER PUBLICATION \"p\" SET (publish = 'insert, update, delete')";
+        let fix = |identity, sharded| {
+            row_change_fix("p", &table, "insert, update, delete", identity, sharded)
+        };
+        assert_eq!(fix(true, false), set);
+        assert_eq!(fix(true, true), set);
+        assert_eq!(
+            fix(false, true),
+            format!(
+                "ALTER TABLE \"public\".\"outbox\" REPLICA IDENTITY FULL (a shard's row filter \
+                 needs the whole old row), then {set}"
+            )
+        );
+        assert_eq!(
+            fix(false, false),
+            format!(
+                "give \"public\".\"outbox\" a primary key (or ALTER TABLE … REPLICA IDENTITY \
+                 FULL), then {set}"
+            )
+        );
+    }
 }
