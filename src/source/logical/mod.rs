@@ -143,6 +143,10 @@ struct Streaming {
     /// Event bytes in `rx`, bounded by `source.max_batch_bytes`.
     queued: std::sync::Arc<stream::Queued>,
     task: JoinHandle<Result<(), SourceError>>,
+    /// The last batch's length: the next batch's room. Grown from empty, a batch of
+    /// 1,000 events was moved seven times; sized for the most, a trickle's batch of one
+    /// would take as much memory as a backlog's.
+    last_len: usize,
 }
 
 struct Cleanup {
@@ -391,7 +395,7 @@ impl LogicalSource {
         let Phase::Streaming(s) = &mut self.phase else {
             return Ok(Vec::new());
         };
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(s.last_len.min(max));
         let mut bytes = 0;
         let budget = self.config.max_batch_bytes;
         let mut recheck = false;
@@ -438,6 +442,7 @@ impl LogicalSource {
             }
         }
         self.recheck |= recheck;
+        s.last_len = batch.len();
         Ok(batch)
     }
 }

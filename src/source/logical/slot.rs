@@ -232,6 +232,7 @@ impl LogicalSource {
             feedback,
             queued,
             task,
+            last_len: 0,
         });
         // Events taken from an earlier stream are that stream's: this one sends them again.
         self.ledger = Default::default();
