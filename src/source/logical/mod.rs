@@ -32,6 +32,7 @@ mod lost;
 pub mod mapping;
 pub mod pgoutput;
 mod protocol;
+mod publish;
 mod repair;
 pub mod report;
 mod row_change;
