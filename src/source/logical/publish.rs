@@ -9,9 +9,7 @@ use crate::source::{quote_ident, SourceConfig, SourceError, TableName};
 
 /// What a new publication publishes: inserts, and updates and deletes where the table's
 /// replica identity lets the server send them (without one, PostgreSQL would refuse the
-/// application's UPDATEs and DELETEs on a table whose publication publishes them). 13
-/// gets no deletes when cleanup is on: its pgoutput sends no logical messages, so the
-/// relay could not tell its own cleanup from a row change.
+/// application's UPDATEs and DELETEs on a table whose publication publishes them).
 pub(super) async fn publish_for(
     sql: &Client,
     table: &TableName,
@@ -39,11 +37,18 @@ pub(super) async fn publish_for(
         );
         return Ok("insert");
     }
-    Ok(if config.logical.cleanup && !server.has_messages() {
+    Ok(row_changes(config, server))
+}
+
+/// Everything a publication with the needed replica identity publishes. 13 gets no
+/// deletes when cleanup is on: its pgoutput sends no logical messages, so the relay could
+/// not tell its own cleanup from a row change.
+fn row_changes(config: &SourceConfig, server: ServerVersion) -> &'static str {
+    if config.logical.cleanup && !server.has_messages() {
         "insert, update"
     } else {
         "insert, update, delete"
-    })
+    }
 }
 
 /// Whether the server can send the old key of an UPDATE or DELETE of `table` (with
@@ -101,11 +106,7 @@ pub(super) async fn check_row_changes(
     }
     if !updates || (!deletes && (server.has_messages() || !config.logical.cleanup)) {
         let sharded = config.logical.shard.is_some();
-        let publish = if config.logical.cleanup && !server.has_messages() {
-            "insert, update"
-        } else {
-            "insert, update, delete"
-        };
+        let publish = row_changes(config, server);
         let identity = has_replica_identity(sql, table, sharded).await?;
         let fix = row_change_fix(name, table, publish, identity, sharded);
         tracing::warn!(
