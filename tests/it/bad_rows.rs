@@ -58,20 +58,7 @@ async fn timestamps_kafka_cannot_carry_do_not_stop_the_read() {
 async fn a_row_with_undecodable_text_is_dead_lettered_alone() {
     let env = Env::start().await;
     env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
-    let admin = env.pg.connect("postgres").await.unwrap();
-    admin
-        .batch_execute(
-            "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' \
-             TEMPLATE template0",
-        )
-        .await
-        .unwrap();
-    let db = env.pg.connect("ascii").await.unwrap();
-    for (name, sql) in outbox_relay::SETUP_SQL {
-        db.batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
+    let db = ascii_database(&env).await;
     insert_event(&db, "order", "o-1", "Before", "{}").await;
     // 0xE9 alone is Latin-1 'é', not UTF-8.
     db.batch_execute(
@@ -104,6 +91,85 @@ async fn a_row_with_undecodable_text_is_dead_lettered_alone() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the dead-lettered row is gone too: the DLQ has it");
+}
+
+/// A row the server itself cannot send (a text payload that is not UTF-8 fails its
+/// conversion: SQLSTATE 22021) fails the whole read. The rows before it are published,
+/// each such row goes to the dead-letter topic as its raw bytes, and the rows after it
+/// follow, in order: the read never stops at the row or skips it. (The bad rows are
+/// another aggregate's: a dead letter parks its aggregate's later events.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_server_cannot_send_is_dead_lettered_alone() {
+    let env = Env::start().await;
+    env.create_topics(&["outbox.order", "outbox.dlq"], 1).await;
+    let db = ascii_database(&env).await;
+    db.batch_execute("ALTER TABLE outbox ALTER COLUMN payload TYPE text")
+        .await
+        .unwrap();
+    let bad = |name: &str| {
+        format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('order', 'o-2', '{name}', E'{{\"n\": \"caf\\xe9\"}}')"
+        )
+    };
+    for name in ["B1", "B2", "B3"] {
+        insert_event(&db, "order", "o-1", name, "{}").await;
+    }
+    db.batch_execute(&bad("Bad1")).await.unwrap();
+    db.batch_execute(&bad("Bad2")).await.unwrap();
+    for name in ["A1", "A2"] {
+        insert_event(&db, "order", "o-1", name, "{}").await;
+    }
+
+    let config = env
+        .config_toml("polling", "", "")
+        .replace(&env.db_url, &env.db_url.replace("/app", "/ascii"));
+    let relay = RunningRelay::start(load_toml(&config));
+    let published = env.consume(&["outbox.order"], 5, 20).await;
+    let dead = env.consume(&["outbox.dlq"], 2, 20).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.stop().await;
+
+    assert_eq!(types(&published), ["B1", "B2", "B3", "A1", "A2"]);
+    assert_eq!(types(&dead), ["Bad1", "Bad2"]);
+    for d in &dead {
+        let error = d.header("error").unwrap();
+        assert!(
+            error.contains("cannot be read as text") && error.contains("source.columns.payload"),
+            "{error}"
+        );
+        assert_eq!(
+            d.value.as_slice(),
+            b"{\"n\": \"caf\xe9\"}",
+            "the payload's stored bytes"
+        );
+    }
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+/// A `SQL_ASCII` database (it takes any bytes as text) with the outbox, as `env`'s
+/// database `ascii`.
+async fn ascii_database(env: &Env) -> tokio_postgres::Client {
+    let admin = env.pg.connect("postgres").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0",
+        )
+        .await
+        .unwrap();
+    let db = env.pg.connect("ascii").await.unwrap();
+    for (name, sql) in outbox_relay::SETUP_SQL {
+        db.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    db
 }
 
 /// A table without NOT NULL on `seq` (Debezium-style tables, say): log mode's first
