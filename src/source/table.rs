@@ -417,7 +417,7 @@ impl<'a> FromSql<'a> for RawBytes {
 }
 
 /// The columns of [`select_sql`], by their config keys, for error messages.
-const SELECTED: [&str; 9] = [
+pub(crate) const SELECTED: [&str; 9] = [
     "seq",
     "id",
     "aggregate_type",
@@ -510,17 +510,7 @@ fn row_to_event(
     let payload = columns[4].take();
     let seq = row.try_get::<_, Option<i64>>(0).ok().flatten();
     let position = Position::Seq(seq.unwrap_or(i64::MAX));
-    let invalid = (!unreadable.is_empty()).then(|| {
-        format!(
-            "outbox row {position}: {} not valid UTF-8 text (a SQL_ASCII database, or bytes \
-             written with an escape): fix the row's encoding",
-            unreadable
-                .iter()
-                .map(|k| format!("source.columns.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    });
+    let invalid = not_utf8(position, &unreadable);
     OutboxEvent {
         position,
         id,
@@ -536,6 +526,22 @@ fn row_to_event(
         original: None,
         redriven: false,
     }
+}
+
+/// Why a row whose `columns` (config keys, in select order) are not UTF-8 is a dead
+/// letter; `None` when all are.
+pub(crate) fn not_utf8(position: Position, columns: &[&str]) -> Option<String> {
+    (!columns.is_empty()).then(|| {
+        format!(
+            "outbox row {position}: {} not valid UTF-8 text (a SQL_ASCII database, or bytes \
+             written with an escape): fix the row's encoding",
+            columns
+                .iter()
+                .map(|k| format!("source.columns.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
 }
 
 /// The columns of [`select_sql`] that [`rows_to_events`] copies into the events, by index:

@@ -48,13 +48,14 @@
 //! first, and its error surfaces there. Reads above the cursor never see those rows.
 
 mod config;
+mod copy;
 mod fence;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, Statement};
 
 pub use config::{PollingConfig, RawPollingConfig};
 
@@ -77,6 +78,8 @@ const BACKLOG_CAP: i64 = 1_000_000;
 pub struct PollingSource {
     client: Arc<Client>,
     statements: Statements,
+    /// The batch read's SELECT, which [`copy`] runs with each batch's bounds.
+    batch: BatchSelect,
     fence: Fence,
     config: PollingConfig,
     table: TableName,
@@ -105,11 +108,10 @@ struct ReadAhead {
     /// The cursor it reads above, and its row limit: used only if both still hold.
     from: i64,
     limit: i64,
-    rows: JoinHandle<Result<Vec<Row>, tokio_postgres::Error>>,
+    rows: JoinHandle<Result<Vec<OutboxEvent>, copy::Partial>>,
 }
 
 struct Statements {
-    batch: Statement,
     raw_row: Statement,
     delete: Statement,
     backlog: Statement,
@@ -138,6 +140,7 @@ impl PollingSource {
         let table = config.outbox_table()?;
         let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
         let statements = prepare(&client, table, &config.columns, &shape).await?;
+        let batch = BatchSelect::new(table, &config.columns, &shape);
         let fence = Fence::prepare(&client, table, &config.columns.seq, shape.oid).await?;
         if let Some(t) = &config.dead_letter_table {
             super::dead_letter_table::ensure(&client, t).await?;
@@ -145,6 +148,7 @@ impl PollingSource {
         Ok(PollingSource {
             client: Arc::new(client),
             statements,
+            batch,
             fence,
             config: config.polling.clone(),
             table: table.clone(),
@@ -181,27 +185,45 @@ impl PollingSource {
         Ok(())
     }
 
+    /// The batch read's COPY: at most `limit` rows above the cursor, up to the fence.
+    fn copy_sql(&self, limit: i64) -> String {
+        copy::copy_sql(&self.batch.sql([
+            &format!("{}::int8", self.returned_upto),
+            &format!("{}::int8", self.fence.seq()),
+            &limit.to_string(),
+            &format!("{}::int8", self.max_batch_bytes),
+        ]))
+    }
+
     /// Rows up to the fence, oldest first.
     ///
     /// A row the server cannot send (text invalid in the client encoding, say) fails the
-    /// whole query. Rather than failing for ever, the read narrows down: half the
-    /// batch, a quarter, … until it returns the good rows before the bad one, or — the
-    /// bad row being first — that row alone, read as raw bytes and marked invalid so it
-    /// goes to the dead-letter topic.
+    /// read where it stands: the rows before it are the batch. When it is the first, the
+    /// read narrows down (half the batch, a quarter, …, in case the server failed before
+    /// sending any row) until that row is read alone, as raw bytes, and marked invalid
+    /// so it goes to the dead-letter topic.
     async fn read(&self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
         let mut limit = i64::try_from(max).unwrap_or(i64::MAX);
         loop {
-            let bounds: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
-                &self.returned_upto,
-                &self.fence.seq(),
-                &limit,
-                &self.max_batch_bytes,
-            ];
-            match self.client.query(&self.statements.batch, &bounds).await {
-                Ok(rows) => return Ok(table::rows_to_events(&rows, self.payload_is_json)),
-                Err(e) if table::is_bad_row(&e) && limit > 1 => limit /= 2,
-                Err(e) if table::is_bad_row(&e) => return self.read_unreadable(e).await,
-                Err(e) => return Err(SourceError::pg("reading outbox rows")(e)),
+            let partial =
+                match copy::read(&self.client, &self.copy_sql(limit), self.payload_is_json).await {
+                    Ok(events) => return Ok(events),
+                    Err(partial) => partial,
+                };
+            match (partial.error.bad_row(), partial.events.is_empty()) {
+                (Some(_), false) => return Ok(partial.events),
+                (Some(_), true) if limit > 1 => limit /= 2,
+                (Some(e), true) => return self.read_unreadable(e).await,
+                (None, _) => {
+                    return Err(match partial.error {
+                        copy::Failure::Pg(e) => SourceError::pg("reading outbox rows")(e),
+                        copy::Failure::Format(why) => SourceError::Setup(format!(
+                            "reading outbox rows: the server's COPY output is not the binary \
+                             format this relay reads ({why}); report it with the server's \
+                             version"
+                        )),
+                    })
+                }
             }
         }
     }
@@ -209,12 +231,10 @@ impl PollingSource {
     /// Sends the read of the batch after the one just returned (see "Reading ahead").
     fn read_ahead(&mut self, max: usize) {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let (from, fence, bytes) = (self.returned_upto, self.fence.seq(), self.max_batch_bytes);
-        let (client, batch) = (self.client.clone(), self.statements.batch.clone());
-        let rows =
-            tokio::spawn(
-                async move { client.query(&batch, &[&from, &fence, &limit, &bytes]).await },
-            );
+        let (client, copy) = (self.client.clone(), self.copy_sql(limit));
+        let json = self.payload_is_json;
+        let rows = tokio::spawn(async move { copy::read(&client, &copy, json).await });
+        let from = self.returned_upto;
         self.ahead = Some(ReadAhead { from, limit, rows });
     }
 
@@ -223,7 +243,7 @@ impl PollingSource {
     /// such a read down.
     ///
     /// When these rows are a full batch too, the read after them is sent before they
-    /// are converted, so the server works while the relay does.
+    /// are returned, so the server works while the relay publishes.
     async fn take_ahead(&mut self, max: usize) -> Option<Vec<OutboxEvent>> {
         let ahead = self.ahead.take()?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -231,13 +251,14 @@ impl PollingSource {
             ahead.rows.abort();
             return None;
         }
-        let rows = ahead.rows.await.ok()?.ok()?;
-        let last = rows.last().and_then(|r| r.try_get::<_, i64>(0).ok());
-        if let (true, Some(seq)) = (rows.len() >= max, last) {
+        let events = ahead.rows.await.ok()?.ok()?;
+        if let (true, Some(Position::Seq(seq))) =
+            (events.len() >= max, events.last().map(|e| e.position))
+        {
             self.returned_upto = seq;
             self.read_ahead(max);
         }
-        Some(table::rows_to_events(&rows, self.payload_is_json))
+        Some(events)
     }
 
     /// Waits for the outstanding DELETE, if any (see "Reading ahead").
@@ -258,7 +279,7 @@ impl PollingSource {
     /// bytes, and why, for the dead-letter topic.
     async fn read_unreadable(
         &self,
-        why: tokio_postgres::Error,
+        why: &tokio_postgres::Error,
     ) -> Result<Vec<OutboxEvent>, SourceError> {
         let rows = self
             .client
@@ -272,7 +293,7 @@ impl PollingSource {
             ))?;
         Ok(rows
             .iter()
-            .map(|row| table::raw_row_to_event(row, &why))
+            .map(|row| table::raw_row_to_event(row, why))
             .collect())
     }
 }
@@ -409,14 +430,14 @@ impl super::Source for PollingSource {
 
 /// The text of the polling statements for one outbox table.
 struct Texts {
-    batch: String,
     raw_row: String,
     delete: String,
     backlog: String,
 }
 
-/// The batch read and the delete exactly as this relay runs them on `config`'s outbox
-/// (parameters: the batch's `$1` lower and `$2` upper `seq` bounds, `$3` rows and `$4`
+/// The batch read's SELECT and the delete as this relay runs them on `config`'s outbox
+/// (the relay's read is that SELECT inside a COPY, its bounds written in; here they are
+/// parameters: the batch's `$1` lower and `$2` upper `seq` bounds, `$3` rows and `$4`
 /// bytes at most; the delete's `$1` array of `seq`s): the benchmark loops them inside the
 /// server for the polling floor, an upper bound no client beats.
 #[cfg(feature = "testkit")]
@@ -424,8 +445,12 @@ pub async fn batch_and_delete_sql(config: &SourceConfig) -> Result<(String, Stri
     let client = table::connect(config).await?;
     let table = config.outbox_table()?;
     let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
+    let batch = BatchSelect::new(table, &config.columns, &shape);
     let t = texts(table, &config.columns, &shape);
-    Ok((t.batch, t.delete))
+    Ok((
+        batch.sql(["$1::int8", "$2::int8", "$3", "$4::int8"]),
+        t.delete,
+    ))
 }
 
 async fn prepare(
@@ -435,7 +460,6 @@ async fn prepare(
     shape: &TableShape,
 ) -> Result<Statements, SourceError> {
     let Texts {
-        batch,
         raw_row,
         delete,
         backlog,
@@ -445,10 +469,6 @@ async fn prepare(
             .prepare(&backlog)
             .await
             .map_err(SourceError::pg("preparing the backlog count"))?,
-        batch: client
-            .prepare(&batch)
-            .await
-            .map_err(SourceError::pg("preparing the batch query"))?,
         raw_row: client
             .prepare(&raw_row)
             .await
@@ -460,36 +480,74 @@ async fn prepare(
     })
 }
 
+/// The batch read's SELECT for one outbox table, its bounds left open.
+struct BatchSelect {
+    list: String,
+    seq: String,
+    size: String,
+    table: String,
+}
+
+impl BatchSelect {
+    fn new(t: &TableName, c: &Columns, shape: &TableShape) -> BatchSelect {
+        let q = |name: &str| crate::source::quote_ident(name);
+        BatchSelect {
+            list: table::select_list(c, shape),
+            seq: q(&c.seq),
+            // The length of the value as sent, not as stored: stored values may be
+            // compressed.
+            size: if shape.payload_type == "bytea" {
+                format!("octet_length({})", q(&c.payload))
+            } else {
+                format!("octet_length({}::text)", q(&c.payload))
+            },
+            table: t.quoted(),
+        }
+    }
+
+    /// The SELECT with its bounds, as SQL expressions: the lower and upper `seq` bounds
+    /// (`from`, the fence), the rows and the payload bytes at most.
+    fn sql(&self, [from, fence, rows, bytes]: [&str; 4]) -> String {
+        let BatchSelect {
+            list,
+            seq,
+            size,
+            table,
+        } = self;
+        // At most `rows` rows, and of those only the prefix whose payloads fit in `bytes`,
+        // with at least one row: a batch of large events stays small in memory. (A NULL
+        // payload counts 0, so its row is still read, and dead-lettered.)
+        //
+        // The fence bounds the rows outside the LIMIT, not in the index condition: a
+        // range on `seq` gets the planner's default 0.5 % selectivity when the table has
+        // no statistics yet (a new outbox, a burst before autovacuum's ANALYZE) or in a
+        // generic plan, and with it a bitmap scan of the whole range and a sort for every
+        // batch — 67 ms instead of 2 ms per 1,000 rows of a 100,000-row backlog, a drain
+        // quadratic in its size. `seq > from ORDER BY seq LIMIT n` is an index scan that
+        // stops after n rows whatever the estimates. A batch whose LIMIT reaches past the
+        // fence is only shorter: the rows are in `seq` order, so what is left is still a
+        // prefix.
+        //
+        // Only the event's columns are sent (the batch's own two are named so they can
+        // be left out), so the rows are exactly what `copy` reads.
+        let columns = (1..=table::SELECTED.len())
+            .map(|i| format!("c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "SELECT {columns} FROM (SELECT {list}, outbox_relay_size, \
+               sum(outbox_relay_size) OVER (ORDER BY {seq}) AS outbox_relay_running \
+               FROM (SELECT *, COALESCE({size}, 0) AS outbox_relay_size FROM {table} \
+                     WHERE {seq} > {from} ORDER BY {seq} LIMIT {rows}) outbox_rows \
+               WHERE {seq} <= {fence}) \
+               batch({columns}, outbox_relay_size, outbox_relay_running) \
+             WHERE outbox_relay_running - outbox_relay_size < {bytes} ORDER BY 1"
+        )
+    }
+}
+
 fn texts(t: &TableName, c: &Columns, shape: &TableShape) -> Texts {
     let q = |name: &str| crate::source::quote_ident(name);
-    // At most $3 rows, and of those only the prefix whose payloads fit in $4 bytes, with
-    // at least one row: a batch of large events stays small in memory. (The length of
-    // the value as sent, not as stored: stored values may be compressed. A NULL payload
-    // counts 0, so its row is still read, and dead-lettered.)
-    let size = if shape.payload_type == "bytea" {
-        format!("octet_length({})", q(&c.payload))
-    } else {
-        format!("octet_length({}::text)", q(&c.payload))
-    };
-    // The fence ($2) bounds the rows outside the LIMIT, not in the index condition: a
-    // range on `seq` gets the planner's default 0.5 % selectivity when the table has no
-    // statistics yet (a new outbox, a burst before autovacuum's ANALYZE) or in a generic
-    // plan, and with it a bitmap scan of the whole range and a sort for every batch —
-    // 67 ms instead of 2 ms per 1,000 rows of a 100,000-row backlog, a drain quadratic
-    // in its size. `seq > $1 ORDER BY seq LIMIT n` is an index scan that stops after n
-    // rows whatever the estimates. A batch whose LIMIT reaches past the fence is only
-    // shorter: the rows are in `seq` order, so what is left is still a prefix.
-    let select = format!(
-        "SELECT * FROM (SELECT {list}, outbox_relay_size, \
-           sum(outbox_relay_size) OVER (ORDER BY {seq}) AS outbox_relay_running \
-           FROM (SELECT *, COALESCE({size}, 0) AS outbox_relay_size FROM {table} \
-                 WHERE {seq} > $1::int8 ORDER BY {seq} LIMIT $3) outbox_rows \
-           WHERE {seq} <= $2::int8) batch \
-         WHERE outbox_relay_running - outbox_relay_size < $4::int8 ORDER BY 1",
-        list = table::select_list(c, shape),
-        seq = q(&c.seq),
-        table = t.quoted(),
-    );
     let raw_row = format!(
         "{} WHERE {seq} > $1::int8 AND {seq} <= $2::int8 ORDER BY {seq} LIMIT 1",
         table::raw_select_sql(t, c, shape),
@@ -505,7 +563,6 @@ fn texts(t: &TableName, c: &Columns, shape: &TableShape) -> Texts {
         table = t.quoted()
     );
     Texts {
-        batch: select,
         raw_row,
         delete,
         backlog,
