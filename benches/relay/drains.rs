@@ -322,6 +322,7 @@ pub(crate) async fn polling_floor(db: &Client, url: &str, rows: usize) -> Drain 
                 sql.replace(&placeholder, name)
             })
     };
+    // Its columns are named c1, c2, …: c1 is the seq.
     let batch = with_variables(&batch, &["lo", "hi", "lim", "budget"]);
     let delete = with_variables(&delete, &["seqs"]);
     let floor = format!(
@@ -333,7 +334,7 @@ pub(crate) async fn polling_floor(db: &Client, url: &str, rows: usize) -> Drain 
            LOOP
              seqs := '{{}}';
              FOR r IN {batch} LOOP
-               seqs := seqs || r.seq;
+               seqs := seqs || r.c1;
              END LOOP;
              EXIT WHEN cardinality(seqs) = 0;
              {delete};
