@@ -14,8 +14,6 @@
 //! NULL) and that many bytes, then a count of -1. The server sends each row as one
 //! message, the header with the first. Anything else is an error naming what was found.
 
-use std::ops::Range;
-
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures::StreamExt;
@@ -25,7 +23,7 @@ use crate::event::{OutboxEvent, Position};
 use crate::source::table;
 
 /// The signature that opens a binary COPY.
-const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
 /// The fields of a row of [`table::select_list`], in order.
 const FIELDS: usize = table::SELECTED.len();
@@ -60,13 +58,16 @@ pub(super) fn copy_sql(select: &str) -> String {
 }
 
 /// Runs `copy` (from [`copy_sql`]) and turns its rows into events, as
-/// [`table::rows_to_events`] would have turned the same SELECT's rows.
+/// [`table::rows_to_events`] would have turned the same SELECT's rows. `rows` is how many
+/// the read asked for: the list's room.
 pub(super) async fn read(
     client: &Client,
     copy: &str,
+    rows: usize,
     payload_is_json: bool,
 ) -> Result<Vec<OutboxEvent>, Partial> {
-    let mut events = Vec::new();
+    // Grown from empty, a 1,000-row batch's list is moved ten times.
+    let mut events = Vec::with_capacity(rows.min(MAX_ROOM));
     let fail = |events, error| Err(Partial { events, error });
     let mut stream = match client.copy_out(copy).await {
         Ok(stream) => std::pin::pin!(stream),
@@ -78,17 +79,28 @@ pub(super) async fn read(
             Ok(message) => message,
             Err(e) => return fail(events, Failure::Pg(e)),
         };
-        match row(message, std::mem::take(&mut first), payload_is_json) {
-            Ok(Some(event)) => events.push(event),
-            Ok(None) => {}
-            Err(why) => return fail(events, Failure::Format(why)),
+        if let Err(why) = row(
+            message,
+            std::mem::take(&mut first),
+            payload_is_json,
+            &mut events,
+        ) {
+            return fail(events, Failure::Format(why.to_string()));
         }
     }
     Ok(events)
 }
 
-/// One `CopyData` message: a row's event, or `None` for the trailer.
-fn row(message: Bytes, first: bool, payload_is_json: bool) -> Result<Option<OutboxEvent>, String> {
+/// The most events [`read`] makes room for before the rows arrive.
+const MAX_ROOM: usize = 10_000;
+
+/// One `CopyData` message: a row's event, pushed onto `events`, or the trailer.
+fn row(
+    message: Bytes,
+    first: bool,
+    payload_is_json: bool,
+    events: &mut Vec<OutboxEvent>,
+) -> Result<(), Malformed> {
     let mut fields = Fields {
         buf: &message,
         at: 0,
@@ -98,23 +110,21 @@ fn row(message: Bytes, first: bool, payload_is_json: bool) -> Result<Option<Outb
     }
     let count = fields.i16()?;
     if count == -1 {
-        return Ok(None);
+        return Ok(());
     }
     if count as usize != FIELDS {
-        return Err(format!(
-            "a row of {count} fields, where {FIELDS} were selected"
-        ));
+        return Err(Malformed::Count(count));
     }
-    let mut ranges: [Option<Range<usize>>; FIELDS] = Default::default();
-    for range in &mut ranges {
-        *range = fields.field()?;
+    let mut spans: [Option<(usize, usize)>; FIELDS] = [None; FIELDS];
+    for span in &mut spans {
+        *span = fields.field()?;
     }
-    let int8 = |k: usize| -> Result<Option<i64>, String> {
-        match &ranges[k] {
+    let int8 = |k: usize| -> Result<Option<i64>, Malformed> {
+        match spans[k] {
             None => Ok(None),
-            Some(r) => <[u8; 8]>::try_from(&message[r.clone()])
+            Some((start, end)) => <[u8; 8]>::try_from(&message[start..end])
                 .map(|b| Some(i64::from_be_bytes(b)))
-                .map_err(|_| format!("{}: {} bytes for an int8", table::SELECTED[k], r.len())),
+                .map_err(|_| Malformed::Int8(k, end - start)),
         }
     };
     let seq = int8(0)?;
@@ -124,13 +134,13 @@ fn row(message: Bytes, first: bool, payload_is_json: bool) -> Result<Option<Outb
     // Every field but `payload` was selected as text (and a JSON payload is text too). A
     // field that is not UTF-8 goes into the dead letter lossily.
     let mut text = |k: usize| -> Option<ByteString> {
-        let range = ranges[k].clone()?;
-        ByteString::try_from(message.slice(range.clone()))
+        let (start, end) = spans[k]?;
+        ByteString::try_from(message.slice(start..end))
             .ok()
             .or_else(|| {
                 unreadable.push(table::SELECTED[k]);
                 Some(ByteString::from(
-                    String::from_utf8_lossy(&message[range]).into_owned(),
+                    String::from_utf8_lossy(&message[start..end]).into_owned(),
                 ))
             })
     };
@@ -140,7 +150,7 @@ fn row(message: Bytes, first: bool, payload_is_json: bool) -> Result<Option<Outb
     let event_type = text(4);
     let headers = text(6);
     let topic = text(8);
-    let payload = ranges[5].clone().map(|r| message.slice(r));
+    let payload = spans[5].map(|(start, end)| message.slice(start..end));
     if payload_is_json
         && payload
             .as_deref()
@@ -148,7 +158,7 @@ fn row(message: Bytes, first: bool, payload_is_json: bool) -> Result<Option<Outb
     {
         unreadable.push(table::SELECTED[5]);
     }
-    Ok(Some(OutboxEvent {
+    events.push(OutboxEvent {
         id,
         aggregate_type,
         aggregate_id,
@@ -160,7 +170,43 @@ fn row(message: Bytes, first: bool, payload_is_json: bool) -> Result<Option<Outb
         timestamp_ms,
         invalid: table::not_utf8(position, &unreadable),
         ..OutboxEvent::blank(position)
-    }))
+    });
+    Ok(())
+}
+
+/// What in a `CopyData` message is not the format the read asked for.
+#[derive(Debug)]
+enum Malformed {
+    /// `wanted` bytes at byte `at` of a message of `len`.
+    Cut {
+        wanted: usize,
+        at: usize,
+        len: usize,
+    },
+    Count(i16),
+    Length(i32),
+    /// A field selected as `int8` (by its index) with this many bytes.
+    Int8(usize, usize),
+    Signature,
+    Flags(i32),
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Malformed::Cut { wanted, at, len } => write!(
+                f,
+                "a row cut short ({wanted} bytes wanted at byte {at} of {len})"
+            ),
+            Malformed::Count(n) => write!(f, "a row of {n} fields, where {FIELDS} were selected"),
+            Malformed::Length(n) => write!(f, "a field of length {n}"),
+            Malformed::Int8(k, n) => {
+                write!(f, "{}: {n} bytes for an int8", table::SELECTED[*k])
+            }
+            Malformed::Signature => write!(f, "no binary COPY signature"),
+            Malformed::Flags(flags) => write!(f, "binary COPY flags {flags:#x}"),
+        }
+    }
 }
 
 /// A cursor over one `CopyData` message.
@@ -170,58 +216,67 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    fn take(&mut self, n: usize) -> Result<Range<usize>, String> {
-        let end = self.at.saturating_add(n);
-        if end > self.buf.len() {
-            return Err(format!(
-                "a row cut short ({n} bytes wanted at byte {} of {})",
-                self.at,
-                self.buf.len()
-            ));
+    /// The next `n` bytes, as a span of the message.
+    #[inline]
+    fn take(&mut self, n: usize) -> Result<(usize, usize), Malformed> {
+        let start = self.at;
+        match start.checked_add(n) {
+            Some(end) if end <= self.buf.len() => {
+                self.at = end;
+                Ok((start, end))
+            }
+            _ => Err(Malformed::Cut {
+                wanted: n,
+                at: start,
+                len: self.buf.len(),
+            }),
         }
-        let range = self.at..end;
-        self.at = end;
-        Ok(range)
     }
 
-    fn i16(&mut self) -> Result<i16, String> {
-        let r = self.take(2)?;
-        Ok(i16::from_be_bytes([
-            self.buf[r.start],
-            self.buf[r.start + 1],
-        ]))
+    #[inline]
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+        let (start, end) = self.take(N)?;
+        <[u8; N]>::try_from(&self.buf[start..end]).map_err(|_| Malformed::Cut {
+            wanted: N,
+            at: start,
+            len: self.buf.len(),
+        })
     }
 
-    fn i32(&mut self) -> Result<i32, String> {
-        let r = self.take(4)?;
-        let b = &self.buf[r];
-        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    #[inline]
+    fn i16(&mut self) -> Result<i16, Malformed> {
+        self.array().map(i16::from_be_bytes)
+    }
+
+    #[inline]
+    fn i32(&mut self) -> Result<i32, Malformed> {
+        self.array().map(i32::from_be_bytes)
     }
 
     /// A field's bytes, `None` for NULL.
-    fn field(&mut self) -> Result<Option<Range<usize>>, String> {
+    #[inline]
+    fn field(&mut self) -> Result<Option<(usize, usize)>, Malformed> {
         match self.i32()? {
             -1 => Ok(None),
-            n => usize::try_from(n)
-                .map_err(|_| format!("a field of length {n}"))
-                .and_then(|n| self.take(n))
-                .map(Some),
+            n => match usize::try_from(n) {
+                Ok(n) => self.take(n).map(Some),
+                Err(_) => Err(Malformed::Length(n)),
+            },
         }
     }
 
     /// The signature, the flags (none are defined that the relay could honour, so any
     /// is refused) and the header extension, skipped.
-    fn header(&mut self) -> Result<(), String> {
-        let signature = self.take(SIGNATURE.len())?;
-        if &self.buf[signature] != SIGNATURE {
-            return Err("no binary COPY signature".to_owned());
+    fn header(&mut self) -> Result<(), Malformed> {
+        if self.array::<11>()? != *SIGNATURE {
+            return Err(Malformed::Signature);
         }
         let flags = self.i32()?;
         if flags != 0 {
-            return Err(format!("binary COPY flags {flags:#x}"));
+            return Err(Malformed::Flags(flags));
         }
-        let extension = usize::try_from(self.i32()?)
-            .map_err(|_| "a negative header extension length".to_owned())?;
+        let extension = self.i32()?;
+        let extension = usize::try_from(extension).map_err(|_| Malformed::Length(extension))?;
         self.take(extension).map(drop)
     }
 }
@@ -229,6 +284,13 @@ impl Fields<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`row`]'s event, if the message is a row.
+    fn parsed(m: Bytes, first: bool, json: bool) -> Result<Option<OutboxEvent>, String> {
+        let mut events = Vec::new();
+        row(m, first, json, &mut events).map_err(|e| e.to_string())?;
+        Ok(events.pop())
+    }
 
     /// A row message as the server sends it; `None` is NULL.
     fn message(header: bool, fields: &[Option<&[u8]>]) -> Bytes {
@@ -274,7 +336,7 @@ mod tests {
         let seq = 42i64.to_be_bytes();
         let created = 1_700_000_000_000i64.to_be_bytes();
         let m = message(true, &fields(&seq, br#"{"n":1}"#, Some(&created)));
-        let e = row(m.clone(), true, true).unwrap().unwrap();
+        let e = parsed(m.clone(), true, true).unwrap().unwrap();
         assert_eq!(e.position, Position::Seq(42));
         assert_eq!(e.id.as_deref(), Some("e-1"));
         assert_eq!(e.aggregate_type.as_deref(), Some("order"));
@@ -287,7 +349,7 @@ mod tests {
         let payload = e.payload.unwrap();
         assert!(m.as_ptr_range().contains(&payload.as_ptr()), "no copy");
         // Without the header (every row but the first), and with a NULL timestamp.
-        let e = row(message(false, &fields(&seq, b"{}", None)), false, true)
+        let e = parsed(message(false, &fields(&seq, b"{}", None)), false, true)
             .unwrap()
             .unwrap();
         assert_eq!(e.timestamp_ms, None);
@@ -298,7 +360,7 @@ mod tests {
         let seq = 7i64.to_be_bytes();
         let mut f = fields(&seq, b"caf\xe9", None);
         f[3] = Some(b"o-\xff");
-        let e = row(message(false, &f), false, true).unwrap().unwrap();
+        let e = parsed(message(false, &f), false, true).unwrap().unwrap();
         let invalid = e.invalid.unwrap();
         assert!(
             invalid.contains("source.columns.aggregate_id, source.columns.payload"),
@@ -311,7 +373,7 @@ mod tests {
             "bytes as stored"
         );
         // A payload that is not JSON is bytes, valid or not.
-        let e = row(
+        let e = parsed(
             message(false, &fields(&seq, b"caf\xe9", None)),
             false,
             false,
@@ -323,7 +385,7 @@ mod tests {
 
     #[test]
     fn the_trailer_ends_the_rows() {
-        assert!(row(Bytes::from_static(&[0xff, 0xff]), false, true)
+        assert!(parsed(Bytes::from_static(&[0xff, 0xff]), false, true)
             .unwrap()
             .is_none());
     }
@@ -349,16 +411,16 @@ mod tests {
             (Bytes::from_static(&[0]), false, "cut short"),
         ];
         for (m, first, expected) in cases {
-            let err = row(m, first, true).unwrap_err();
+            let err = parsed(m, first, true).unwrap_err();
             assert!(err.contains(expected), "{err} (expected {expected})");
         }
         let mut f = fields(&seq, b"{}", None);
         f[0] = Some(b"1234");
-        let err = row(message(false, &f), false, true).unwrap_err();
+        let err = parsed(message(false, &f), false, true).unwrap_err();
         assert!(err.contains("seq: 4 bytes for an int8"), "{err}");
         let mut flagged = good.to_vec();
         flagged[SIGNATURE.len() + 3] = 1;
-        let err = row(Bytes::from(flagged), true, true).unwrap_err();
+        let err = parsed(Bytes::from(flagged), true, true).unwrap_err();
         assert!(err.contains("flags 0x1"), "{err}");
     }
 }

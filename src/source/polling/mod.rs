@@ -205,11 +205,17 @@ impl PollingSource {
     async fn read(&self, max: usize) -> Result<Vec<OutboxEvent>, SourceError> {
         let mut limit = i64::try_from(max).unwrap_or(i64::MAX);
         loop {
-            let partial =
-                match copy::read(&self.client, &self.copy_sql(limit), self.payload_is_json).await {
-                    Ok(events) => return Ok(events),
-                    Err(partial) => partial,
-                };
+            let partial = match copy::read(
+                &self.client,
+                &self.copy_sql(limit),
+                max,
+                self.payload_is_json,
+            )
+            .await
+            {
+                Ok(events) => return Ok(events),
+                Err(partial) => partial,
+            };
             match (partial.error.bad_row(), partial.events.is_empty()) {
                 (Some(_), false) => return Ok(partial.events),
                 (Some(_), true) if limit > 1 => limit /= 2,
@@ -233,7 +239,7 @@ impl PollingSource {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let (client, copy) = (self.client.clone(), self.copy_sql(limit));
         let json = self.payload_is_json;
-        let rows = tokio::spawn(async move { copy::read(&client, &copy, json).await });
+        let rows = tokio::spawn(async move { copy::read(&client, &copy, max, json).await });
         let from = self.returned_upto;
         self.ahead = Some(ReadAhead { from, limit, rows });
     }
