@@ -58,16 +58,15 @@ pub(super) fn copy_sql(select: &str) -> String {
 }
 
 /// Runs `copy` (from [`copy_sql`]) and turns its rows into events, as
-/// [`table::rows_to_events`] would have turned the same SELECT's rows. `rows` is how many
-/// the read asked for: the list's room.
+/// [`table::rows_to_events`] would have turned the same SELECT's rows. `room` is how
+/// many rows are expected (the list is made that large at once, up to [`MAX_ROOM`]).
 pub(super) async fn read(
     client: &Client,
     copy: &str,
-    rows: usize,
+    room: usize,
     payload_is_json: bool,
 ) -> Result<Vec<OutboxEvent>, Partial> {
-    // Grown from empty, a 1,000-row batch's list is moved ten times.
-    let mut events = Vec::with_capacity(rows.min(MAX_ROOM));
+    let mut events = Vec::with_capacity(room.min(MAX_ROOM));
     let fail = |events, error| Err(Partial { events, error });
     let mut stream = match client.copy_out(copy).await {
         Ok(stream) => std::pin::pin!(stream),

@@ -208,7 +208,7 @@ impl PollingSource {
             let partial = match copy::read(
                 &self.client,
                 &self.copy_sql(limit),
-                max,
+                0,
                 self.payload_is_json,
             )
             .await
@@ -239,6 +239,9 @@ impl PollingSource {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let (client, copy) = (self.client.clone(), self.copy_sql(limit));
         let json = self.payload_is_json;
+        // Sent after a full batch, it is likely full too: its list is made that large at
+        // once (grown from empty, a 1,000-event list is moved ten times). A read when the
+        // outbox may be empty starts small.
         let rows = tokio::spawn(async move { copy::read(&client, &copy, max, json).await });
         let from = self.returned_upto;
         self.ahead = Some(ReadAhead { from, limit, rows });
