@@ -141,6 +141,12 @@ impl PollingSource {
         let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
         let statements = prepare(&client, table, &config.columns, &shape).await?;
         let batch = BatchSelect::new(table, &config.columns, &shape);
+        // COPY is planned only when it runs: the same SELECT prepared once here makes a
+        // problem with it an error at start, as with the other statements.
+        client
+            .prepare(&batch.sql(BatchSelect::PARAMETERS))
+            .await
+            .map_err(SourceError::pg("preparing the batch query"))?;
         let fence = Fence::prepare(&client, table, &config.columns.seq, shape.oid).await?;
         if let Some(t) = &config.dead_letter_table {
             super::dead_letter_table::ensure(&client, t).await?;
@@ -456,10 +462,7 @@ pub async fn batch_and_delete_sql(config: &SourceConfig) -> Result<(String, Stri
     let shape = table::describe(&client, table, &config.columns, Checks::POLLING).await?;
     let batch = BatchSelect::new(table, &config.columns, &shape);
     let t = texts(table, &config.columns, &shape);
-    Ok((
-        batch.sql(["$1::int8", "$2::int8", "$3", "$4::int8"]),
-        t.delete,
-    ))
+    Ok((batch.sql(BatchSelect::PARAMETERS), t.delete))
 }
 
 async fn prepare(
@@ -498,6 +501,9 @@ struct BatchSelect {
 }
 
 impl BatchSelect {
+    /// The bounds as parameters `$1` … `$4` (see [`BatchSelect::sql`]).
+    const PARAMETERS: [&'static str; 4] = ["$1::int8", "$2::int8", "$3", "$4::int8"];
+
     fn new(t: &TableName, c: &Columns, shape: &TableShape) -> BatchSelect {
         let q = |name: &str| crate::source::quote_ident(name);
         BatchSelect {
