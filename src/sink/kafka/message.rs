@@ -15,11 +15,14 @@ use serde_json::value::RawValue;
 use super::config::{Format, KafkaSinkConfig};
 use super::topic::validate_topic_name;
 use crate::event::OutboxEvent;
-use headers::extra_headers;
+use headers::extra_headers_into;
 
 /// Headers the relay sets itself; a `headers` column key of the same name is ignored so
 /// that consumers can trust them (Java's `lastHeader("id")` included).
 pub const RESERVED_HEADERS: [&str; 3] = ["id", "event_type", "aggregate_type"];
+
+/// The reserved headers and `redriven`, which only the relay sets on a redriven event.
+const RELAY_HEADERS: [&str; 4] = ["id", "event_type", "aggregate_type", "redriven"];
 
 /// A message ready to produce. It borrows what it can from its event: the relay builds
 /// one per event, and copying the key, the payload and the headers here would only be
@@ -146,11 +149,7 @@ pub fn to_message_with<'a>(
         .ok_or_else(|| Poison::new("payload is missing (NULL)"))?;
     let topic = route(event, config, topics, aggregate_type, event_type)?;
 
-    let extra = match &event.headers {
-        Some(extra) => extra_headers(extra)?,
-        None => Vec::new(),
-    };
-    let mut headers = Vec::with_capacity(RESERVED_HEADERS.len() + extra.len());
+    let mut headers = Vec::with_capacity(RESERVED_HEADERS.len() + 2);
     headers.extend([
         (Cow::Borrowed("id"), Cow::Borrowed(id.as_bytes())),
         (
@@ -162,11 +161,9 @@ pub fn to_message_with<'a>(
             Cow::Borrowed(aggregate_type.as_bytes()),
         ),
     ]);
-    headers.extend(
-        extra
-            .into_iter()
-            .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref()) && k != "redriven"),
-    );
+    if let Some(extra) = &event.headers {
+        extra_headers_into(extra, &RELAY_HEADERS, &mut headers)?;
+    }
     if event.redriven {
         // Sent again by an operator: same key, headers and id (a consumer deduplicates
         // by id), and this mark.
@@ -266,12 +263,12 @@ pub fn to_dead_letter<'a>(
             headers.push((Cow::Borrowed(name), Cow::Borrowed(str::as_bytes(v))));
         }
     }
-    match event.headers.as_deref().map(extra_headers) {
-        Some(Ok(extra)) => headers.extend(
-            extra
-                .into_iter()
-                .filter(|(k, _)| !RESERVED_HEADERS.contains(&k.as_ref())),
-        ),
+    match event
+        .headers
+        .as_deref()
+        .map(|extra| extra_headers_into(extra, &RESERVED_HEADERS, &mut headers))
+    {
+        Some(Ok(())) => {}
         // Unparseable headers are kept verbatim, so nothing of the event is lost.
         Some(Err(_)) => headers.push((
             Cow::Borrowed("headers"),
