@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 
 use super::ledger::Item;
@@ -178,10 +177,11 @@ pub async fn run(
                     if chunk.len() >= CHUNK || chunk_bytes >= chunk_budget {
                         break;
                     }
-                    // Only what is already here: a read that would wait ends the chunk.
-                    match reader.next().now_or_never() {
-                        Some(next) => msg = next,
-                        None => break,
+                    // Only what is already read: the chunk ends where the bytes do.
+                    match reader.buffered() {
+                        Ok(Some(next)) => msg = Ok(next),
+                        Ok(None) => break,
+                        Err(e) => msg = Err(e),
                     }
                 }
             }
