@@ -14,8 +14,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::net::TcpStream;
 use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed, FramedRead, FramedWrite};
 
 use crate::event::Lsn;
