@@ -244,19 +244,16 @@ fn log_mode() -> Vec<OutboxEvent> {
     let mut value_bytes = 0;
     let before = COUNTS.with(Cell::get);
     for data in inputs {
-        let Message::Insert {
-            relation, tuple, ..
-        } = decoder.decode(data).unwrap()
-        else {
-            panic!("insert")
-        };
+        // As the stream does: an outbox row read straight into its event.
+        let (relation, tuple) = decoder.insert(&data).expect("an insert");
         let event = mapper
-            .insert(
+            .insert_tuple(
                 relation,
                 tuple,
                 Position::Lsn(outbox_relay::event::Lsn(1)),
                 0,
             )
+            .expect("an outbox row")
             .unwrap();
         value_bytes += to_message_with(&event, &config.sink, &mut topics)
             .unwrap()

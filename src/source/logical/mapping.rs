@@ -8,7 +8,7 @@ use bytestring::ByteString;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::pgoutput::{Relation, Value};
+use super::pgoutput::{DecodeError, Relation, Tuple, Value};
 use crate::event::{OutboxEvent, Position};
 use crate::source::{Columns, SourceError, TableName};
 
@@ -16,19 +16,100 @@ const JSON_OID: u32 = 114;
 const JSONB_OID: u32 = 3802;
 const BYTEA_OID: u32 = 17;
 
-/// Positions of the configured columns in the outbox relation's tuples.
+/// The event fields a column can fill, as bit numbers of [`Layout::targets`].
+const ID: usize = 0;
+const AGGREGATE_TYPE: usize = 1;
+const AGGREGATE_ID: usize = 2;
+const EVENT_TYPE: usize = 3;
+const PAYLOAD: usize = 4;
+const HEADERS: usize = 5;
+const TOPIC: usize = 6;
+const FIELDS: usize = 7;
+
+/// Where each column of an outbox relation's tuples goes in its event.
 struct Layout {
-    id: usize,
-    aggregate_type: usize,
-    aggregate_id: usize,
-    event_type: usize,
-    payload: usize,
+    /// Per column, the fields it fills (bits [`ID`] … [`TOPIC`]): none for a column the
+    /// event does not use, more than one when a column is mapped twice.
+    targets: Vec<u8>,
     payload_oid: u32,
-    headers: Option<usize>,
-    topic: Option<usize>,
-    /// No column is mapped twice (the usual case): each value can be moved out of the
-    /// decoded row rather than shared (a shared slice costs two atomic operations).
-    distinct: bool,
+}
+
+impl Layout {
+    #[inline]
+    fn wants(&self, column: usize) -> bool {
+        self.targets.get(column).is_some_and(|t| *t != 0)
+    }
+}
+
+/// One row's mapped columns as they are read, then its event.
+struct Fields<'a> {
+    layout: &'a Layout,
+    values: [Option<Bytes>; FIELDS],
+}
+
+impl<'a> Fields<'a> {
+    fn new(layout: &'a Layout) -> Fields<'a> {
+        Fields {
+            layout,
+            values: Default::default(),
+        }
+    }
+
+    /// Column `column`'s value into the fields it fills: moved into the last, a shared
+    /// slice of the stream's buffer in the others (never a copy). NULL fills none.
+    #[inline]
+    fn put(&mut self, column: usize, value: Value) {
+        let (Value::Text(bytes), Some(&targets)) = (value, self.layout.targets.get(column)) else {
+            return;
+        };
+        if targets.is_power_of_two() {
+            // One field, the usual case.
+            self.values[targets.trailing_zeros() as usize] = Some(bytes);
+            return;
+        }
+        let mut bytes = Some(bytes);
+        let mut left = targets;
+        while left != 0 {
+            let field = left.trailing_zeros() as usize;
+            left &= left - 1;
+            self.values[field] = if left == 0 {
+                bytes.take()
+            } else {
+                bytes.clone()
+            };
+        }
+    }
+
+    fn event(self, position: Position, timestamp_ms: i64) -> OutboxEvent {
+        let [id, aggregate_type, aggregate_id, event_type, payload, headers, topic] = self.values;
+        let (payload, payload_is_json) = match payload {
+            Some(b) => match self.layout.payload_oid {
+                JSON_OID | JSONB_OID => (Some(b), true),
+                BYTEA_OID => (decode_bytea(&b).map(Bytes::from), false),
+                _ => (Some(b), false),
+            },
+            None => (None, false),
+        };
+        // pgoutput sends text in the database's encoding: a column that is not UTF-8
+        // reads as missing, and the event goes to the dead-letter topic with its other
+        // columns.
+        let text = |b: Option<Bytes>| b.and_then(|b| ByteString::try_from(b).ok());
+        OutboxEvent {
+            position,
+            id: text(id),
+            aggregate_type: text(aggregate_type),
+            aggregate_id: text(aggregate_id),
+            event_type: text(event_type),
+            payload,
+            payload_is_json,
+            headers: text(headers),
+            topic: text(topic),
+            timestamp_ms: Some(timestamp_ms),
+            invalid: None,
+            original: None,
+            redriven: false,
+        }
+    }
 }
 
 pub struct Mapper {
@@ -89,33 +170,29 @@ impl Mapper {
             })
         };
         let c = &self.columns;
-        let payload = find("payload", &c.payload)?;
-        let mut layout = Layout {
-            id: find("id", &c.id)?,
-            aggregate_type: find("aggregate_type", &c.aggregate_type)?,
-            aggregate_id: find("aggregate_id", &c.aggregate_id)?,
-            event_type: find("event_type", &c.event_type)?,
-            payload,
-            payload_oid: rel.columns[payload].type_oid,
-            headers: c
-                .headers
-                .as_deref()
-                .map(|h| find("headers", h))
-                .transpose()?,
-            topic: c.topic.as_deref().map(|t| find("topic", t)).transpose()?,
-            distinct: false,
-        };
         let mut mapped = vec![
-            layout.id,
-            layout.aggregate_type,
-            layout.aggregate_id,
-            layout.event_type,
-            layout.payload,
+            (ID, find("id", &c.id)?),
+            (AGGREGATE_TYPE, find("aggregate_type", &c.aggregate_type)?),
+            (AGGREGATE_ID, find("aggregate_id", &c.aggregate_id)?),
+            (EVENT_TYPE, find("event_type", &c.event_type)?),
+            (PAYLOAD, find("payload", &c.payload)?),
         ];
-        mapped.extend(layout.headers);
-        mapped.extend(layout.topic);
-        mapped.sort_unstable();
-        layout.distinct = mapped.windows(2).all(|w| w[0] != w[1]);
+        if let Some(h) = c.headers.as_deref() {
+            mapped.push((HEADERS, find("headers", h)?));
+        }
+        if let Some(t) = c.topic.as_deref() {
+            mapped.push((TOPIC, find("topic", t)?));
+        }
+        let mut layout = Layout {
+            targets: vec![0; rel.columns.len()],
+            payload_oid: 0,
+        };
+        for (field, column) in mapped {
+            layout.targets[column] |= 1 << field;
+            if field == PAYLOAD {
+                layout.payload_oid = rel.columns[column].type_oid;
+            }
+        }
         self.layouts.insert(rel.id, layout);
         Ok(true)
     }
@@ -128,59 +205,57 @@ impl Mapper {
     pub fn insert(
         &self,
         relation: u32,
-        mut tuple: Vec<Value>,
+        tuple: Vec<Value>,
         position: Position,
         timestamp_ms: i64,
     ) -> Result<OutboxEvent, SourceError> {
         let Some(layout) = self.layouts.get(&relation) else {
-            let name = self
-                .others
-                .get(&relation)
-                .map_or_else(|| format!("relation {relation}"), String::clone);
-            let outbox = self.table.as_ref().map_or_else(
-                || "none: the outbox is table-less".into(),
-                |t| t.to_string(),
-            );
-            return Err(SourceError::Setup(format!(
-                "the replication stream carries an insert into {name}, but the relay maps only \
-                 the outbox table ({outbox}) and its partitions: remove {name} from the \
-                 publication (ALTER PUBLICATION … DROP TABLE {name}); nothing was acknowledged \
-                 past it"
-            )));
+            return Err(self.not_the_outbox(relation));
         };
-        // Slices of the stream's buffer, not copies.
-        let mut value = |i: usize| match tuple.get_mut(i) {
-            Some(Value::Text(b)) if layout.distinct => Some(std::mem::take(b)),
-            Some(Value::Text(b)) => Some(b.clone()),
-            _ => None,
-        };
-        let (payload, payload_is_json) = match value(layout.payload) {
-            Some(b) => match layout.payload_oid {
-                JSON_OID | JSONB_OID => (Some(b), true),
-                BYTEA_OID => (decode_bytea(&b).map(Bytes::from), false),
-                _ => (Some(b), false),
-            },
-            None => (None, false),
-        };
-        // pgoutput sends text in the database's encoding: a column that is not UTF-8
-        // reads as missing, and the event goes to the dead-letter topic with its other
-        // columns.
-        let mut text = |i: usize| value(i).and_then(|b| ByteString::try_from(b).ok());
-        Ok(OutboxEvent {
-            position,
-            id: text(layout.id),
-            aggregate_type: text(layout.aggregate_type),
-            aggregate_id: text(layout.aggregate_id),
-            event_type: text(layout.event_type),
-            payload,
-            payload_is_json,
-            headers: layout.headers.and_then(&mut text),
-            topic: layout.topic.and_then(&mut text),
-            timestamp_ms: Some(timestamp_ms),
-            invalid: None,
-            original: None,
-            redriven: false,
-        })
+        let mut fields = Fields::new(layout);
+        for (column, value) in tuple.into_iter().enumerate() {
+            fields.put(column, value);
+        }
+        Ok(fields.event(position, timestamp_ms))
+    }
+
+    /// The event of an inserted outbox row from its tuple's bytes, read once, only the
+    /// columns the event uses sliced out: the stream's way, [`Mapper::insert`]'s rule.
+    /// `None` when `relation` is not an outbox relation (then `insert` says why).
+    pub fn insert_tuple(
+        &self,
+        relation: u32,
+        tuple: Tuple,
+        position: Position,
+        timestamp_ms: i64,
+    ) -> Option<Result<OutboxEvent, DecodeError>> {
+        let layout = self.layouts.get(&relation)?;
+        let mut fields = Fields::new(layout);
+        Some(
+            tuple
+                .read(
+                    |column| layout.wants(column),
+                    |column, value| fields.put(column, value),
+                )
+                .map(|()| fields.event(position, timestamp_ms)),
+        )
+    }
+
+    fn not_the_outbox(&self, relation: u32) -> SourceError {
+        let name = self
+            .others
+            .get(&relation)
+            .map_or_else(|| format!("relation {relation}"), String::clone);
+        let outbox = self.table.as_ref().map_or_else(
+            || "none: the outbox is table-less".into(),
+            |t| t.to_string(),
+        );
+        SourceError::Setup(format!(
+            "the replication stream carries an insert into {name}, but the relay maps only \
+             the outbox table ({outbox}) and its partitions: remove {name} from the \
+             publication (ALTER PUBLICATION … DROP TABLE {name}); nothing was acknowledged \
+             past it"
+        ))
     }
 
     /// The event of a logical message with our prefix; `None` for other prefixes.
@@ -368,6 +443,135 @@ mod tests {
                 columns.topic.as_deref().map(v).as_deref()
             );
         }
+    }
+
+    /// The shipped table's columns, in its order, as pgoutput describes them.
+    fn outbox_relation(m: &mut Mapper, id: u32, payload_oid: u32) {
+        let columns = [
+            ("id", 2950),
+            ("seq", 20),
+            ("aggregate_type", 25),
+            ("aggregate_id", 25),
+            ("event_type", 25),
+            ("payload", payload_oid),
+            ("headers", JSONB_OID),
+            ("created_at", 1184),
+        ];
+        let rel = Relation {
+            id,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            columns: columns
+                .iter()
+                .map(|(name, type_oid)| super::super::pgoutput::Column {
+                    name: (*name).into(),
+                    type_oid: *type_oid,
+                })
+                .collect(),
+        };
+        assert!(m.relation(&rel).unwrap());
+    }
+
+    /// An Insert message of relation `relation` with these columns: `Some(text)`, or a
+    /// kind byte alone (`n`, `u`, or anything else).
+    fn insert_message(relation: u32, columns: &[Result<&[u8], u8>]) -> Bytes {
+        use bytes::BufMut;
+        let mut b = bytes::BytesMut::new();
+        b.put_u8(b'I');
+        b.put_u32(relation);
+        b.put_u8(b'N');
+        b.put_u16(columns.len() as u16);
+        for c in columns {
+            match c {
+                Ok(text) => {
+                    b.put_u8(b't');
+                    b.put_u32(text.len() as u32);
+                    b.put_slice(text);
+                }
+                Err(kind) => b.put_u8(*kind),
+            }
+        }
+        b.freeze()
+    }
+
+    #[test]
+    fn an_insert_read_in_one_pass_is_the_insert_decoded_whole() {
+        use super::super::pgoutput::{Decoder, Message};
+        use rand::{Rng, SeedableRng};
+        let mut m = Mapper::new(
+            Some(TableName::parse("public.outbox").unwrap()),
+            mapper().columns,
+            "outbox".into(),
+        );
+        outbox_relation(&mut m, 7, JSONB_OID);
+        outbox_relation(&mut m, 8, BYTEA_OID);
+        let other = Relation {
+            id: 9,
+            namespace: "public".into(),
+            name: "other".into(),
+            columns: vec![],
+        };
+        m.relation(&other).unwrap();
+        const TEXTS: [&[u8]; 6] = [
+            b"e-1",
+            b"",
+            b"order",
+            br#"{"a": 1}"#,
+            b"\\x6869",
+            b"\xff\xfe",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(27);
+        let position = Position::Lsn(crate::event::Lsn(5));
+        let (mut read, mut refused) = (0, 0);
+        for _ in 0..5_000 {
+            let relation = [7, 8, 9][rng.random_range(0..3)];
+            let count = [8, 8, 8, 5, 10][rng.random_range(0..5)];
+            let columns: Vec<Result<&[u8], u8>> = (0..count)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => Err(b'n'),
+                    1 => Err(b'u'),
+                    2 if rng.random_bool(0.1) => Err([b'b', b'x'][rng.random_range(0..2)]),
+                    _ => Ok(TEXTS[rng.random_range(0..TEXTS.len())]),
+                })
+                .collect();
+            let mut data = insert_message(relation, &columns);
+            if rng.random_bool(0.2) {
+                data.truncate(rng.random_range(6..=data.len()));
+            }
+            let whole = match Decoder::default().decode(data.clone()) {
+                Ok(Message::Insert {
+                    relation, tuple, ..
+                }) => m
+                    .insert(relation, tuple, position, 3)
+                    .map_err(|e| e.to_string()),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            };
+            let (relation, tuple) = Decoder::default().insert(&data).expect("an insert");
+            let one_pass = match m.insert_tuple(relation, tuple, position, 3) {
+                Some(event) => event.map_err(|e| e.to_string()),
+                // Not an outbox relation: the stream decodes it whole, as above.
+                None => continue,
+            };
+            assert_eq!(one_pass, whole, "{data:?}");
+            read += usize::from(one_pass.is_ok());
+            refused += usize::from(one_pass.is_err());
+        }
+        assert!(
+            read > 1_000 && refused > 500,
+            "read {read}, refused {refused}"
+        );
+        // What is not an Insert outside a streaming block is left to the whole decoding.
+        let data = insert_message(7, &[Ok(b"x")]);
+        for bad in [b'U', b'D'] {
+            let mut other = data.to_vec();
+            other[0] = bad;
+            assert!(Decoder::default().insert(&Bytes::from(other)).is_none());
+        }
+        let mut other = data.to_vec();
+        other[5] = b'K';
+        assert!(Decoder::default().insert(&Bytes::from(other)).is_none());
+        assert!(Decoder::default().insert(&data.slice(..5)).is_none());
     }
 
     #[test]

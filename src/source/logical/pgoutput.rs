@@ -259,6 +259,19 @@ impl Decoder {
         Ok(msg)
     }
 
+    /// An Insert outside a streaming block, its tuple left unread: [`Tuple::read`] reads
+    /// it once, slicing only the columns wanted, straight into what the reader builds
+    /// (per event, a list of every column's value made and taken apart again cost more
+    /// than the reading). `None` for any other message, which [`Decoder::decode`] reads.
+    pub fn insert(&self, data: &Bytes) -> Option<(u32, Tuple)> {
+        match **data {
+            [b'I', r0, r1, r2, r3, b'N', ..] if !self.in_stream => {
+                Some((u32::from_be_bytes([r0, r1, r2, r3]), Tuple(data.slice(6..))))
+            }
+            _ => None,
+        }
+    }
+
     /// Inside a streaming block, data messages start with the transaction's xid.
     fn stream_xid(&self, r: &mut Reader) -> Result<Option<u32>, DecodeError> {
         if self.in_stream {
@@ -267,6 +280,56 @@ impl Decoder {
             Ok(None)
         }
     }
+}
+
+/// A tuple as it arrived: its column count, then each column's kind and value.
+#[derive(Debug, Clone)]
+pub struct Tuple(Bytes);
+
+impl Tuple {
+    /// Reads the columns in order: `value` gets each one's index and value, but for a
+    /// text value `wanted` says no to, which is skipped without being sliced out of the
+    /// message. Malformed bytes are the same errors as in [`Decoder::decode`], whatever
+    /// is wanted.
+    pub fn read(
+        self,
+        wanted: impl Fn(usize) -> bool,
+        value: impl FnMut(usize, Value),
+    ) -> Result<(), DecodeError> {
+        read_tuple(&mut Reader(self.0), wanted, value)
+    }
+}
+
+/// The one reading of a tuple, for [`Reader::tuple`] and [`Tuple::read`].
+fn read_tuple(
+    r: &mut Reader,
+    wanted: impl Fn(usize) -> bool,
+    mut value: impl FnMut(usize, Value),
+) -> Result<(), DecodeError> {
+    let n = r.u16("tuple column count")?;
+    for i in 0..usize::from(n) {
+        match r.u8("tuple column kind")? {
+            b'n' => value(i, Value::Null),
+            b'u' => value(i, Value::Unchanged),
+            b't' => {
+                let len = r.u32("text value length")? as usize;
+                if wanted(i) {
+                    value(i, Value::Text(r.bytes(len, "text value")?));
+                } else {
+                    r.need(len, "text value")?;
+                    r.0.advance(len);
+                }
+            }
+            // Binary values come only with the `binary` option, which is never asked for.
+            b'b' => return Err(DecodeError("binary column value (not requested)".into())),
+            other => {
+                return Err(DecodeError(format!(
+                    "unknown tuple column kind {other:#04x}"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A bounds-checked cursor over one message.
@@ -330,25 +393,13 @@ impl Reader {
     }
 
     fn tuple(&mut self) -> Result<Vec<Value>, DecodeError> {
-        let n = self.u16("tuple column count")?;
-        let mut values = Vec::with_capacity(usize::from(n).min(1600));
-        for _ in 0..n {
-            values.push(match self.u8("tuple column kind")? {
-                b'n' => Value::Null,
-                b'u' => Value::Unchanged,
-                b't' => {
-                    let len = self.u32("text value length")? as usize;
-                    Value::Text(self.bytes(len, "text value")?)
-                }
-                // Binary values come only with the `binary` option, which is never asked for.
-                b'b' => return Err(DecodeError("binary column value (not requested)".into())),
-                other => {
-                    return Err(DecodeError(format!(
-                        "unknown tuple column kind {other:#04x}"
-                    )))
-                }
-            });
-        }
+        // The count, peeked: the list is made once, at its size.
+        let n = self
+            .0
+            .get(..2)
+            .map_or(0, |n| u16::from_be_bytes([n[0], n[1]]));
+        let mut values = Vec::with_capacity(usize::from(n));
+        read_tuple(self, |_| true, |_, v| values.push(v))?;
         Ok(values)
     }
 }

@@ -154,10 +154,29 @@ pub async fn run(
                 loop {
                     match msg.map_err(repl("reading the replication stream"))? {
                         StreamMessage::XLogData { data } => {
-                            let decoded = decoder
-                                .decode(data)
-                                .map_err(|e| unexpected(&format!("decoding pgoutput: {e}")))?;
-                            chunk_bytes += handle(decoded, &mut mapper, &mut changes, &mut txn, &mut chunk)?;
+                            // An outbox row, read straight into its event; the rest (and
+                            // any insert that is not an outbox row's) decoded whole.
+                            let outbox_row = match (decoder.insert(&data), txn) {
+                                (Some((relation, tuple)), Some(t)) => mapper
+                                    .insert_tuple(relation, tuple, Position::Lsn(t.lsn), t.ts),
+                                _ => None,
+                            };
+                            chunk_bytes += match outbox_row {
+                                Some(Ok(event)) => {
+                                    let bytes = event.approx_bytes();
+                                    chunk.push(Item::Event(event));
+                                    bytes
+                                }
+                                Some(Err(e)) => {
+                                    return Err(unexpected(&format!("decoding pgoutput: {e}")));
+                                }
+                                None => {
+                                    let decoded = decoder
+                                        .decode(data)
+                                        .map_err(|e| unexpected(&format!("decoding pgoutput: {e}")))?;
+                                    handle(decoded, &mut mapper, &mut changes, &mut txn, &mut chunk)?
+                                }
+                            };
                         }
                         StreamMessage::Keepalive { wal_end, reply } => {
                             tracing::debug!(%wal_end, reply, in_transaction = txn.is_some(), "keepalive");
