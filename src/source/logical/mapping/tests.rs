@@ -124,8 +124,8 @@ fn outbox_relation(m: &mut Mapper, id: u32, payload_oid: u32) {
     assert!(m.relation(&rel).unwrap());
 }
 
-/// An Insert message of relation `relation` with these columns: `Some(text)`, or a
-/// kind byte alone (`n`, `u`, or anything else).
+/// An Insert message of relation `relation` with these columns: `Ok(text)`, or
+/// `Err(kind)` for a kind byte alone (`n`, `u`, or anything else).
 fn insert_message(relation: u32, columns: &[Result<&[u8], u8>]) -> Bytes {
     use bytes::BufMut;
     let mut b = bytes::BytesMut::new();
