@@ -393,12 +393,13 @@ impl Reader {
     }
 
     fn tuple(&mut self) -> Result<Vec<Value>, DecodeError> {
-        // The count, peeked: the list is made once, at its size.
+        // The count, peeked: the list is made once, at its size (at most PostgreSQL's
+        // 1,600 columns, whatever a malformed count says).
         let n = self
             .0
             .get(..2)
             .map_or(0, |n| u16::from_be_bytes([n[0], n[1]]));
-        let mut values = Vec::with_capacity(usize::from(n));
+        let mut values = Vec::with_capacity(usize::from(n).min(1600));
         read_tuple(self, |_| true, |_, v| values.push(v))?;
         Ok(values)
     }

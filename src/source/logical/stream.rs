@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::ledger::Item;
 use super::mapping::Mapper;
-use super::pgoutput::{Decoder, Message};
+use super::pgoutput::{DecodeError, Decoder, Message};
 use super::protocol::{pg_ts_to_unix_ms, ReplicationStream, StreamMessage};
 use super::row_change::{Kind, RowChanges, CLEANUP_PREFIX};
 use crate::event::{Lsn, Position};
@@ -167,13 +167,9 @@ pub async fn run(
                                     chunk.push(Item::Event(event));
                                     bytes
                                 }
-                                Some(Err(e)) => {
-                                    return Err(unexpected(&format!("decoding pgoutput: {e}")));
-                                }
+                                Some(Err(e)) => return Err(undecodable(e)),
                                 None => {
-                                    let decoded = decoder
-                                        .decode(data)
-                                        .map_err(|e| unexpected(&format!("decoding pgoutput: {e}")))?;
+                                    let decoded = decoder.decode(data).map_err(undecodable)?;
                                     handle(decoded, &mut mapper, &mut changes, &mut txn, &mut chunk)?
                                 }
                             };
@@ -331,6 +327,10 @@ fn handle(
         Message::Other(_) => {}
     }
     Ok(bytes)
+}
+
+fn undecodable(e: DecodeError) -> SourceError {
+    unexpected(&format!("decoding pgoutput: {e}"))
 }
 
 fn unexpected(what: &str) -> SourceError {
