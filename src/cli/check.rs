@@ -126,7 +126,8 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
             let shards = logical::shard_configs(src);
             for shard in &shards {
                 let publication = &shard.logical.publication;
-                if logical::publication_ready(&client, shard, &ours).await? {
+                let filter = logical::shard_filter(&client, shard).await?;
+                if logical::publication_ready(&client, shard, &ours, filter.as_deref()).await? {
                     what.push_str(&format!(", publication {publication} carries it"));
                 } else if src.logical.create_if_missing {
                     what.push_str(&format!(

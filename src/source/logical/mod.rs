@@ -214,9 +214,9 @@ impl LogicalSource {
         // A slot with history never gets a publication made anew: rows committed while
         // it was missing were skipped, and re-creating it would hide that.
         let history = memory.as_ref().filter(|m| m.forgotten_at.is_none());
-        setup::ensure_publication(&sql, config, &partitions, server, history).await?;
-        let carried_by = match carriage::read(&sql, config, server, shard_filter.as_deref()).await?
-        {
+        let filter = shard_filter.as_deref();
+        setup::ensure_publication(&sql, config, &partitions, filter, server, history).await?;
+        let carried_by = match carriage::read(&sql, config, server, filter).await? {
             carriage::Carriage::Carried(identity) => identity,
             carriage::Carriage::NotCarried(why) => return Err(SourceError::Setup(why)),
             carriage::Carriage::NoPublication => {

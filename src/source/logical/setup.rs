@@ -119,12 +119,13 @@ fn normalized_filter(filter: &str) -> String {
 /// A shard's publication must filter exactly its aggregates: without the filter (or with
 /// another shard count's) an aggregate would reach two shards, and its events two
 /// streams whose order nothing keeps.
-async fn require_shard_filter(sql: &Client, config: &SourceConfig) -> Result<(), SourceError> {
-    let (Some(shard), Some(t), Some(expected)) = (
-        config.logical.shard,
-        &config.table,
-        shard_filter(sql, config).await?,
-    ) else {
+async fn require_shard_filter(
+    sql: &Client,
+    config: &SourceConfig,
+    expected: Option<&str>,
+) -> Result<(), SourceError> {
+    let (Some(shard), Some(t), Some(expected)) = (config.logical.shard, &config.table, expected)
+    else {
         return Ok(());
     };
     let name = &config.logical.publication;
@@ -137,7 +138,7 @@ async fn require_shard_filter(sql: &Client, config: &SourceConfig) -> Result<(),
         .await
         .map_err(SourceError::pg("reading the publication's row filter"))?
         .and_then(|r| r.get(0));
-    if found.as_deref().is_some_and(|f| same_filter(f, &expected)) {
+    if found.as_deref().is_some_and(|f| same_filter(f, expected)) {
         return Ok(());
     }
     Err(SourceError::Setup(format!(
@@ -229,11 +230,13 @@ pub async fn require_logical_wal(sql: &Client) -> Result<(), SourceError> {
 /// relay would have to skip rows it does not understand. So it must carry the outbox
 /// (through its root when partitioned, so partitions' rows arrive as the outbox's), and
 /// no other table: not `FOR ALL TABLES`, not a second table beside the outbox.
-/// `ours` is the outbox and its partitions ([`outbox_relations`]; empty when table-less).
+/// `ours` is the outbox and its partitions ([`outbox_relations`]; empty when table-less);
+/// `filter` the shard's row filter ([`shard_filter`]; `None` unsharded).
 pub async fn publication_ready(
     sql: &Client,
     config: &SourceConfig,
     ours: &[(String, String)],
+    filter: Option<&str>,
 ) -> Result<bool, SourceError> {
     let name = &config.logical.publication;
     let table = config.table.as_ref().map(|t| t.quoted());
@@ -323,7 +326,7 @@ pub async fn publication_ready(
                  their own names: ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"
             )));
         }
-        require_shard_filter(sql, config).await?;
+        require_shard_filter(sql, config, filter).await?;
     }
     Ok(true)
 }
@@ -354,10 +357,11 @@ pub(super) async fn ensure_publication(
     sql: &Client,
     config: &SourceConfig,
     ours: &[(String, String)],
+    filter: Option<&str>,
     server: ServerVersion,
     history: Option<&crate::source::state::SlotMemory>,
 ) -> Result<(), SourceError> {
-    if publication_ready(sql, config, ours).await? {
+    if publication_ready(sql, config, ours, filter).await? {
         return check_row_changes(sql, config, server).await;
     }
     let name = &config.logical.publication;
@@ -375,7 +379,7 @@ pub(super) async fn ensure_publication(
     }
     // Via the root: a partitioned outbox's rows then arrive as the outbox's own.
     let mut target = table_clause(config.table.as_ref());
-    if let Some(filter) = shard_filter(sql, config).await? {
+    if let Some(filter) = filter {
         target.push_str(&format!(" WHERE ({filter})"));
     }
     let options = match &config.table {
@@ -395,7 +399,7 @@ pub(super) async fn ensure_publication(
         // Another relay starting at the same moment made it first (23505 on the catalog's
         // unique index, or 42710): theirs is checked like one found at start.
         if matches!(e.code().map(|c| c.code()), Some("23505" | "42710"))
-            && publication_ready(sql, config, ours).await?
+            && publication_ready(sql, config, ours, filter).await?
         {
             tracing::info!(publication = %name, "another relay created the publication first");
             return check_row_changes(sql, config, server).await;
