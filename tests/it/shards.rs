@@ -399,3 +399,105 @@ async fn cleanup_row_changes_and_a_lost_shard_slot_with_shards() {
     );
     relay.stop().await;
 }
+
+/// The aggregate ids a shard can hash, as a class: for each type the docs name, the row
+/// filter is one the server takes for a publication and it puts every row in exactly one
+/// shard; any other type is refused by name, by the relay and by `check`, before a
+/// publication is made for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aggregate_id_types_a_shard_can_hash() {
+    use outbox_relay::source::logical::{shard_configs, shard_filter};
+    let env = Env::start().await;
+    if env.pg_major().await < 15 {
+        return;
+    }
+    let db = env.client().await;
+    let toml = logical_toml(&env, SHARDED);
+    let shards = shard_configs(&load_toml(&toml).source);
+    let retype = |ty: &str| {
+        format!(
+        "TRUNCATE outbox; ALTER TABLE outbox ALTER COLUMN aggregate_id TYPE {ty} USING aggregate_id::text::{ty}"
+    )
+    };
+    for (ty, value) in [
+        ("text", "'order-' || g"),
+        ("varchar(64)", "'order-' || g"),
+        ("char(40)", "'order-' || g"),
+        ("uuid", "md5(g::text)::uuid"),
+        ("bigint", "g::bigint * 1000000007"),
+        ("integer", "g"),
+        ("smallint", "g"),
+    ] {
+        db.batch_execute(&retype(ty)).await.unwrap();
+        db.batch_execute(&format!(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', {value}, 'Tick', '{{}}' FROM generate_series(1, 200) g"
+        ))
+        .await
+        .unwrap();
+        let mut counts = Vec::new();
+        for shard in &shards {
+            let filter = shard_filter(&db, shard).await.unwrap().expect("sharded");
+            db.batch_execute(&format!(
+                "CREATE PUBLICATION type_check FOR TABLE outbox WHERE ({filter}); \
+                 DROP PUBLICATION type_check"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{ty}: the server refuses the row filter {filter}: {e}"));
+            let n: i64 = db
+                .query_one(&format!("SELECT count(*) FROM outbox WHERE {filter}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            counts.push(n);
+        }
+        assert_eq!(
+            counts.iter().sum::<i64>(),
+            200,
+            "{ty}: every row in one shard: {counts:?}"
+        );
+        assert!(
+            counts.iter().all(|&n| n > 0),
+            "{ty}: both shards get rows: {counts:?}"
+        );
+    }
+    for (ty, shown) in [
+        ("numeric", "numeric"),
+        ("bytea", "bytea"),
+        ("timestamptz", "timestamp with time zone"),
+    ] {
+        db.batch_execute(&retype(ty)).await.unwrap();
+        let error = shard_filter(&db, &shards[1]).await.unwrap_err().to_string();
+        assert!(
+            error.contains(&format!(
+                "public.outbox.aggregate_id, whose type ({shown}) has no hash function"
+            )),
+            "{ty}: {error}"
+        );
+        assert!(
+            error.contains("or shards = 1"),
+            "{ty}: names the fix: {error}"
+        );
+    }
+    // The relay and `check` say so before any publication is made.
+    db.batch_execute(&retype("numeric")).await.unwrap();
+    let error = run_error(load_toml(&toml)).await;
+    assert!(error.contains("(numeric) has no hash function"), "{error}");
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, toml.as_bytes()).unwrap();
+    let (code, text) = cli(&["check", "--config", f.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("(numeric) has no hash function"), "{text}");
+    let made: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'outbox_relay_%_of_2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        made, 0,
+        "no shard publication made for an id it cannot hash"
+    );
+}
