@@ -232,47 +232,19 @@ fn envelopes_keep_payload_bytes_exactly() {
     let content = Bytes::from_static(
         br#"{"id":"e1","aggregate_type":"order","aggregate_id":"o1","event_type":"Placed","payload":{"b": 1,"a":[2]},"headers":{"k":"v"}}"#,
     );
-    let e = m
-        .message(
-            "outbox",
-            true,
-            &content,
-            Position::Lsn(crate::event::Lsn(5)),
-            Some(7),
-        )
-        .unwrap();
+    let at = crate::event::Lsn(5);
+    let message = |prefix, transactional, content: &Bytes, xid| {
+        m.message(prefix, transactional, content, Position::Lsn(at), xid)
+    };
+    let e = message("outbox", true, &content, Some(7)).unwrap();
     assert_eq!(e.payload.as_deref(), Some(&br#"{"b": 1,"a":[2]}"#[..]));
     assert_eq!(e.headers.as_deref(), Some(r#"{"k":"v"}"#));
     assert_eq!((e.id.as_deref(), e.invalid.as_deref()), (Some("e1"), None));
-    assert!(m
-        .message(
-            "other",
-            true,
-            &content,
-            Position::Lsn(crate::event::Lsn(5)),
-            None
-        )
-        .is_none());
-    let e = m
-        .message(
-            "outbox",
-            false,
-            &content,
-            Position::Lsn(crate::event::Lsn(5)),
-            None,
-        )
-        .unwrap();
+    assert!(message("other", true, &content, None).is_none());
+    let e = message("outbox", false, &content, None).unwrap();
     assert!(e.invalid.unwrap().contains("non-transactional"));
     let bad = Bytes::from_static(b"{not json");
-    let e = m
-        .message(
-            "outbox",
-            true,
-            &bad,
-            Position::Lsn(crate::event::Lsn(5)),
-            None,
-        )
-        .unwrap();
+    let e = message("outbox", true, &bad, None).unwrap();
     assert!(e.invalid.unwrap().contains("not a valid outbox envelope"));
     assert_eq!(e.original.as_deref(), Some(&b"{not json"[..]));
 }
