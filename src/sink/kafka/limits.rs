@@ -74,9 +74,12 @@ pub struct TopicLimits {
     codec: Codec,
     /// The producer's `batch.size`: what one produce request may carry per partition.
     batch_size: usize,
-    admin: Arc<OnceLock<Option<AdminClient<DefaultClientContext>>>>,
+    admin: Admin,
     known: Arc<Mutex<Known>>,
 }
+
+/// The admin client, made at the first topic's read (none when it cannot be made).
+type Admin = Arc<OnceLock<Option<AdminClient<DefaultClientContext>>>>;
 
 /// What was read of each topic.
 #[derive(Default)]
@@ -215,12 +218,8 @@ fn remember(known: &Mutex<Known>, generation: u64, topic: String, limit: Option<
     }
 }
 
-async fn describe(
-    admin: &OnceLock<Option<AdminClient<DefaultClientContext>>>,
-    client: &ClientConfig,
-    topic: &str,
-) -> Option<usize> {
-    let admin = admin
+async fn describe(admin: &Admin, client: &ClientConfig, topic: &str) -> Option<usize> {
+    let admin_client = admin
             .get_or_init(|| match client.create::<AdminClient<_>>() {
                 Ok(admin) => Some(admin),
                 Err(e) => {
@@ -229,8 +228,10 @@ async fn describe(
                 }
             })
             .as_ref()?;
-    let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
-    let answer = admin
+    let options = AdminOptions::new()
+        .request_timeout(Some(DESCRIBE_TIMEOUT))
+        .broker_id(serving_broker(admin, topic).await);
+    let answer = admin_client
         .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
         .await;
     let found = match answer.as_deref() {
@@ -245,6 +246,34 @@ async fn describe(
         tracing::debug!(topic, answer = ?answer.map(|_| ()), "topic's max.message.bytes unknown: its events' sizes are judged by the broker");
     }
     found
+}
+
+/// The broker to ask for `topic`'s configuration: its first partition's leader, else any
+/// broker the cluster lists; `None` (the controller, librdkafka's choice) when the
+/// metadata cannot be read. Any broker answers for a topic's configuration, and Kafka's own
+/// admin client asks the least loaded one; librdkafka asks the controller, so while the
+/// controller is unknown or unreachable (an election, a partition; librdkafka's mock
+/// cluster names none) a topic's first event would wait the whole timeout.
+async fn serving_broker(admin: &Admin, topic: &str) -> Option<i32> {
+    let (admin, topic) = (admin.clone(), topic.to_owned());
+    // librdkafka's metadata call blocks its caller.
+    tokio::task::spawn_blocking(move || {
+        let admin = admin.get()?.as_ref()?;
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(&topic), DESCRIBE_TIMEOUT)
+            .ok()?;
+        let leader = metadata
+            .topics()
+            .first()
+            .and_then(|t| t.partitions().first())
+            .map(|p| p.leader())
+            .filter(|id| *id >= 0);
+        leader.or_else(|| metadata.brokers().first().map(|b| b.id()))
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Bytes of a zig-zag varint.
@@ -342,6 +371,24 @@ mod tests {
             })
             .collect();
         assert!(lz4_size(&msg(random)) > 20_000);
+    }
+
+    /// librdkafka's mock cluster names a controller no broker is (id 0) and does not
+    /// answer DescribeConfigs: asked of the topic's leader, the limit reads as unknown at
+    /// once, where waiting for the controller took the whole timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_limit_is_asked_of_a_broker_serving_the_topic() {
+        let cluster = rdkafka::mocking::MockCluster::new(2).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", cluster.bootstrap_servers());
+        let limits = TopicLimits::new(&client);
+        let started = Instant::now();
+        assert_eq!(limits.limit("t").await, None);
+        let waited = started.elapsed();
+        assert!(waited < DESCRIBE_TIMEOUT / 2, "waited {waited:?}");
+        let leader = serving_broker(&limits.admin, "t").await;
+        assert!(matches!(leader, Some(1 | 2)), "{leader:?}");
     }
 
     #[test]
