@@ -228,9 +228,13 @@ async fn describe(admin: &Admin, client: &ClientConfig, topic: &str) -> Option<u
                 }
             })
             .as_ref()?;
+    // One timeout for both requests: a topic's first event waits at most DESCRIBE_TIMEOUT.
+    let deadline = Instant::now() + DESCRIBE_TIMEOUT;
+    let broker = serving_broker(admin, topic).await;
+    let left = deadline.saturating_duration_since(Instant::now());
     let options = AdminOptions::new()
-        .request_timeout(Some(DESCRIBE_TIMEOUT))
-        .broker_id(serving_broker(admin, topic).await);
+        .request_timeout(Some(left.max(Duration::from_millis(1))))
+        .broker_id(broker);
     let answer = admin_client
         .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
         .await;
