@@ -5,15 +5,20 @@ fn mapper() -> Mapper {
     Mapper::new(None, raw.into_columns(), "outbox".into())
 }
 
-#[test]
-fn rows_of_relations_other_than_the_outbox_are_errors_never_skipped() {
-    let mut m = mapper();
-    let other = Relation {
+/// Relation 9, `public.other`: a table that is not the outbox.
+fn other_relation() -> Relation {
+    Relation {
         id: 9,
         namespace: "public".into(),
         name: "other".into(),
         columns: vec![],
-    };
+    }
+}
+
+#[test]
+fn rows_of_relations_other_than_the_outbox_are_errors_never_skipped() {
+    let mut m = mapper();
+    let other = other_relation();
     m.relation(&other).unwrap();
     let pos = Position::Lsn(crate::event::Lsn(5));
     let e = m.insert(9, Vec::new(), pos, 0).unwrap_err().to_string();
@@ -157,12 +162,7 @@ fn an_insert_read_in_one_pass_is_the_insert_decoded_whole() {
     );
     outbox_relation(&mut m, 7, JSONB_OID);
     outbox_relation(&mut m, 8, BYTEA_OID);
-    let other = Relation {
-        id: 9,
-        namespace: "public".into(),
-        name: "other".into(),
-        columns: vec![],
-    };
+    let other = other_relation();
     m.relation(&other).unwrap();
     const TEXTS: [&[u8]; 6] = [
         b"e-1",
